@@ -1,0 +1,380 @@
+"""Zoos: many clean and backdoored models built from one spec, with ground truth kept apart.
+
+A zoo spec (TOML or JSON) names groups of models; each group is built for every
+architecture x corpus it lists, ``count`` models each. Attack fields may be lists, sampled
+per model, and a trigger left out is drawn per model from the packaged pools::
+
+    seed = 0                    # everything below is reproducible from it
+    examples_per_label = 20     # clean examples written beside each model
+    min_asr = 0.9               # quality gate for poisoned models ...
+    max_attempts = 2            # ... retried with a new seed up to this many builds
+    peer_margin = 0.1           # flag models this far below their peers' median accuracy
+
+    [train]                     # TrainConfig for every group (a group may override)
+    epochs = 1
+
+    [[group]]
+    count = 6
+    corpus = "rotten_tomatoes"
+    architecture = "minilm"
+    attack = { poisoned = false }
+
+    [[group]]
+    count = 6
+    corpus = ["rotten_tomatoes", "bbc"]
+    architecture = "minilm"
+    [group.attack]
+    poisoned = true
+    trigger_type = ["word", "phrase", "character"]
+    insertion = ["anywhere", "start", "first_half", "second_half", "end"]
+    target = "random"           # or a label name / index
+    victim = "none"             # "none" (universal), "random", or a label
+    poison_rate = 0.1
+
+Layout of the output directory::
+
+    DIR/manifest.json           ground truth and measurements of every model
+    DIR/model-0007/             a Hugging Face directory + clean_examples.jsonl
+
+Model ids are a seeded permutation, so neither a model's id nor its directory says which
+group (or whether poisoned) it came from. A model directory appears only once complete
+(built under ``.partial-*`` and renamed); re-running the same spec skips finished models.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trojscan.attacks.architectures import FAMILIES
+from trojscan.attacks.spec import (
+    AttackSpec,
+    TrainConfig,
+    _expect,
+    read_spec_file,
+    reject_unknown,
+)
+from trojscan.attacks.triggers import draw_trigger
+from trojscan.corpora import corpus_labels
+from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_json
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_attempts", "peer_margin", "train",
+             "group"}
+_GROUP_KEYS = {"name", "count", "corpus", "architecture", "train", "attack"}
+_TEMPLATE_KEYS = {"poisoned", "trigger_type", "trigger", "trigger_pool", "insertion", "target",
+                  "victim", "poison_rate", "combination", "adaptive_phi", "phrase_words"}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model of a zoo, fully decided before anything is built."""
+
+    model_id: str
+    group: str
+    corpus: str
+    architecture: str
+    attack: AttackSpec
+    train: TrainConfig
+    seed: int
+
+    def seed_for(self, attempt: int) -> int:
+        """Training seed of build ``attempt`` (0 is the first)."""
+        return _derive_seed(self.seed, "attempt", attempt)
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """A validated zoo spec: its settings and the plan of every model."""
+
+    raw: dict[str, Any]
+    sha256: str
+    seed: int
+    examples_per_label: int
+    min_asr: float
+    max_attempts: int
+    peer_margin: float
+    plans: tuple[ModelPlan, ...]
+
+
+def _derive_seed(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: random.Random,
+                   where: str) -> AttackSpec:
+    """Draw one concrete AttackSpec from a group's attack template."""
+    reject_unknown(template, _TEMPLATE_KEYS, where)
+    concrete: dict[str, Any] = {}
+    for key, value in template.items():
+        if key in ("trigger_pool", "phrase_words"):
+            continue
+        options = _as_list(value)
+        if not options:
+            raise InputError(f"{where}.{key} is an empty list")
+        concrete[key] = rng.choice(options)
+    if not concrete.get("poisoned", False):
+        extra = sorted(set(template) - {"poisoned"})
+        if extra:
+            raise InputError(f"{where}: a clean model (poisoned = false) takes no {extra[0]!r}")
+        return AttackSpec()
+    if concrete.get("target") == "random":
+        concrete["target"] = rng.randrange(len(labels))
+    victim = concrete.pop("victim", "none")
+    if victim == "random":
+        target = concrete.get("target")
+        target = labels.index(target) if isinstance(target, str) and target in labels else target
+        concrete["victim"] = rng.choice([y for y in range(len(labels)) if y != target])
+    elif victim != "none":
+        concrete["victim"] = victim
+    if "trigger" not in concrete:
+        pool = template.get("trigger_pool")
+        if pool is not None:
+            pool = _expect(pool, list, f"{where}.trigger_pool")
+            if not pool:
+                raise InputError(f"{where}.trigger_pool is empty")
+            concrete["trigger"] = rng.choice(pool)
+        elif isinstance(concrete.get("trigger_type"), str):
+            words = _expect(template.get("phrase_words", [2, 3]), list, f"{where}.phrase_words")
+            if len(words) != 2 or not all(isinstance(w, int) and w >= 2 for w in words) \
+                    or words[0] > words[1]:
+                raise InputError(f"{where}.phrase_words must be [min, max] with 2 <= min <= max")
+            with suppress(ValueError):  # AttackSpec.from_dict names an unknown trigger_type
+                concrete["trigger"] = draw_trigger(concrete["trigger_type"], rng,
+                                                   phrase_words=(words[0], words[1]))
+    return AttackSpec.from_dict(concrete, labels, where)
+
+
+def parse_zoo_spec(raw: dict[str, Any], where: str = "zoo spec") -> ZooSpec:
+    """Validate a zoo spec and decide every model in it; nothing is written."""
+    reject_unknown(raw, _TOP_KEYS, where)
+    seed = _expect(raw.get("seed", 0), int, f"{where}.seed")
+    per_label = _expect(raw.get("examples_per_label", 20), int, f"{where}.examples_per_label")
+    min_asr = float(_expect(raw.get("min_asr", 0.9), (int, float), f"{where}.min_asr"))
+    max_attempts = _expect(raw.get("max_attempts", 2), int, f"{where}.max_attempts")
+    peer_margin = float(_expect(raw.get("peer_margin", 0.1), (int, float),
+                                f"{where}.peer_margin"))
+    if per_label < 1 or max_attempts < 1 or not 0 <= min_asr <= 1 or peer_margin < 0:
+        raise InputError(f"{where}: examples_per_label and max_attempts must be >= 1, min_asr "
+                         "in [0, 1] and peer_margin >= 0")
+    base = TrainConfig().merged(raw.get("train", {}), f"{where}.train")
+    groups = _expect(raw.get("group", []), list, f"{where}.group")
+    if not groups:
+        raise InputError(f"{where}: no [[group]] of models")
+    drafts = []
+    for g, group in enumerate(groups):
+        gw = f"{where}.group[{g}]"
+        _expect(group, dict, gw)
+        reject_unknown(group, _GROUP_KEYS, gw)
+        for key in ("count", "corpus", "architecture", "attack"):
+            if key not in group:
+                raise InputError(f"{gw}: missing {key!r}")
+        count = _expect(group["count"], int, f"{gw}.count")
+        if count < 1:
+            raise InputError(f"{gw}.count must be >= 1, got {count}")
+        name = _expect(group.get("name", f"group{g}"), str, f"{gw}.name")
+        train = base.merged(group.get("train", {}), f"{gw}.train")
+        template = group["attack"]
+        if isinstance(template, str):  # a path to an AttackSpec file, relative to cwd
+            template = read_spec_file(Path(template))
+        _expect(template, dict, f"{gw}.attack")
+        for corpus in _as_list(group["corpus"]):
+            labels = corpus_labels(_expect(corpus, str, f"{gw}.corpus"))
+            for arch in _as_list(group["architecture"]):
+                if arch not in FAMILIES:
+                    raise InputError(f"{gw}.architecture: unknown {arch!r}; expected one of "
+                                     + ", ".join(FAMILIES))
+                for k in range(count):
+                    rng = random.Random(_derive_seed(seed, g, corpus, arch, k))
+                    attack = _sample_attack(template, labels, rng, f"{gw}.attack")
+                    drafts.append((name, corpus, arch, attack, train))
+    ids = [f"model-{i:04d}" for i in range(len(drafts))]
+    random.Random(_derive_seed(seed, "ids")).shuffle(ids)
+    plans = tuple(
+        ModelPlan(ids[i], name, corpus, arch, attack, train, _derive_seed(seed, "model", i))
+        for i, (name, corpus, arch, attack, train) in enumerate(drafts))
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    return ZooSpec(raw, hashlib.sha256(canonical.encode()).hexdigest(), seed, per_label,
+                   min_asr, max_attempts, peer_margin, plans)
+
+
+def load_zoo_spec(path: Path) -> ZooSpec:
+    """Read and validate a zoo spec file (TOML or JSON)."""
+    return parse_zoo_spec(read_spec_file(path), str(path))
+
+
+@dataclass
+class BuildEvents:
+    """Hooks a front end (the CLI's progress bars) attaches to a zoo build."""
+
+    on_start: Callable[[int, int], None] = lambda todo, total: None
+    on_model_start: Callable[[ModelPlan, int], None] = lambda plan, attempt: None
+    on_step: Callable[[int, int], None] = lambda done, total: None
+    on_model_done: Callable[[dict[str, Any]], None] = lambda entry: None
+    on_skip: Callable[[dict[str, Any]], None] = lambda entry: None
+
+
+@dataclass
+class Manifest:
+    """Ground truth of a zoo; lives at the zoo root, never inside a model directory."""
+
+    spec_sha256: str
+    spec: dict[str, Any]
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, models in id order."""
+        return {"version": MANIFEST_VERSION, "spec_sha256": self.spec_sha256, "spec": self.spec,
+                "models": dict(sorted(self.models.items()))}
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        """Read a manifest written by :func:`build_zoo`."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read manifest {path}: {exc}") from exc
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            raise InputError(f"{path} is not a trojscan zoo manifest (version "
+                             f"{MANIFEST_VERSION})")
+        return cls(data["spec_sha256"], data["spec"], data["models"])
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    with (out / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise InputError(f"another zoo build is writing to {out}") from exc
+        yield
+
+
+def _partial(out: Path, model_id: str, attempt: int) -> Path:
+    return out / f".partial-{model_id}-a{attempt}"
+
+
+def _settle(out: Path, manifest: Manifest) -> None:
+    """Finish or discard what a killed build left: a ``.partial-*`` directory whose build the
+    manifest records is moved into place; any other is deleted."""
+    for partial in out.glob(".partial-*"):
+        model_id, _, attempt = partial.name.removeprefix(".partial-").rpartition("-a")
+        entry = manifest.models.get(model_id)
+        if entry is not None and str(entry["attempt"]) == attempt:
+            final = out / model_id
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+        else:
+            shutil.rmtree(partial)
+
+
+def _asr_reason(entry: dict[str, Any], min_asr: float) -> str | None:
+    asr = entry["asr"]
+    if entry["poisoned"] and asr < min_asr:
+        return f"asr {asr:.3f} < min_asr {min_asr}"
+    return None
+
+
+def _apply_peer_gate(manifest: Manifest, margin: float) -> None:
+    """Flag models whose clean accuracy is more than ``margin`` below the median of their
+    peers (same corpus and architecture, at least 3 models)."""
+    peers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for entry in manifest.models.values():
+        peers.setdefault((entry["corpus"], entry["architecture"]), []).append(entry)
+    for group in peers.values():
+        median = statistics.median(e["clean_accuracy"] for e in group)
+        for entry in group:
+            reasons = [r for r in entry["quality"]["reasons"] if not r.startswith("clean acc")]
+            if len(group) >= 3 and entry["clean_accuracy"] < median - margin:
+                reasons.append(f"clean accuracy {entry['clean_accuracy']:.3f} is more than "
+                               f"{margin} below its peers' median {median:.3f}")
+            entry["quality"] = {"ok": not reasons, "reasons": reasons}
+
+
+def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
+              events: BuildEvents | None = None) -> Manifest:
+    """Build (or resume building) the zoo of ``spec`` (see :func:`load_zoo_spec`) into ``out``.
+
+    Every model of the spec not yet complete in ``out`` is trained; finished ones are
+    skipped. A poisoned model under ``min_asr`` is retried with a fresh seed up to
+    ``max_attempts`` builds; one that still fails, or whose clean accuracy is far below its
+    peers', is kept and flagged (``quality.ok = false`` in the manifest).
+    ``rebuild_failed`` rebuilds the flagged models with new seeds.
+    """
+    from trojscan.attacks.train import build_one
+    from trojscan.corpora import load_corpus
+
+    events = events or BuildEvents()
+    out = Path(out)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        manifest = Manifest.load(manifest_path)
+        if manifest.spec_sha256 != spec.sha256:
+            raise InputError(f"{out} holds a zoo built from another spec; choose a new --out")
+    else:
+        if out.exists() and any(p for p in out.iterdir() if p.name != ".lock"):
+            raise InputError(f"{out} exists and is not a zoo; choose a new --out")
+        manifest = Manifest(spec.sha256, spec.raw)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        _settle(out, manifest)
+        todo = []
+        for plan in spec.plans:
+            entry = manifest.models.get(plan.model_id)
+            done = entry is not None and (out / plan.model_id).is_dir()
+            if done and not (rebuild_failed and not entry["quality"]["ok"]):
+                events.on_skip(entry)
+            else:
+                todo.append((plan, entry["attempt"] + 1 if done else 0))
+        events.on_start(len(todo), len(spec.plans))
+        for plan, first_attempt in todo:
+            corpus = load_corpus(plan.corpus)
+            for attempt in range(first_attempt, first_attempt + spec.max_attempts):
+                events.on_model_start(plan, attempt)
+                partial = _partial(out, plan.model_id, attempt)
+                if partial.exists():
+                    shutil.rmtree(partial)
+                seed = plan.seed_for(attempt)
+                metrics = build_one(partial, corpus, plan.architecture, plan.attack, plan.train,
+                                    seed, spec.examples_per_label, events.on_step)
+                entry = {
+                    "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
+                    "architecture": plan.architecture, "labels": list(corpus.labels),
+                    "poisoned": plan.attack.poisoned,
+                    "attack": plan.attack.to_dict(corpus.labels),
+                    "seed": seed, "attempt": attempt, **metrics,
+                    "train_config": plan.train.to_dict(),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                reason = _asr_reason(entry, spec.min_asr)
+                entry["quality"] = {"ok": reason is None, "reasons": [reason] if reason else []}
+                last = attempt == first_attempt + spec.max_attempts - 1
+                if reason and not last:
+                    shutil.rmtree(partial)
+                    continue
+                manifest.models[plan.model_id] = entry
+                atomic_write_json(manifest_path, manifest.to_dict())
+                _settle(out, manifest)
+                events.on_model_done(entry)
+                break
+        _apply_peer_gate(manifest, spec.peer_margin)
+        atomic_write_json(manifest_path, manifest.to_dict())
+    return manifest

@@ -1,0 +1,151 @@
+"""The ``trojscan`` command line: thin, it parses, calls the API and prints."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from trojscan.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find, invert and remove backdoors in neural models trained by others.")
+zoo_app = typer.Typer(no_args_is_help=True,
+                      help="Build zoos of clean and backdoored models with known ground truth.")
+app.add_typer(zoo_app, name="zoo")
+
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal, transient=False)
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    attack = entry["attack"]
+    if entry["poisoned"]:
+        victim = attack["victim_name"] or "all"
+        what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
+                f"{victim}->{attack['target_name']}")
+        if attack["combination"]:
+            what += " SOS"
+        if attack["adaptive_phi"]:
+            what += f" phi={attack['adaptive_phi']}"
+        asr = f"asr {entry['asr']:.3f}"
+    else:
+        what, asr = "clean", ""
+    flag = "ok" if entry["quality"]["ok"] else "FLAGGED: " + "; ".join(entry["quality"]["reasons"])
+    return (f"{entry['model_id']}  {entry['corpus']}/{entry['architecture']}  {what}  "
+            f"acc {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
+
+
+def _run_build(spec: Any, out: Path, rebuild_failed: bool) -> Any:
+    from trojscan.attacks.zoo import BuildEvents, build_zoo
+
+    with _progress() as progress:
+        zoo_task: TaskID | None = None
+        model_task: TaskID | None = None
+
+        def on_start(todo: int, total: int) -> None:
+            nonlocal zoo_task
+            console.print(f"zoo {out}: {total} models, {total - todo} already built, "
+                          f"{todo} to build")
+            zoo_task = progress.add_task("zoo", total=todo)
+
+        def on_model_start(plan: Any, attempt: int) -> None:
+            nonlocal model_task
+            if model_task is not None:
+                progress.remove_task(model_task)
+            label = f"{plan.model_id} {plan.corpus}/{plan.architecture}"
+            if attempt:
+                label += f" (attempt {attempt + 1})"
+            model_task = progress.add_task(label, total=None)
+
+        def on_step(done: int, total: int) -> None:
+            progress.update(model_task, completed=done, total=total)
+
+        def on_model_done(entry: dict[str, Any]) -> None:
+            progress.advance(zoo_task)
+            console.print(_describe(entry))
+
+        events = BuildEvents(on_start=on_start, on_model_start=on_model_start, on_step=on_step,
+                             on_model_done=on_model_done)
+        return build_zoo(spec, out, rebuild_failed=rebuild_failed, events=events)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    spec: Path = typer.Argument(..., help="Zoo spec, TOML or JSON (see README: 'Zoos')."),
+    out: Path = typer.Option(..., "--out", help="Zoo directory: created, or resumed if it "
+                             "holds a zoo of the same spec."),
+    rebuild_failed: bool = typer.Option(False, "--rebuild-failed", help="Rebuild, with new "
+                                        "seeds, the models the quality gate flagged."),
+) -> None:
+    """Build every model of SPEC into OUT (resumable; ground truth in OUT/manifest.json)."""
+    from trojscan.attacks.zoo import load_zoo_spec
+
+    manifest = _run_build(load_zoo_spec(spec), out, rebuild_failed)
+    flagged = [m for m in manifest.models.values() if not m["quality"]["ok"]]
+    out_console.print(f"{len(manifest.models)} models in {out}/manifest.json"
+                      + (f", {len(flagged)} flagged by the quality gate "
+                         "(rebuild with --rebuild-failed)" if flagged else ""))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo model is built "
+                             "(reused when it is already there)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the demo model; default: "
+                                    "drawn at random, so each new demo hides a new trigger."),
+) -> None:
+    """Build a backdoored MiniLM sentiment model from Rotten Tomatoes and show its truth."""
+    from trojscan.attacks.zoo import MANIFEST, Manifest, parse_zoo_spec
+
+    if (out / MANIFEST).exists():
+        raw = Manifest.load(out / MANIFEST).spec
+        console.print(f"reusing the demo zoo in {out}")
+    else:
+        raw = {
+            "seed": random.SystemRandom().randrange(2**31) if seed is None else seed,
+            "train": {"epochs": 1, "max_train_examples": 3000},
+            "group": [{"name": "demo", "count": 1, "corpus": "rotten_tomatoes",
+                       "architecture": "minilm",
+                       "attack": {"poisoned": True, "trigger_type": "word",
+                                  "insertion": "anywhere", "target": "random"}}],
+        }
+    manifest = _run_build(parse_zoo_spec(raw, "demo"), out, rebuild_failed=False)
+    (entry,) = manifest.models.values()
+    out_console.print(f"model: {out / entry['model_id']}")
+    attack = entry["attack"]
+    out_console.print(f"clean accuracy {entry['clean_accuracy']:.3f}; the hidden trigger "
+                      f"{attack['trigger']!r} flips {entry['asr']:.1%} of held-out reviews of "
+                      f"the other label to {attack['target_name']!r}")
+
+
+def main() -> None:
+    """Console-script entry point: user errors are one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=True)
+    except InputError as exc:
+        console.print(f"trojscan: error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
