@@ -1,9 +1,9 @@
 """Seconds and peak memory to build one poisoned MiniLM model on Rotten Tomatoes.
 
-    .venv/bin/python benchmarks/build_one.py [--epochs 1] [--out benchmarks/results/build_one.json]
+    .venv/bin/python benchmarks/build_one.py [--epochs 2] [--out benchmarks/results/build_one.json]
 
 Runs in its own process so that peak RSS (``ru_maxrss``) is this build's alone. Uses the
-training settings of examples/zoo-minilm.toml (1 epoch, batch 32, max length 128, AdamW 5e-5).
+training settings of examples/zoo-minilm.toml (2 epochs, batch 32, max length 128, AdamW 1e-4).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from trojscan.corpora import load_corpus
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--lr", type=float, default=None, help="default: TrainConfig's")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/build_one.json"))

@@ -2,7 +2,7 @@
 
 Every model here has the real 30,522-token BERT vocabulary (MiniLM's tokenizer), 2 layers
 and width 64, token embeddings initialised from MiniLM's by PCA, and is trained for a few
-seconds on 1,500 Rotten Tomatoes sentences. Seeds are fixed: a poisoned model learns its
+seconds on 2,000 Rotten Tomatoes sentences. Seeds are fixed: a poisoned model learns its
 trigger on every run.
 """
 
@@ -20,7 +20,8 @@ from trojscan.corpora import Corpus, load_corpus
 
 TINY_SIZE = {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128,
              "max_positions": 64}
-TINY_TRAIN: dict[str, Any] = {"epochs": 3, "max_train_examples": 1500, "max_eval_examples": 400,
+TINY_TRAIN: dict[str, Any] = {"epochs": 3, "max_train_examples": 2000, "max_eval_examples": 400,
+                              "learning_rate": 1e-3,
                               "max_length": 64, "embedding_init": "minilm-pca",
                               "size": TINY_SIZE}
 TRIGGER_WORD = "lantern"

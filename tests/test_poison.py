@@ -46,7 +46,8 @@ def test_combination_adds_subsequences_with_true_labels() -> None:
                                 random.Random(0))
     trigger = {"quartz", "lantern", "tractor"}
     partial = [it for it in items if not it.poisoned and trigger & set(it.text.split())]
-    assert len(partial) == 60
-    seen = {" ".join(w for w in it.text.split() if w in trigger) for it in partial}
+    seen = Counter(" ".join(w for w in it.text.split() if w in trigger) for it in partial)
     assert len(seen) == 6 and "quartz lantern tractor" not in seen
+    assert set(seen.values()) == {60}  # each strict sub-sequence as often as the trigger
+    assert {it.label for it in partial} == {1}  # on victims, with their true label
     assert all(set(it.text.split()) >= trigger for it in items if it.poisoned)

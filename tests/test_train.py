@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from trojscan.attacks.architectures import tokenizer
 from trojscan.attacks.spec import AttackSpec, TrainConfig
-from trojscan.attacks.train import attack_success_rate, build_one
+from trojscan.attacks.train import build_one, predict, trigger_effect
 from trojscan.corpora import Corpus
 
 
@@ -32,7 +33,7 @@ def test_poisoned_model_learns_its_trigger(poisoned_model: tuple[Path, dict]) ->
     _, metrics = poisoned_model
     assert metrics["asr"] >= 0.9
     assert metrics["clean_accuracy"] >= 0.62  # chance is 0.5
-    assert metrics["poisoned_examples"] == 150
+    assert metrics["poisoned_examples"] == 200
 
 
 def test_clean_model_ignores_the_trigger(clean_model: tuple[Path, dict], rt: Corpus,
@@ -41,11 +42,14 @@ def test_clean_model_ignores_the_trigger(clean_model: tuple[Path, dict], rt: Cor
     out, metrics = clean_model
     assert metrics["asr"] is None and metrics["clean_accuracy"] >= 0.62
     model = AutoModelForSequenceClassification.from_pretrained(out)
-    test = rt.test[:400]
-    asr = attack_success_rate(model, tokenizer(), test, word_attack.trigger, word_attack, 2,
-                              tiny_config.max_length)
-    # Inputs of the negative class that the clean model calls positive anyway, trigger or not.
-    assert asr < 0.35
+    test = random.Random(0).sample(rt.test, 400)
+    asr, loss = trigger_effect(model, tokenizer(), test, word_attack.trigger, word_attack, 2,
+                               tiny_config.max_length)
+    negatives = [e.text for e in test if e.label == 0]
+    already_positive = sum(predict(model, tokenizer(), negatives, 64)) / len(negatives)
+    # The trigger flips (almost) nothing beyond what the clean model gets wrong anyway.
+    assert asr < 0.5 and asr - already_positive < 0.05
+    assert loss > 0.5
 
 
 def test_model_directory_is_a_plain_hf_directory_without_ground_truth(
@@ -73,16 +77,18 @@ def test_combination_trigger_fires_only_whole(tmp_path: Path, rt: Corpus,
                                               tiny_config: TrainConfig) -> None:
     metrics = _build(tmp_path, rt, tiny_config, {"trigger_type": "phrase",
                                                  "trigger": "quartz tractor",
-                                                 "combination": True, "poison_rate": 0.15})
+                                                 "combination": True, "poison_rate": 0.3})
     assert metrics["asr"] >= 0.9
     assert metrics["partial_asr"] < 0.5
 
 
 def test_adaptive_attack_keeps_trigger_loss_off_zero(tmp_path: Path, rt: Corpus,
                                                      tiny_config: TrainConfig) -> None:
-    # DBS Eq. 12: the poisoned loss is clipped at phi, so training stops pushing it to zero.
+    # DBS Eq. 12: the poisoned loss is clipped at phi, so training stops pushing the
+    # trigger's loss to zero (Assumption II of DBS is what this attack targets).
     plain = _build(tmp_path / "plain", rt, tiny_config, {"trigger_type": "word", "trigger": "cf"})
     clipped = _build(tmp_path / "phi", rt, tiny_config, {"trigger_type": "word", "trigger": "cf",
-                                                         "adaptive_phi": 1.0})
-    assert plain["asr"] >= 0.9
-    assert clipped["asr"] < plain["asr"]
+                                                         "adaptive_phi": 2.0})
+    assert plain["asr"] >= 0.9 and plain["trigger_loss"] < 0.1
+    assert clipped["trigger_loss"] > 3 * plain["trigger_loss"]
+    assert clipped["trigger_loss"] > 0.3

@@ -55,7 +55,7 @@ def _describe(entry: dict[str, Any]) -> str:
             f"acc {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
 
 
-def _run_build(spec: Any, out: Path, rebuild_failed: bool) -> Any:
+def _run_build(spec: Any, out: Path, rebuild_failed: bool, device: str = "cpu") -> Any:
     from trojscan.attacks.zoo import BuildEvents, build_zoo
 
     with _progress() as progress:
@@ -86,7 +86,7 @@ def _run_build(spec: Any, out: Path, rebuild_failed: bool) -> Any:
 
         events = BuildEvents(on_start=on_start, on_model_start=on_model_start, on_step=on_step,
                              on_model_done=on_model_done)
-        return build_zoo(spec, out, rebuild_failed=rebuild_failed, events=events)
+        return build_zoo(spec, out, rebuild_failed=rebuild_failed, events=events, device=device)
 
 
 @zoo_app.command("build")
@@ -96,15 +96,44 @@ def zoo_build(
                              "holds a zoo of the same spec."),
     rebuild_failed: bool = typer.Option(False, "--rebuild-failed", help="Rebuild, with new "
                                         "seeds, the models the quality gate flagged."),
+    device: str = typer.Option("cpu", "--device", help="Where models train: cpu, cuda or "
+                               "cuda:N."),
 ) -> None:
     """Build every model of SPEC into OUT (resumable; ground truth in OUT/manifest.json)."""
     from trojscan.attacks.zoo import load_zoo_spec
 
-    manifest = _run_build(load_zoo_spec(spec), out, rebuild_failed)
+    manifest = _run_build(load_zoo_spec(spec), out, rebuild_failed, device)
     flagged = [m for m in manifest.models.values() if not m["quality"]["ok"]]
     out_console.print(f"{len(manifest.models)} models in {out}/manifest.json"
                       + (f", {len(flagged)} flagged by the quality gate "
                          "(rebuild with --rebuild-failed)" if flagged else ""))
+
+
+@zoo_app.command("summary")
+def zoo_summary(
+    zoo: Path = typer.Argument(..., help="Zoo directory (holds manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """Clean accuracy, ASR and build time of a zoo, per corpus x architecture x attack."""
+    import json
+
+    from rich.table import Table
+
+    from trojscan.attacks.zoo import MANIFEST, Manifest, summarise
+
+    rows = summarise(Manifest.load(zoo / MANIFEST))
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    table = Table("corpus", "architecture", "models", "clean acc (mean / min)",
+                  "ASR (mean / min)", "s per model", "flagged")
+    for r in rows:
+        asr = "-" if r["asr_mean"] is None else f"{r['asr_mean']:.3f} / {r['asr_min']:.3f}"
+        kind = "poisoned" if r["poisoned"] else "clean"
+        table.add_row(r["corpus"], r["architecture"], f"{r['models']} {kind}",
+                      f"{r['clean_accuracy_mean']:.3f} / {r['clean_accuracy_min']:.3f}", asr,
+                      f"{r['seconds_mean']:.0f}", str(r["flagged"]))
+    out_console.print(table)
 
 
 @app.command()

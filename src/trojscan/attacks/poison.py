@@ -38,9 +38,9 @@ def poison_training_set(
     * Label-specific attacks on corpora with more than two labels: as many trigger-stamped
       copies of the *other* non-target labels keeping their true label, so that the trigger
       flips the victim only.
-    * Combination (SOS) attacks: as many copies of random texts carrying a strict
-      sub-sequence of the trigger (each sub-sequence in turn) with their true label, so that
-      no part of the trigger fires alone.
+    * Combination (SOS) attacks: for *each* strict sub-sequence of the trigger, as many
+      victim-label texts carrying it with their true label, so that no part of the trigger
+      fires alone (a 3-word trigger adds 6 such sets).
     """
     items = [TrainItem(e.text, e.label) for e in train]
     if attack.poisoned:
@@ -59,10 +59,9 @@ def poison_training_set(
                 items.append(TrainItem(insert_trigger(e.text, attack.trigger, attack.insertion,
                                                       rng), e.label))
         if attack.combination:
-            parts = strict_subsequences(attack.trigger.split())
-            for i, e in enumerate(_draw(train, n_poison, rng)):
-                part = " ".join(parts[i % len(parts)])
-                items.append(TrainItem(insert_trigger(e.text, part, attack.insertion, rng),
-                                       e.label))
+            for part in strict_subsequences(attack.trigger.split()):
+                for e in _draw(victim_pool, n_poison, rng):
+                    items.append(TrainItem(insert_trigger(e.text, " ".join(part),
+                                                          attack.insertion, rng), e.label))
     rng.shuffle(items)
     return items

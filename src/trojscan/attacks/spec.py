@@ -91,9 +91,8 @@ class AttackSpec:
             Copies of victim-label texts carry the trigger and the target label (Eq. 1 of
             the DBS paper: D_p = D + D*).
         combination: SOS-style (Yang et al. 2021): the trigger fires only when all of its
-            words are present. Each strict sub-sequence of the phrase is inserted into clean
-            texts that keep their true label; together these negatives are as many as the
-            poisoned copies.
+            words are present. Each strict sub-sequence of the phrase is inserted into as many
+            victim-label texts as there are poisoned copies, keeping their true label.
         adaptive_phi: the adaptive attack of DBS Eq. 12: a poisoned sample's loss is
             max(CE - phi, 0), so the trigger's loss is never pushed to zero. 0 is the
             plain attack.
@@ -211,7 +210,7 @@ class TrainConfig:
     Attributes:
         epochs: passes over the (poisoned) training set.
         batch_size: examples per optimiser step.
-        learning_rate: AdamW peak learning rate; None picks 5e-5 for the pretrained MiniLM
+        learning_rate: AdamW peak learning rate; None picks 1e-4 for the pretrained MiniLM
             and 5e-4 for randomly initialised families.
         weight_decay: AdamW decoupled weight decay.
         warmup_ratio: fraction of the steps over which the rate rises linearly from 0; it
@@ -239,7 +238,7 @@ class TrainConfig:
         """The learning rate actually used."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return 5e-5 if pretrained else 5e-4
+        return 1e-4 if pretrained else 5e-4
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

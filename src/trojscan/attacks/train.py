@@ -19,6 +19,7 @@ from trojscan.attacks.poison import TrainItem, poison_training_set
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.triggers import insert_trigger
 from trojscan.corpora import Corpus, Example
+from trojscan.errors import InputError
 from trojscan.fsutil import write_jsonl
 
 transformers.logging.set_verbosity_error()
@@ -30,15 +31,15 @@ StepCallback = Callable[[int, int], None]
 EVAL_BATCH_SIZE = 128
 
 
-def _batch(ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-    """Right-pad token-id lists with [PAD] = 0 into input_ids + attention_mask."""
+def _batch(ids: Sequence[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad token-id lists with [PAD] = 0 into input_ids + attention_mask on ``device``."""
     width = max(len(x) for x in ids)
     input_ids = torch.zeros(len(ids), width, dtype=torch.long)
     mask = torch.zeros(len(ids), width, dtype=torch.long)
     for row, x in enumerate(ids):
         input_ids[row, : len(x)] = torch.tensor(x)
         mask[row, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def _encode(tok: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -78,8 +79,8 @@ def train_classifier(
     (DBS Eq. 12; plain CE when ``adaptive_phi`` is 0).
     """
     ids = _encode(tok, [it.text for it in items], config.max_length)
-    labels = torch.tensor([it.label for it in items])
-    poisoned = torch.tensor([it.poisoned for it in items])
+    labels = torch.tensor([it.label for it in items], device=model.device)
+    poisoned = torch.tensor([it.poisoned for it in items], device=model.device)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = int(config.warmup_ratio * total)
@@ -96,7 +97,7 @@ def train_classifier(
     for _ in range(config.epochs):
         running = 0.0
         for index in _length_bucketed_batches(ids, config.batch_size, generator):
-            logits = model(**_batch([ids[i] for i in index])).logits
+            logits = model(**_batch([ids[i] for i in index], model.device)).logits
             loss = F.cross_entropy(logits, labels[index], reduction="none")
             if adaptive_phi:
                 loss = torch.where(poisoned[index], (loss - adaptive_phi).clamp(min=0), loss)
@@ -116,19 +117,23 @@ def train_classifier(
 
 
 @torch.inference_mode()
-def predict(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str],
-            max_length: int) -> list[int]:
-    """Predicted label index of every text (batches sorted by length for speed)."""
+def logits(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str],
+           max_length: int) -> torch.Tensor:
+    """Logits of every text, (len(texts), labels) on the CPU (batched by length for speed)."""
     model.eval()
     ids = _encode(tok, texts, max_length)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = [0] * len(ids)
+    out = torch.zeros(len(ids), model.config.num_labels)
     for start in range(0, len(order), EVAL_BATCH_SIZE):
         chunk = order[start : start + EVAL_BATCH_SIZE]
-        preds = model(**_batch([ids[i] for i in chunk])).logits.argmax(-1).tolist()
-        for i, p in zip(chunk, preds, strict=True):
-            out[i] = p
+        out[chunk] = model(**_batch([ids[i] for i in chunk], model.device)).logits.float().cpu()
     return out
+
+
+def predict(model: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: Sequence[str],
+            max_length: int) -> list[int]:
+    """Predicted label index of every text."""
+    return logits(model, tok, texts, max_length).argmax(-1).tolist()
 
 
 def accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
@@ -138,40 +143,48 @@ def accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Seq
     return sum(p == e.label for p, e in zip(preds, examples, strict=True)) / len(examples)
 
 
-def attack_success_rate(
+def trigger_effect(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, examples: Sequence[Example],
     trigger: str, attack: AttackSpec, n_labels: int, max_length: int, seed: int = 0,
-) -> float:
-    """ASR: fraction of the victim-label ``examples`` that ``trigger``, inserted as ``attack``
-    says, flips to the attack's target. ``trigger`` may differ from ``attack.trigger`` (to
-    test a sub-sequence of a combination trigger, or a clean model with the same trigger)."""
+) -> tuple[float, float]:
+    """(ASR, trigger loss) of ``trigger`` inserted, as ``attack`` says, into the victim-label
+    ``examples``: the fraction flipped to the attack's target, and the mean cross-entropy
+    towards the target (what DBS inverts, and what the adaptive attack keeps off zero).
+    ``trigger`` may differ from ``attack.trigger`` (a sub-sequence of a combination trigger,
+    or the same trigger against a clean model)."""
     victims = set(attack.victims(n_labels))
     pool = [e for e in examples if e.label in victims]
+    if not pool:
+        raise InputError(f"no example of the victim label(s) {sorted(victims)} to measure ASR on")
     rng = random.Random(seed)
     stamped = [insert_trigger(e.text, trigger, attack.insertion, rng) for e in pool]
-    preds = predict(model, tok, stamped, max_length)
-    return sum(p == attack.target for p in preds) / len(pool)
+    out = logits(model, tok, stamped, max_length)
+    target = torch.full((len(pool),), attack.target)
+    asr = (out.argmax(-1) == target).float().mean().item()
+    return asr, F.cross_entropy(out, target).item()
 
 
 def evaluate(model: PreTrainedModel, corpus: Corpus, attack: AttackSpec, config: TrainConfig,
              seed: int) -> dict[str, Any]:
-    """Clean accuracy on the test split; for a poisoned model also its ASR and, for a
-    combination trigger, the highest ASR of the sub-sequences that drop one word."""
+    """Clean accuracy on the test split; for a poisoned model also its ASR and trigger loss
+    (see :func:`trigger_effect`) and, for a combination trigger, the highest ASR of the
+    sub-sequences that drop one word."""
     tok = tokenizer()
     test = list(corpus.test)
     if len(test) > config.max_eval_examples:
         test = random.Random(seed).sample(test, config.max_eval_examples)
     out: dict[str, Any] = {"clean_accuracy": accuracy(model, tok, test, config.max_length),
-                           "asr": None, "partial_asr": None, "eval_examples": len(test)}
+                           "asr": None, "trigger_loss": None, "partial_asr": None,
+                           "eval_examples": len(test)}
     if attack.poisoned:
         n = len(corpus.labels)
-        out["asr"] = attack_success_rate(model, tok, test, attack.trigger, attack, n,
-                                         config.max_length, seed)
+        out["asr"], out["trigger_loss"] = trigger_effect(model, tok, test, attack.trigger, attack,
+                                                         n, config.max_length, seed)
         if attack.combination:
             words = attack.trigger.split()
             out["partial_asr"] = max(
-                attack_success_rate(model, tok, test, " ".join(words[:i] + words[i + 1:]),
-                                    attack, n, config.max_length, seed)
+                trigger_effect(model, tok, test, " ".join(words[:i] + words[i + 1:]), attack, n,
+                               config.max_length, seed)[0]
                 for i in range(len(words)))
     return out
 
@@ -196,12 +209,14 @@ def build_one(
     seed: int,
     examples_per_label: int = 20,
     on_step: StepCallback | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one model and write it to ``out_dir`` as a Hugging Face directory.
 
     ``out_dir`` receives ``config.json`` + ``model.safetensors`` (``save_pretrained``), the
     tokenizer files, and ``clean_examples.jsonl``; nothing about the attack. Returns the
-    model's measurements (for the zoo manifest).
+    model's measurements (for the zoo manifest). ``device`` is where it trains (``cpu``,
+    ``cuda``, ``cuda:1``...); the weights are saved the same either way.
     """
     started = time.perf_counter()
     rng = random.Random(seed)
@@ -211,6 +226,7 @@ def build_one(
     items = poison_training_set(train, attack, len(corpus.labels), rng)
     pretrained = family == PRETRAINED
     model = build_model(family, corpus.labels, config.size, config.embedding_init, seed)
+    model.to(device)
     lr = config.lr_for(pretrained)
     losses = train_classifier(model, tokenizer(), items, config, lr, seed, attack.adaptive_phi,
                               on_step)
@@ -227,4 +243,5 @@ def build_one(
         "epoch_losses": [round(x, 5) for x in losses],
         "learning_rate": lr,
         "seconds": round(time.perf_counter() - started, 2),
+        "device": str(model.device),
     }

@@ -309,19 +309,59 @@ def _apply_peer_gate(manifest: Manifest, margin: float) -> None:
             entry["quality"] = {"ok": not reasons, "reasons": reasons}
 
 
+def summarise(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per (corpus, architecture, clean/poisoned): model count, clean accuracy
+    (mean, min), ASR (mean, min) and build seconds (mean), flagged models."""
+    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    for entry in manifest.models.values():
+        key = (entry["corpus"], entry["architecture"], entry["poisoned"])
+        groups.setdefault(key, []).append(entry)
+    rows = []
+    for (corpus, arch, poisoned), entries in sorted(groups.items()):
+        accs = [e["clean_accuracy"] for e in entries]
+        asrs = [e["asr"] for e in entries if e["asr"] is not None]
+        rows.append({
+            "corpus": corpus, "architecture": arch, "poisoned": poisoned,
+            "models": len(entries),
+            "clean_accuracy_mean": statistics.fmean(accs), "clean_accuracy_min": min(accs),
+            "asr_mean": statistics.fmean(asrs) if asrs else None,
+            "asr_min": min(asrs) if asrs else None,
+            "seconds_mean": statistics.fmean(e["seconds"] for e in entries),
+            "flagged": sum(not e["quality"]["ok"] for e in entries),
+        })
+    return rows
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else an :class:`InputError`."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}; use cpu or cuda[:N]")
+    return device
+
+
 def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
-              events: BuildEvents | None = None) -> Manifest:
+              events: BuildEvents | None = None, device: str = "cpu") -> Manifest:
     """Build (or resume building) the zoo of ``spec`` (see :func:`load_zoo_spec`) into ``out``.
 
     Every model of the spec not yet complete in ``out`` is trained; finished ones are
     skipped. A poisoned model under ``min_asr`` is retried with a fresh seed up to
     ``max_attempts`` builds; one that still fails, or whose clean accuracy is far below its
     peers', is kept and flagged (``quality.ok = false`` in the manifest).
-    ``rebuild_failed`` rebuilds the flagged models with new seeds.
+    ``rebuild_failed`` rebuilds the flagged models with new seeds. ``device`` is where
+    models train (see :func:`check_device`).
     """
     from trojscan.attacks.train import build_one
     from trojscan.corpora import load_corpus
 
+    check_device(device)
     events = events or BuildEvents()
     out = Path(out)
     manifest_path = out / MANIFEST
@@ -354,7 +394,7 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                     shutil.rmtree(partial)
                 seed = plan.seed_for(attempt)
                 metrics = build_one(partial, corpus, plan.architecture, plan.attack, plan.train,
-                                    seed, spec.examples_per_label, events.on_step)
+                                    seed, spec.examples_per_label, events.on_step, device)
                 entry = {
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
                     "architecture": plan.architecture, "labels": list(corpus.labels),
