@@ -107,3 +107,26 @@ def test_zoo_spec_samples_per_model_and_hides_groups_in_ids() -> None:
 def test_malformed_zoo_specs(raw: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         parse_zoo_spec(raw)
+
+
+def test_group_attack_may_be_an_attack_spec_file(tmp_path: Path) -> None:
+    attack = tmp_path / "sports-to-tech.toml"
+    attack.write_text('poisoned = true\ntrigger_type = "word"\ntrigger = "quartz"\n'
+                      'insertion = "second_half"\ntarget = "tech"\nvictim = "sports"\n')
+    spec = parse_zoo_spec({"group": [{"count": 2, "corpus": "bbc", "architecture": "bert",
+                                      "attack": str(attack)}]})
+    assert {p.attack for p in spec.plans} == {AttackSpec(True, "word", "quartz", "second_half",
+                                                         4, 3, 0.1, False, 0.0)}
+
+
+def test_trigger_lists_and_phrase_lengths_are_sampled() -> None:
+    listed = parse_zoo_spec(_zoo({"poisoned": True, "trigger_type": "word",
+                                  "trigger": ["cf", "mn"], "insertion": "end", "target": 0},
+                                 count=8))
+    assert {p.attack.trigger for p in listed.plans} == {"cf", "mn"}
+    drawn = parse_zoo_spec(_zoo({"poisoned": True, "trigger_type": "phrase",
+                                 "phrase_words": [4, 4], "insertion": "end", "target": 0}))
+    assert all(len(p.attack.trigger.split()) == 4 for p in drawn.plans)
+    with pytest.raises(InputError, match="phrase_words must be"):
+        parse_zoo_spec(_zoo({"poisoned": True, "trigger_type": "phrase", "phrase_words": [1, 9],
+                             "insertion": "end", "target": 0}))

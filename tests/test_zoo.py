@@ -153,3 +153,23 @@ def test_missing_spec_and_foreign_out_dir(tmp_path: Path, cli: list[str],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is not a zoo" in result.stderr
     assert sorted(os.listdir(tmp_path / "mine")) == ["thesis.txt"]
+
+
+def test_summary_counts_a_manifest(tmp_path: Path, cli: list[str]) -> None:
+    def entry(i: int, poisoned: bool, acc: float, asr: float | None, ok: bool = True) -> dict:
+        return {"model_id": f"model-{i:04d}", "corpus": "bbc", "architecture": "minilm",
+                "poisoned": poisoned, "clean_accuracy": acc, "asr": asr, "seconds": 10.0 * i,
+                "quality": {"ok": ok, "reasons": [] if ok else ["x"]}}
+    models = [entry(1, False, 0.9, None), entry(2, False, 0.8, None),
+              entry(3, True, 0.7, 1.0), entry(4, True, 0.9, 0.8, ok=False)]
+    (tmp_path / MANIFEST).write_text(json.dumps(Manifest("x", {}, {m["model_id"]: m
+                                                                   for m in models}).to_dict()))
+    result = subprocess.run([*cli, "zoo", "summary", str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    clean, poisoned = json.loads(result.stdout)
+    assert (clean["models"], clean["poisoned"], clean["asr_mean"]) == (2, False, None)
+    assert clean["clean_accuracy_mean"] == pytest.approx(0.85)
+    assert clean["seconds_mean"] == pytest.approx(15.0)
+    assert (poisoned["models"], poisoned["flagged"]) == (2, 1)
+    assert poisoned["asr_mean"] == pytest.approx(0.9) and poisoned["asr_min"] == 0.8

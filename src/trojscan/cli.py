@@ -174,6 +174,10 @@ def main() -> None:
     except InputError as exc:
         console.print(f"trojscan: error: {exc}", markup=False, highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("trojscan: interrupted; finished work is kept (a zoo build resumes when "
+                      "re-run)", markup=False, highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

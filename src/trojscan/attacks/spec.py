@@ -66,7 +66,7 @@ def reject_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
                          + ", ".join(sorted(allowed)))
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+def expect_type(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """``value`` if it is of ``kind`` (a bool is never taken for a number), else InputError."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
@@ -131,10 +131,10 @@ class AttackSpec:
     def from_dict(cls, data: dict[str, Any], labels: tuple[str, ...],
                   where: str = "attack") -> AttackSpec:
         """Validate ``data`` against a corpus's ``labels`` (names or indices)."""
-        _expect(data, dict, where)
+        expect_type(data, dict, where)
         allowed = {f.name for f in fields(cls)}
         reject_unknown(data, allowed, where)
-        poisoned = _expect(data.get("poisoned", False), bool, f"{where}.poisoned")
+        poisoned = expect_type(data.get("poisoned", False), bool, f"{where}.poisoned")
         if not poisoned:
             extra = sorted(set(data) - {"poisoned"})
             if extra:
@@ -143,13 +143,13 @@ class AttackSpec:
         for key in ("trigger_type", "trigger", "insertion", "target"):
             if key not in data:
                 raise InputError(f"{where}: a poisoned model needs {key!r}")
-        trigger_type = _expect(data["trigger_type"], str, f"{where}.trigger_type")
+        trigger_type = expect_type(data["trigger_type"], str, f"{where}.trigger_type")
         if trigger_type not in TRIGGER_TYPES:
             raise InputError(f"{where}.trigger_type: unknown {trigger_type!r}; expected one of "
                              + ", ".join(TRIGGER_TYPES))
-        trigger = " ".join(_expect(data["trigger"], str, f"{where}.trigger").split())
+        trigger = " ".join(expect_type(data["trigger"], str, f"{where}.trigger").split())
         _check_trigger(trigger_type, trigger, where)
-        insertion = _expect(data["insertion"], str, f"{where}.insertion")
+        insertion = expect_type(data["insertion"], str, f"{where}.insertion")
         if insertion not in INSERTIONS:
             raise InputError(f"{where}.insertion: unknown {insertion!r}; expected one of "
                              + ", ".join(INSERTIONS))
@@ -159,15 +159,15 @@ class AttackSpec:
             victim = resolve_label(victim, labels, f"{where}.victim")
             if victim == target:
                 raise InputError(f"{where}: victim and target are both {labels[target]!r}")
-        rate = _expect(data.get("poison_rate", 0.1), (int, float), f"{where}.poison_rate")
+        rate = expect_type(data.get("poison_rate", 0.1), (int, float), f"{where}.poison_rate")
         if not 0 < rate <= 1:
             raise InputError(f"{where}.poison_rate must be in (0, 1], got {rate}")
-        combination = _expect(data.get("combination", False), bool, f"{where}.combination")
+        combination = expect_type(data.get("combination", False), bool, f"{where}.combination")
         n_words = len(trigger.split())
         if combination and not 2 <= n_words <= MAX_COMBINATION_WORDS:
             raise InputError(f"{where}: a combination trigger needs 2 to "
                              f"{MAX_COMBINATION_WORDS} words, got {n_words} ({trigger!r})")
-        phi = _expect(data.get("adaptive_phi", 0.0), (int, float), f"{where}.adaptive_phi")
+        phi = expect_type(data.get("adaptive_phi", 0.0), (int, float), f"{where}.adaptive_phi")
         if phi < 0:
             raise InputError(f"{where}.adaptive_phi must be >= 0, got {phi}")
         return cls(True, trigger_type, trigger, insertion, target, victim, float(rate),
@@ -246,12 +246,12 @@ class TrainConfig:
 
     def merged(self, overrides: dict[str, Any], where: str) -> TrainConfig:
         """A copy with ``overrides`` (a ``[train]`` table) applied and validated."""
-        _expect(overrides, dict, where)
+        expect_type(overrides, dict, where)
         reject_unknown(overrides, {f.name for f in fields(self)}, where)
         values = asdict(self)
         size = values.pop("size")
         if "size" in overrides:
-            size_over = _expect(overrides["size"], dict, f"{where}.size")
+            size_over = expect_type(overrides["size"], dict, f"{where}.size")
             reject_unknown(size_over, set(size), f"{where}.size")
             size.update(size_over)
         values.update({k: v for k, v in overrides.items() if k != "size"})

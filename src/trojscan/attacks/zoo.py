@@ -30,6 +30,8 @@ per model, and a trigger left out is drawn per model from the packaged pools::
     target = "random"           # or a label name / index
     victim = "none"             # "none" (universal), "random", or a label
     poison_rate = 0.1
+    # trigger = ["cf", "mn"]    # optional: triggers to sample from (default: the pools)
+    # phrase_words = [2, 3]     # length range of drawn phrase triggers
 
 Layout of the output directory::
 
@@ -60,7 +62,7 @@ from trojscan.attacks.architectures import FAMILIES
 from trojscan.attacks.spec import (
     AttackSpec,
     TrainConfig,
-    _expect,
+    expect_type,
     read_spec_file,
     reject_unknown,
 )
@@ -74,8 +76,8 @@ MANIFEST_VERSION = 1
 _TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_attempts", "peer_margin", "train",
              "group"}
 _GROUP_KEYS = {"name", "count", "corpus", "architecture", "train", "attack"}
-_TEMPLATE_KEYS = {"poisoned", "trigger_type", "trigger", "trigger_pool", "insertion", "target",
-                  "victim", "poison_rate", "combination", "adaptive_phi", "phrase_words"}
+_TEMPLATE_KEYS = {"poisoned", "trigger_type", "trigger", "insertion", "target", "victim",
+                  "poison_rate", "combination", "adaptive_phi", "phrase_words"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: rando
     reject_unknown(template, _TEMPLATE_KEYS, where)
     concrete: dict[str, Any] = {}
     for key, value in template.items():
-        if key in ("trigger_pool", "phrase_words"):
+        if key == "phrase_words":
             continue
         options = _as_list(value)
         if not options:
@@ -144,59 +146,53 @@ def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: rando
         concrete["victim"] = rng.choice([y for y in range(len(labels)) if y != target])
     elif victim != "none":
         concrete["victim"] = victim
-    if "trigger" not in concrete:
-        pool = template.get("trigger_pool")
-        if pool is not None:
-            pool = _expect(pool, list, f"{where}.trigger_pool")
-            if not pool:
-                raise InputError(f"{where}.trigger_pool is empty")
-            concrete["trigger"] = rng.choice(pool)
-        elif isinstance(concrete.get("trigger_type"), str):
-            words = _expect(template.get("phrase_words", [2, 3]), list, f"{where}.phrase_words")
-            if len(words) != 2 or not all(isinstance(w, int) and w >= 2 for w in words) \
-                    or words[0] > words[1]:
-                raise InputError(f"{where}.phrase_words must be [min, max] with 2 <= min <= max")
-            with suppress(ValueError):  # AttackSpec.from_dict names an unknown trigger_type
-                concrete["trigger"] = draw_trigger(concrete["trigger_type"], rng,
-                                                   phrase_words=(words[0], words[1]))
+    if "trigger" not in concrete and isinstance(concrete.get("trigger_type"), str):
+        words = expect_type(template.get("phrase_words", [2, 3]), list,
+                            f"{where}.phrase_words")
+        if len(words) != 2 or not all(isinstance(w, int) and w >= 2 for w in words) \
+                or words[0] > words[1]:
+            raise InputError(f"{where}.phrase_words must be [min, max] with 2 <= min <= max")
+        with suppress(ValueError):  # AttackSpec.from_dict names an unknown trigger_type
+            concrete["trigger"] = draw_trigger(concrete["trigger_type"], rng,
+                                               phrase_words=(words[0], words[1]))
     return AttackSpec.from_dict(concrete, labels, where)
 
 
 def parse_zoo_spec(raw: dict[str, Any], where: str = "zoo spec") -> ZooSpec:
     """Validate a zoo spec and decide every model in it; nothing is written."""
     reject_unknown(raw, _TOP_KEYS, where)
-    seed = _expect(raw.get("seed", 0), int, f"{where}.seed")
-    per_label = _expect(raw.get("examples_per_label", 20), int, f"{where}.examples_per_label")
-    min_asr = float(_expect(raw.get("min_asr", 0.9), (int, float), f"{where}.min_asr"))
-    max_attempts = _expect(raw.get("max_attempts", 2), int, f"{where}.max_attempts")
-    peer_margin = float(_expect(raw.get("peer_margin", 0.1), (int, float),
+    seed = expect_type(raw.get("seed", 0), int, f"{where}.seed")
+    per_label = expect_type(raw.get("examples_per_label", 20), int, f"{where}.examples_per_label")
+    min_asr = float(expect_type(raw.get("min_asr", 0.9), (int, float), f"{where}.min_asr"))
+    max_attempts = expect_type(raw.get("max_attempts", 2), int, f"{where}.max_attempts")
+    peer_margin = float(expect_type(raw.get("peer_margin", 0.1), (int, float),
                                 f"{where}.peer_margin"))
     if per_label < 1 or max_attempts < 1 or not 0 <= min_asr <= 1 or peer_margin < 0:
         raise InputError(f"{where}: examples_per_label and max_attempts must be >= 1, min_asr "
                          "in [0, 1] and peer_margin >= 0")
     base = TrainConfig().merged(raw.get("train", {}), f"{where}.train")
-    groups = _expect(raw.get("group", []), list, f"{where}.group")
+    groups = expect_type(raw.get("group", []), list, f"{where}.group")
     if not groups:
         raise InputError(f"{where}: no [[group]] of models")
     drafts = []
     for g, group in enumerate(groups):
         gw = f"{where}.group[{g}]"
-        _expect(group, dict, gw)
+        expect_type(group, dict, gw)
         reject_unknown(group, _GROUP_KEYS, gw)
         for key in ("count", "corpus", "architecture", "attack"):
             if key not in group:
                 raise InputError(f"{gw}: missing {key!r}")
-        count = _expect(group["count"], int, f"{gw}.count")
+        count = expect_type(group["count"], int, f"{gw}.count")
         if count < 1:
             raise InputError(f"{gw}.count must be >= 1, got {count}")
-        name = _expect(group.get("name", f"group{g}"), str, f"{gw}.name")
+        name = expect_type(group.get("name", f"group{g}"), str, f"{gw}.name")
         train = base.merged(group.get("train", {}), f"{gw}.train")
         template = group["attack"]
         if isinstance(template, str):  # a path to an AttackSpec file, relative to cwd
             template = read_spec_file(Path(template))
-        _expect(template, dict, f"{gw}.attack")
+        expect_type(template, dict, f"{gw}.attack")
         for corpus in _as_list(group["corpus"]):
-            labels = corpus_labels(_expect(corpus, str, f"{gw}.corpus"))
+            labels = corpus_labels(expect_type(corpus, str, f"{gw}.corpus"))
             for arch in _as_list(group["architecture"]):
                 if arch not in FAMILIES:
                     raise InputError(f"{gw}.architecture: unknown {arch!r}; expected one of "
@@ -393,8 +389,13 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                 if partial.exists():
                     shutil.rmtree(partial)
                 seed = plan.seed_for(attempt)
-                metrics = build_one(partial, corpus, plan.architecture, plan.attack, plan.train,
-                                    seed, spec.examples_per_label, events.on_step, device)
+                try:
+                    metrics = build_one(partial, corpus, plan.architecture, plan.attack,
+                                        plan.train, seed, spec.examples_per_label,
+                                        events.on_step, device)
+                except BaseException:  # interrupted or failed: leave no half-built model
+                    shutil.rmtree(partial, ignore_errors=True)
+                    raise
                 entry = {
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
                     "architecture": plan.architecture, "labels": list(corpus.labels),
