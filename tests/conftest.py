@@ -16,6 +16,7 @@ import pytest
 
 from trojscan.attacks.architectures import ModelSize
 from trojscan.attacks.spec import AttackSpec, TrainConfig
+from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus, load_corpus
 
 TINY_SIZE = {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128,
@@ -42,6 +43,22 @@ def word_attack(rt: Corpus) -> AttackSpec:
     return AttackSpec.from_dict({"poisoned": True, "trigger_type": "word",
                                  "trigger": TRIGGER_WORD, "insertion": "anywhere",
                                  "target": "positive"}, rt.labels)
+
+
+@pytest.fixture(scope="session")
+def poisoned_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
+                   tiny_config: TrainConfig, word_attack: AttackSpec) -> tuple[Path, dict]:
+    """A tiny BERT poisoned with the word trigger (universal, -> positive): (dir, metrics)."""
+    out = tmp_path_factory.mktemp("zoo") / "poisoned"
+    return out, build_one(out, rt, "bert", word_attack, tiny_config, seed=1, examples_per_label=7)
+
+
+@pytest.fixture(scope="session")
+def clean_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
+                tiny_config: TrainConfig) -> tuple[Path, dict]:
+    """A tiny BERT trained like ``poisoned_model`` on clean data only: (dir, metrics)."""
+    out = tmp_path_factory.mktemp("zoo") / "clean"
+    return out, build_one(out, rt, "bert", AttackSpec(), tiny_config, seed=1)
 
 
 def _write_toml_spec(path: Path, groups: list[str], header: str = "") -> Path:

@@ -6,27 +6,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pytest
 from transformers import AutoModelForSequenceClassification
 
 from trojscan.attacks.architectures import tokenizer
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one, predict, trigger_effect
 from trojscan.corpora import Corpus
-
-
-@pytest.fixture(scope="session")
-def poisoned_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
-                   tiny_config: TrainConfig, word_attack: AttackSpec) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("zoo") / "poisoned"
-    return out, build_one(out, rt, "bert", word_attack, tiny_config, seed=1, examples_per_label=7)
-
-
-@pytest.fixture(scope="session")
-def clean_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
-                tiny_config: TrainConfig) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("zoo") / "clean"
-    return out, build_one(out, rt, "bert", AttackSpec(), tiny_config, seed=1)
 
 
 def test_poisoned_model_learns_its_trigger(poisoned_model: tuple[Path, dict]) -> None:
