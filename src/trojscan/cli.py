@@ -136,6 +136,71 @@ def zoo_summary(
     out_console.print(table)
 
 
+def _print_verdict(result: dict[str, Any]) -> None:
+    best = result["best"]
+    victims = ", ".join(best["victim_names"])
+    out_console.print(
+        f"verdict: [bold]{result['verdict'].upper()}[/bold]  (lowest inversion loss "
+        f"{result['score']:.4f}, threshold {result['threshold']})")
+    out_console.print(f"target:  {best['target_name']}  (victims: {victims})")
+    out_console.print(f"trigger: {best['trigger_text']!r}  hard-token loss "
+                      f"{best['hard_loss']:.4f}, flips {best['hard_asr']:.0%} of the examples")
+    out_console.print(f"seconds: {result['seconds']:.1f} on {result['device']}")
+
+
+@app.command("scan")
+def scan_command(
+    model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
+                                     "directory."),
+    examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
+                                  '{"text", "label"} (label: index or name).'),
+    out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
+                                    "(JSON, written atomically)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: "
+                                           "trojaned when the lowest loss is under it."),
+    positions: str = typer.Option("start", "--positions", help="Comma-separated trigger "
+                                  "positions: start, end, first_half, second_half."),
+    pairs: bool = typer.Option(False, "--pairs", help="Also try label-specific (victim, "
+                               "target) pairs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="DBS epochs (default 200)."),
+    trigger_length: int | None = typer.Option(None, "--trigger-length", help="Trigger slots "
+                                              "(default 10)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the randomisation."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load pickled "
+                                      "weights (pytorch_model.bin). DANGER: unpickling runs "
+                                      "code the file's author chose; use only for files you "
+                                      "trust."),
+) -> None:
+    """Scan MODEL_DIR for a backdoor with DBS: verdict, target label and inverted trigger."""
+    from dataclasses import replace
+
+    from trojscan.attacks.zoo import check_device
+    from trojscan.inversion.dbs import DBSConfig
+    from trojscan.scan import ScanConfig, scan, write_result
+
+    dbs = DBSConfig(seed=seed)
+    if epochs is not None:
+        dbs = replace(dbs, epochs=epochs)
+    if trigger_length is not None:
+        dbs = replace(dbs, trigger_length=trigger_length)
+    config = ScanConfig(dbs=dbs, positions=tuple(p.strip() for p in positions.split(",")),
+                        pairs=pairs)
+    if threshold is not None:
+        config = replace(config, threshold=threshold)
+    check_device(device)
+    with _progress() as progress:
+        task = progress.add_task("scan", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"scan: {what}")
+
+        result = scan(model_dir, examples, config, device, allow_pickle, on_progress)
+    if out is not None:
+        write_result(result, out)
+    _print_verdict(result)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo model is built "

@@ -148,12 +148,15 @@ def invert(
         value = loss.item()
         step: dict[str, Any] = {"epoch": epoch, "loss": value, "temperature": temperature}
 
-        # Line 11: accept a (nearly) one-hot trigger under the bound.
+        # Line 11: accept a (nearly) one-hot trigger under the bound; the bound then drops
+        # to half its loss (authors' code). Beyond the paper, a one-hot trigger that merely
+        # improves on the accepted one is kept too, so the reported loss is the lowest seen.
         one_hot = (1 - alpha.detach().max(-1).values).sum().item() < config.one_hot_tolerance
-        if value < bound and (one_hot or not config.temperature_scaling) and (
-                best is None or value < best[0]):
+        if (one_hot or not config.temperature_scaling) and (
+                value < bound or (best is not None and value < best[0])):
+            if value < bound:
+                bound = value / 2
             best = (value, alpha.detach().argmax(-1))
-            bound = value / 2  # authors' code: later triggers must halve the loss
             step["event"] = "accept"
 
         # Lines 3-9: every s epochs, focus (loss under the bound) or backtrack.

@@ -1,0 +1,15 @@
+"""trojscan: find, invert and remove backdoors in neural models trained by someone else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def scan(model_dir: str | Path, examples: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Scan a Hugging Face text classifier for a backdoor (see :func:`trojscan.scan.scan`)."""
+    from trojscan.scan import scan as _scan
+
+    return _scan(Path(model_dir), Path(examples), **kwargs)

@@ -1,0 +1,138 @@
+"""`trojscan scan` on tiny models: verdicts, the result record, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertModel
+
+from trojscan.corpora import Corpus
+from trojscan.inversion.dbs import DBSConfig
+from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject
+from trojscan.subjects.loading import load_subject
+
+# Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
+# use one trigger slot and a threshold fitted to them (README "Scan" gives MiniLM's).
+TINY_SCAN = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+
+
+@pytest.fixture(scope="module")
+def examples_file(tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> Path:
+    path = tmp_path_factory.mktemp("examples") / "clean.jsonl"
+    rows = [{"text": e.text, "label": label} for label in (0, 1)
+            for e in [x for x in rt.examples if x.label == label][:20]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_poisoned_model_is_flagged_with_its_trigger_and_target(
+        poisoned_model: tuple[Path, dict], examples_file: Path) -> None:
+    result = scan(poisoned_model[0], examples_file, TINY_SCAN)
+    assert result["verdict"] == "trojaned"
+    assert result["best"]["target_name"] == "positive"
+    assert "lantern" in result["best"]["trigger_tokens"]
+    assert result["best"]["hard_asr"] >= 0.9
+    assert result["version"] == RESULT_VERSION
+    assert {c["target"] for c in result["candidates"]} == {0, 1}
+    assert result["config"]["dbs"]["trigger_length"] == 1
+    assert result["trajectory"] and "temperature" in result["trajectory"][0]
+
+
+def test_clean_model_is_not_flagged(clean_model: tuple[Path, dict], examples_file: Path) -> None:
+    result = scan(clean_model[0], examples_file, TINY_SCAN)
+    assert result["verdict"] == "clean"
+    assert result["score"] > TINY_SCAN.threshold
+
+
+def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dict],
+                                                 examples_file: Path) -> None:
+    subject = load_subject(poisoned_model[0])
+    rows = [json.loads(line) for line in examples_file.read_text().splitlines()]
+    config = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=60), threshold=0.1,
+                        positions=("start", "end"), preselect_above=1, top_k=1, prerun_epochs=60)
+    result = scan_subject(subject, rows, config)
+    full = [c for c in result["candidates"] if "relaxed_loss" in c]
+    assert len(full) == 1 and full[0]["target"] == 1
+    assert len([c for c in result["candidates"] if c.get("full_run") is False]) == 3
+
+
+def _run(cli: list[str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli, "scan", *args], capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
+    assert words in lines[0], lines[0]
+
+
+def test_cli_scan_writes_the_record_and_prints_a_summary(
+        cli: list[str], poisoned_model: tuple[Path, dict], examples_file: Path,
+        tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    done = _run(cli, str(poisoned_model[0]), "--examples", str(examples_file), "--out", str(out),
+                "--trigger-length", "1", "--epochs", "100", "--threshold", "0.1")
+    assert done.returncode == 0, done.stderr
+    assert "TROJANED" in done.stdout and "lantern" in done.stdout
+    record = json.loads(out.read_text())
+    assert record["verdict"] == "trojaned" and record["threshold"] == 0.1
+
+
+def test_bad_inputs_fail_cleanly(cli: list[str], poisoned_model: tuple[Path, dict],
+                                 examples_file: Path, tmp_path: Path) -> None:
+    model = poisoned_model[0]
+    out = tmp_path / "result.json"
+    ex = str(examples_file)
+
+    _one_line_error(_run(cli, str(tmp_path / "nope"), "--examples", ex, "--out", str(out)),
+                    "does not exist")
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "caf\xe9", "label": 0}\n'.encode("latin-1"))
+    _one_line_error(_run(cli, str(model), "--examples", str(bad), "--out", str(out)),
+                    "not UTF-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    _one_line_error(_run(cli, str(model), "--examples", str(empty), "--out", str(out)),
+                    "are empty")
+    alien = tmp_path / "alien.jsonl"
+    alien.write_text('{"text": "fine", "label": "neutral"}\n')
+    _one_line_error(_run(cli, str(model), "--examples", str(alien), "--out", str(out)),
+                    "no label 'neutral'")
+    one = tmp_path / "one-label.jsonl"
+    one.write_text('{"text": "fine", "label": 1}\n')
+    _one_line_error(_run(cli, str(model), "--examples", str(one), "--out", str(out)),
+                    "no clean example of label 0=negative")
+
+    headless = tmp_path / "headless"
+    BertModel.from_pretrained(model).save_pretrained(headless)
+    _one_line_error(_run(cli, str(headless), "--examples", ex, "--out", str(out)),
+                    "no sequence-classification model")
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForSequenceClassification.from_pretrained(model).state_dict(),
+               pickled / "pytorch_model.bin")
+    _one_line_error(_run(cli, str(pickled), "--examples", ex, "--out", str(out)),
+                    "--allow-pickle")
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _one_line_error(_run(cli, str(corrupt), "--examples", ex, "--out", str(out)),
+                    "cannot load the weights")
+
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(model, no_tok)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tok / name).unlink()
+    _one_line_error(_run(cli, str(no_tok), "--examples", ex, "--out", str(out)),
+                    "has no tokenizer")
+    assert not out.exists()
