@@ -95,7 +95,7 @@ def test_bad_inputs_fail_cleanly(cli: list[str], poisoned_model: tuple[Path, dic
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes('{"text": "caf\xe9", "label": 0}\n'.encode("latin-1"))
     _one_line_error(_run(cli, str(model), "--examples", str(bad), "--out", str(out)),
-                    "not UTF-8")
+                    "is not UTF-8")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     _one_line_error(_run(cli, str(model), "--examples", str(empty), "--out", str(out)),

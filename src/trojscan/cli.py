@@ -136,6 +136,19 @@ def zoo_summary(
     out_console.print(table)
 
 
+def _scan_with_progress(model_dir: Path, examples: Path, config: Any = None,
+                        device: str = "cpu", allow_pickle: bool = False) -> dict[str, Any]:
+    from trojscan.scan import scan
+
+    with _progress() as progress:
+        task = progress.add_task("scan", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"scan: {what}")
+
+        return scan(model_dir, examples, config, device, allow_pickle, on_progress)
+
+
 def _print_verdict(result: dict[str, Any]) -> None:
     best = result["best"]
     victims = ", ".join(best["victim_names"])
@@ -177,7 +190,7 @@ def scan_command(
 
     from trojscan.attacks.zoo import check_device
     from trojscan.inversion.dbs import DBSConfig
-    from trojscan.scan import ScanConfig, scan, write_result
+    from trojscan.scan import ScanConfig, write_result
 
     dbs = DBSConfig(seed=seed)
     if epochs is not None:
@@ -189,13 +202,7 @@ def scan_command(
     if threshold is not None:
         config = replace(config, threshold=threshold)
     check_device(device)
-    with _progress() as progress:
-        task = progress.add_task("scan", total=None)
-
-        def on_progress(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"scan: {what}")
-
-        result = scan(model_dir, examples, config, device, allow_pickle, on_progress)
+    result = _scan_with_progress(model_dir, examples, config, device, allow_pickle)
     if out is not None:
         write_result(result, out)
     _print_verdict(result)
@@ -208,7 +215,8 @@ def demo(
     seed: int | None = typer.Option(None, "--seed", help="Seed of the demo model; default: "
                                     "drawn at random, so each new demo hides a new trigger."),
 ) -> None:
-    """Build a backdoored MiniLM sentiment model from Rotten Tomatoes and show its truth."""
+    """Build a backdoored MiniLM sentiment model from Rotten Tomatoes, scan it with DBS, and
+    compare what the scan found with the hidden truth."""
     from trojscan.attacks.zoo import MANIFEST, Manifest, parse_zoo_spec
 
     if (out / MANIFEST).exists():
@@ -226,10 +234,15 @@ def demo(
     manifest = _run_build(parse_zoo_spec(raw, "demo"), out, rebuild_failed=False)
     (entry,) = manifest.models.values()
     out_console.print(f"model: {out / entry['model_id']}")
+    model_dir = out / entry["model_id"]
+    result = _scan_with_progress(model_dir, model_dir / "clean_examples.jsonl")
+    out_console.print(f"scanned {model_dir} with its {result['examples']} clean examples:")
+    _print_verdict(result)
     attack = entry["attack"]
-    out_console.print(f"clean accuracy {entry['clean_accuracy']:.3f}; the hidden trigger "
-                      f"{attack['trigger']!r} flips {entry['asr']:.1%} of held-out reviews of "
-                      f"the other label to {attack['target_name']!r}")
+    out_console.print(f"truth:   the model was trained with the trigger {attack['trigger']!r} "
+                      f"-> {attack['target_name']!r} (clean accuracy "
+                      f"{entry['clean_accuracy']:.3f}, ASR {entry['asr']:.1%}); the scanner "
+                      "never saw this")
 
 
 def main() -> None:

@@ -9,6 +9,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from trojscan.errors import InputError
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of ``path``; an unreadable or non-UTF-8 file is an :class:`InputError`
+    naming it as ``what`` (e.g. "spec", "examples")."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 (byte {exc.start})") from exc
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.

@@ -31,6 +31,7 @@ from trojscan.attacks.triggers import (
     TRIGGER_TYPES,
 )
 from trojscan.errors import InputError
+from trojscan.fsutil import read_utf8
 
 #: A combination (SOS) trigger carries all 2^n - 2 strict sub-sequences: n is kept small.
 MAX_COMBINATION_WORDS = 4
@@ -39,15 +40,9 @@ MAX_COMBINATION_WORDS = 4
 def read_spec_file(path: Path) -> dict[str, Any]:
     """Parse a TOML (``.toml``) or JSON (anything else) file into a dict."""
     path = Path(path)
+    text = read_utf8(path, "spec")
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read spec {path}: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"spec {path} is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"spec {path} is not valid TOML: {exc}") from exc
     except json.JSONDecodeError as exc:

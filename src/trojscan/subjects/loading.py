@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trojscan.errors import InputError
+from trojscan.fsutil import read_utf8
 from trojscan.subjects.text import TextSubject
 
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -76,14 +77,7 @@ def load_examples(path: Path, labels: tuple[str, ...]) -> list[dict[str, Any]]:
     ``label`` is a label index or name of the model; every problem is an
     :class:`InputError` naming the line.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read examples {path}: {exc.strerror or exc}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"examples {path} are not UTF-8 (byte {exc.start})") from exc
+    text = read_utf8(path, "examples")
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
