@@ -9,12 +9,13 @@ import pytest
 
 from trojscan.corpora import Corpus
 from trojscan.inversion.dbs import DBSConfig, invert
-from trojscan.subjects.text import TextSubject, load_text_subject
+from trojscan.subjects.loading import load_subject
+from trojscan.subjects.text import TextSubject
 
 
 @pytest.fixture(scope="module")
 def poisoned_subject(poisoned_model: tuple[Path, dict]) -> TextSubject:
-    return load_text_subject(poisoned_model[0])
+    return load_subject(poisoned_model[0])
 
 
 def _victims(rt: Corpus, label: int, n: int = 20) -> tuple[list[str], list[int]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -156,11 +155,3 @@ class TextSubject:
             inputs["position_ids"] = batch.position_ids
         return self.model(attention_mask=batch.attention_mask, **inputs).logits
 
-
-def load_text_subject(model_dir: Path, device: str = "cpu",
-                      max_length: int = 100) -> TextSubject:
-    """Load a Hugging Face sequence classifier from ``model_dir`` (safetensors only)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
-    return TextSubject(model.to(device), AutoTokenizer.from_pretrained(model_dir), max_length)
