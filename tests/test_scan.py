@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertModel
 
+from trojscan.attacks.spec import AttackSpec, TrainConfig
+from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject
@@ -41,6 +44,28 @@ def test_poisoned_model_is_flagged_with_its_trigger_and_target(
     assert {c["target"] for c in result["candidates"]} == {0, 1}
     assert result["config"]["dbs"]["trigger_length"] == 1
     assert result["trajectory"] and "temperature" in result["trajectory"][0]
+
+
+@pytest.mark.parametrize(("trigger_type", "trigger", "insertion"), [
+    ("phrase", "cobalt harbor", "end"),
+    ("word", "quartz", "first_half"),
+])
+def test_phrase_and_word_triggers_at_other_positions_are_recovered(
+        tmp_path: Path, rt: Corpus, tiny_config: TrainConfig, examples_file: Path,
+        trigger_type: str, trigger: str, insertion: str) -> None:
+    attack = AttackSpec.from_dict({"poisoned": True, "trigger_type": trigger_type,
+                                   "trigger": trigger, "insertion": insertion,
+                                   "target": "negative"}, rt.labels)
+    metrics = build_one(tmp_path / "model", rt, "bert", attack, tiny_config, seed=2)
+    assert metrics["asr"] >= 0.9
+    words = trigger.split()
+    config = replace(TINY_SCAN, positions=(insertion,),
+                     dbs=replace(TINY_SCAN.dbs, trigger_length=len(words)))
+    result = scan(tmp_path / "model", examples_file, config)
+    assert result["verdict"] == "trojaned"
+    assert result["best"]["target_name"] == "negative"
+    assert result["best"]["position"] == insertion
+    assert set(words) & set(result["best"]["trigger_tokens"]), result["best"]["trigger_tokens"]
 
 
 def test_clean_model_is_not_flagged(clean_model: tuple[Path, dict], examples_file: Path) -> None:

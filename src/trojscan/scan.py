@@ -5,8 +5,9 @@ victims (universal); with ``pairs``, every ordered (victim, target) pair (label-
 each at every trigger position asked for. When there are more labels than
 ``preselect_above``, every candidate first gets a short pre-run of ``prerun_epochs`` and
 only the ``top_k`` with the lowest loss get the full run (the K-Arm strategy DBS uses for
-NER, Appendix A). The verdict is Eq. 4: trojaned when the lowest inversion loss is under
-the threshold beta.
+NER, Appendix A). The candidates of a stage are inverted together in one batched run
+(:func:`trojscan.inversion.dbs.invert_many`), ``batch_candidates`` at a time. The verdict
+is Eq. 4: trojaned when the lowest inversion loss is under the threshold beta.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from trojscan.errors import InputError
 from trojscan.inversion.base import Inversion
-from trojscan.inversion.dbs import DBSConfig, invert
+from trojscan.inversion.dbs import DBSConfig, InversionTask, invert_many
 from trojscan.subjects.loading import load_examples, load_subject
 from trojscan.subjects.text import POSITIONS, TextSubject
 
@@ -31,7 +32,7 @@ RESULT_VERSION = 1
 #: Default beta of Eq. 4 (see README "Scan": where it comes from).
 DEFAULT_THRESHOLD = 0.05
 
-#: Called as (candidates done, candidates in all, what is running now).
+#: Called as (optimisation epochs done, epochs in all, what is running now).
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -49,6 +50,9 @@ class ScanConfig:
         top_k: candidates kept for the full run.
         threshold: beta of Eq. 4.
         max_length: tokens per example, trigger included.
+        batch_candidates: candidates inverted together in one batched run (their rows share
+            every forward pass); 0 puts all candidates of a stage in one run, 1 inverts them
+            one by one as the paper's code does. Lower it when memory is short.
     """
 
     dbs: DBSConfig = field(default_factory=DBSConfig)
@@ -59,6 +63,7 @@ class ScanConfig:
     top_k: int = 2
     threshold: float = DEFAULT_THRESHOLD
     max_length: int = 100
+    batch_candidates: int = 0
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.positions if p not in POSITIONS]
@@ -67,6 +72,8 @@ class ScanConfig:
                              f"expected some of {', '.join(POSITIONS)}")
         if self.top_k < 1 or self.prerun_epochs < 1:
             raise InputError("top_k and prerun_epochs must be >= 1")
+        if self.batch_candidates < 0:
+            raise InputError("batch_candidates must be >= 0 (0 = all at once)")
 
 
 @dataclass(frozen=True)
@@ -90,11 +97,42 @@ def candidates(n_labels: int, present: set[int], config: ScanConfig) -> list[Can
     return out
 
 
-def _invert(subject: TextSubject, examples: list[dict[str, Any]], candidate: Candidate,
-            config: DBSConfig) -> Inversion:
+def _task(examples: list[dict[str, Any]], candidate: Candidate) -> InversionTask:
     chosen = [e for e in examples if e["label"] in candidate.victims]
-    return invert(subject, [e["text"] for e in chosen], [e["label"] for e in chosen],
-                  candidate.target, candidate.position, config)
+    return InversionTask([e["text"] for e in chosen], [e["label"] for e in chosen],
+                         candidate.target, candidate.position)
+
+
+class _Stages:
+    """Runs candidates in batched groups and reports progress in optimisation epochs."""
+
+    def __init__(self, subject: TextSubject, examples: list[dict[str, Any]],
+                 config: ScanConfig, progress: ProgressCallback | None) -> None:
+        self.subject, self.examples, self.config, self.progress = (subject, examples, config,
+                                                                   progress)
+        self.done, self.total = 0, 0
+
+    def groups(self, n: int) -> list[slice]:
+        size = self.config.batch_candidates or n
+        return [slice(i, i + size) for i in range(0, n, size)]
+
+    def plan(self, n: int, epochs: int) -> None:
+        self.total += len(self.groups(n)) * epochs
+
+    def run(self, todo: list[Candidate], dbs: DBSConfig, what: str) -> list[Inversion]:
+        out: list[Inversion] = []
+        for group in self.groups(len(todo)):
+            cands = todo[group]
+            label = f"{what}: {len(cands)} candidate{'s' if len(cands) > 1 else ''}"
+
+            def on_epoch(epoch: int, label: str = label) -> None:
+                if self.progress:
+                    self.progress(self.done + epoch + 1, self.total, label)
+
+            out += invert_many(self.subject, [_task(self.examples, c) for c in cands], dbs,
+                               on_epoch)
+            self.done += dbs.epochs
+        return out
 
 
 def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
@@ -110,33 +148,28 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
         raise InputError(f"no clean example of label {', '.join(missing)}: every label is the "
                          "victim of some candidate target, so each needs examples")
     todo = candidates(len(labels), present, config)
+    stages = _Stages(subject, examples, config, progress)
+    preselect = len(labels) > config.preselect_above and len(todo) > config.top_k
+    if preselect:
+        stages.plan(len(todo), config.prerun_epochs)
+    stages.plan(min(len(todo), config.top_k) if preselect else len(todo), config.dbs.epochs)
     prerun: dict[Candidate, float] = {}
-    if len(labels) > config.preselect_above and len(todo) > config.top_k:
+    if preselect:
         short = replace(config.dbs, epochs=config.prerun_epochs)
-        for i, cand in enumerate(todo):
-            if progress:
-                progress(i, len(todo) + config.top_k, f"pre-run target {labels[cand.target]}")
-            prerun[cand] = _invert(subject, examples, cand, short).relaxed_loss
+        runs = stages.run(todo, short, "pre-run")
+        prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
         todo = sorted(todo, key=prerun.__getitem__)[: config.top_k]
-    offset = len(prerun)
-    results = []
-    for i, cand in enumerate(todo):
-        if progress:
-            progress(offset + i, offset + len(todo), f"target {labels[cand.target]} "
-                     f"@{cand.position}")
-        results.append((cand, _invert(subject, examples, cand, config.dbs)))
-    if progress:
-        progress(offset + len(todo), offset + len(todo), "done")
-    best_cand, best = min(results, key=lambda r: r[1].relaxed_loss)
+    results = list(zip(todo, stages.run(todo, config.dbs, "inversion"), strict=True))
+    best_cand, best = min(results, key=lambda r: r[1].loss)
     rows = [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
-             "position": c.position, "relaxed_loss": inv.relaxed_loss,
+             "position": c.position, "loss": inv.loss, "relaxed_loss": inv.relaxed_loss,
              "hard_loss": inv.hard_loss, "hard_asr": inv.hard_asr, "accepted": inv.accepted,
              "trigger_text": inv.trigger_text, "seconds": inv.seconds}
             for c, inv in results]
     rows += [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
               "position": c.position, "prerun_loss": loss, "full_run": False}
              for c, loss in prerun.items() if c not in todo]
-    score = best.relaxed_loss
+    score = best.loss
     return {
         "version": RESULT_VERSION,
         "verdict": "trojaned" if score < config.threshold else "clean",

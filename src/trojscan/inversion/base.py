@@ -24,8 +24,8 @@ class Inversion:
         hard_asr: fraction of the victim examples the hard-token trigger flips to target.
         accepted: whether the trigger met DBS's acceptance test (near one-hot, loss under the
             bound); when false, the reported trigger is the final state's argmax.
-        epochs: optimisation epochs run.
-        seconds: wall time of this inversion.
+        epochs: optimisation epochs run (fewer than configured when it stopped early).
+        seconds: wall time of the inversion run (shared by the tasks batched together).
         trajectory: per-epoch ``loss`` and ``temperature`` (and ``event`` at checks).
     """
 
@@ -44,6 +44,13 @@ class Inversion:
     seconds: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def loss(self) -> float:
+        """The candidate's inversion loss as a scan ranks it: the relaxed loss of an accepted
+        trigger; without one, the hard-token loss of the final trigger, since a relaxed loss
+        that never became near one-hot is the loss of a mixture, not of a trigger."""
+        return self.relaxed_loss if self.accepted else self.hard_loss
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict, the ranking ``loss`` included."""
+        return {**asdict(self), "loss": self.loss}

@@ -11,21 +11,26 @@ is divided by ``c`` while the loss is under the bound ``beta'`` (temperature foc
 otherwise it is multiplied by ``d`` up to ``u`` and ``w`` gets random noise (backtracking
 with randomisation). A trigger that is nearly one-hot and under the bound is accepted
 (line 11). Beyond the paper, the accepted trigger is re-evaluated as hard tokens.
+
+:func:`invert_many` runs several inversions (a model's candidate targets) as one batched
+optimisation: each candidate has its own trigger, temperature, bound and acceptance state,
+exactly as if run alone, but all their victim rows share one forward and backward pass.
+Rows are grouped into length buckets so that short examples are not padded to the longest.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from trojscan.inversion.base import Inversion
-from trojscan.subjects.text import TextSubject
+from trojscan.subjects.text import SlotBatch, TextSubject
 
 NOISE_KINDS = ("uniform", "gaussian")
 
@@ -67,6 +72,12 @@ class DBSConfig:
         backtracking: ablation switch (Table 4, "w/o Backtracking"): False never rolls back;
             once focusing has started lambda is divided by c at every check.
         seed: seeds the randomisation.
+        buckets: rows of a (batched) inversion are sorted by length and split into this many
+            forward passes, each padded only to its own longest row; 1 pads all rows to the
+            longest (the authors' code). Same result, less padding.
+        patience: beyond the paper, a task stops once it has an accepted trigger and this
+            many epochs pass without a better one (its rows leave the batch); 0 runs every
+            task for all ``epochs`` (the authors' code).
     """
 
     trigger_length: int = 10
@@ -87,16 +98,45 @@ class DBSConfig:
     temperature_scaling: bool = True
     backtracking: bool = True
     seed: int = 0
+    buckets: int = 3
+    patience: int = 40
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
-        if self.trigger_length < 1 or self.epochs < 1 or self.check_every < 1:
-            raise ValueError("trigger_length, epochs and check_every must be >= 1")
+        if min(self.trigger_length, self.epochs, self.check_every, self.buckets) < 1:
+            raise ValueError("trigger_length, epochs, check_every and buckets must be >= 1")
+        if self.patience < 0:
+            raise ValueError("patience must be >= 0 (0 = never stop early)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class InversionTask:
+    """One inversion: flip ``texts`` (the victims, with their true ``labels``) to ``target``
+    with the trigger slots at ``position``."""
+
+    texts: Sequence[str]
+    labels: Sequence[int]
+    target: int
+    position: str = "start"
+
+
+@dataclass
+class _Arm:
+    """The state of Algorithm 1 for one task."""
+
+    temperature: float
+    bound: float
+    focusing: bool = False
+    rollbacks: int = 0
+    best: tuple[float, torch.Tensor] | None = None  # (relaxed loss, slot argmax ids)
+    accepted_at: int = -1  # epoch of the last acceptance
+    stopped: bool = False
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _noise(like: torch.Tensor, config: DBSConfig, generator: torch.Generator) -> torch.Tensor:
@@ -105,6 +145,143 @@ def _noise(like: torch.Tensor, config: DBSConfig, generator: torch.Generator) ->
     else:
         sample = torch.randn(like.shape, generator=generator) * config.noise_scale
     return sample.to(like.device)
+
+
+def _buckets(batch: SlotBatch, rows: torch.Tensor,
+             n: int) -> list[tuple[torch.Tensor, SlotBatch]]:
+    """``rows`` sorted by length and cut into ``n`` groups: (row indices, sub-batch) each."""
+    order = rows[batch.lengths[rows].argsort()]
+    return [(part, batch.subset(part)) for part in order.tensor_split(min(n, len(order)))]
+
+
+def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Tensor,
+          config: DBSConfig, generator: torch.Generator) -> None:
+    """Lines 3-11 of Algorithm 1 for one task after an optimisation step at ``epoch``."""
+    step: dict[str, Any] = {"epoch": epoch, "loss": value, "temperature": arm.temperature}
+
+    # Line 11: accept a (nearly) one-hot trigger under the bound; the bound then drops to
+    # half its loss (authors' code). Beyond the paper, a one-hot trigger that merely improves
+    # on the accepted one is kept too, so the reported loss is the lowest seen.
+    one_hot = (1 - alpha.max(-1).values).sum().item() < config.one_hot_tolerance
+    if (one_hot or not config.temperature_scaling) and (
+            value < arm.bound or (arm.best is not None and value < arm.best[0])):
+        if value < arm.bound:
+            arm.bound = value / 2
+        arm.best = (value, alpha.argmax(-1))
+        arm.accepted_at = epoch
+        step["event"] = "accept"
+
+    # Lines 3-9: every s epochs, focus (loss under the bound) or backtrack.
+    if config.temperature_scaling and (epoch + 1) % config.check_every == 0:
+        if value < arm.bound or (arm.focusing and not config.backtracking):
+            arm.focusing = True
+            arm.temperature /= config.focus_factor
+            step.setdefault("event", "focus")
+        elif arm.focusing:
+            arm.temperature = min(arm.temperature * config.rollback_factor,
+                                  config.max_temperature)
+            with torch.no_grad():
+                w.add_(_noise(w, config, generator))
+            arm.rollbacks += 1
+            step.setdefault("event", "rollback")
+            if arm.rollbacks >= config.rollback_limit:
+                best_loss = arm.best[0] if arm.best else math.inf
+                arm.bound = min(2 * arm.bound, best_loss - 1e-3)
+                arm.rollbacks = 0
+
+    # Beyond the paper: a task whose accepted trigger has not improved for ``patience``
+    # epochs has settled; it stops.
+    if config.patience and arm.best is not None and epoch - arm.accepted_at >= config.patience:
+        arm.stopped = True
+        step["event"] = "stop"
+    arm.trajectory.append(step)
+
+
+def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
+                config: DBSConfig | None = None,
+                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
+    """Run Algorithm 1 for every task at once; one :class:`Inversion` per task, in order.
+
+    ``on_epoch`` is called with each finished epoch's index (for progress display)."""
+    config = config or DBSConfig()
+    if not tasks:
+        return []
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    embeddings = subject.embedding_matrix.detach()
+    excluded = torch.zeros(embeddings.shape[0], device=embeddings.device)
+    excluded[subject.special_token_ids()] = -math.inf
+
+    # All tasks' victim rows in one batch; row_task[r] is the task row r belongs to.
+    texts = [t for task in tasks for t in task.texts]
+    labels = [y for task in tasks for y in task.labels]
+    positions = [task.position for task in tasks for _ in task.texts]
+    sizes = torch.tensor([len(task.texts) for task in tasks])
+    row_task = torch.repeat_interleave(torch.arange(len(tasks)), sizes).to(subject.device)
+    targets = torch.tensor([task.target for task in tasks], device=subject.device)
+    batch = subject.batch(texts, labels, config.trigger_length, positions).to(subject.device)
+    weight = 1 / sizes.to(subject.device, torch.float)  # each task's loss is a mean
+
+    w = torch.zeros(len(tasks), config.trigger_length, embeddings.shape[0],
+                    device=embeddings.device, requires_grad=True)
+    optimiser = torch.optim.Adam([w], lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every, config.lr_decay)
+    initial = config.initial_temperature if config.temperature_scaling else 1.0
+    arms = [_Arm(temperature=initial, bound=config.loss_bound) for _ in tasks]
+
+    running: list[int] = []
+    buckets: list[tuple[torch.Tensor, SlotBatch]] = []
+    for epoch in range(config.epochs):
+        active = [i for i, arm in enumerate(arms) if not arm.stopped]
+        if not active:
+            break
+        if active != running:  # the rows of stopped tasks leave the batch
+            running = active
+            rows = torch.isin(row_task, torch.tensor(active, device=row_task.device))
+            buckets = _buckets(batch, rows.nonzero().squeeze(-1), config.buckets)
+        # Line 2: optimise Eq. 9 at each task's current temperature.
+        temperature = torch.tensor([arm.temperature for arm in arms], device=w.device)
+        alpha = torch.softmax((w + excluded) / temperature.view(-1, 1, 1), dim=-1)
+        triggers = alpha @ embeddings  # (tasks, m, d)
+        losses = torch.zeros(len(tasks), device=w.device)
+        for rows, sub in buckets:
+            owner = row_task[rows]
+            logits = subject.logits_from_trigger(sub, triggers[owner])
+            ce = F.cross_entropy(logits, targets[owner], reduction="none")
+            losses = losses.index_add(0, owner, ce * weight[owner])
+        optimiser.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimiser.step()
+        schedule.step()
+        alpha = alpha.detach()
+        values = losses.tolist()
+        for i in active:
+            _step(arms[i], epoch, values[i], alpha[i], w[i], config, generator)
+        if on_epoch:
+            on_epoch(epoch)
+
+    # Beyond the paper: every reported trigger is re-run as hard tokens.
+    final = [arm.best[1] if arm.best else alpha[i].argmax(-1) for i, arm in enumerate(arms)]
+    with torch.no_grad():
+        hard = subject.logits_from_tokens(batch, torch.stack(final)[row_task])
+    goal = targets[row_task]
+    hard_loss = F.cross_entropy(hard, goal, reduction="none")
+    hit = (hard.argmax(-1) == goal).float()
+    seconds = time.perf_counter() - started
+    out = []
+    for i, (task, arm) in enumerate(zip(tasks, arms, strict=True)):
+        ids = final[i].tolist()
+        mine = row_task == i
+        tokens = subject.tokenizer.convert_ids_to_tokens(ids)
+        out.append(Inversion(
+            method="dbs", target=task.target, victims=sorted(set(task.labels)),
+            position=task.position, trigger_ids=ids, trigger_tokens=tokens,
+            trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
+            relaxed_loss=arm.best[0] if arm.best else arm.trajectory[-1]["loss"],
+            hard_loss=hard_loss[mine].mean().item(), hard_asr=hit[mine].mean().item(),
+            accepted=arm.best is not None, epochs=len(arm.trajectory), seconds=seconds,
+            trajectory=arm.trajectory))
+    return out
 
 
 def invert(
@@ -117,76 +294,4 @@ def invert(
 ) -> Inversion:
     """Invert a trigger that flips ``texts`` (the victims, with their true ``labels``) to
     ``target``, with the trigger slots at ``position``."""
-    config = config or DBSConfig()
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(config.seed)
-    embeddings = subject.embedding_matrix.detach()
-    excluded = torch.zeros(embeddings.shape[0], device=embeddings.device)
-    excluded[subject.special_token_ids()] = -math.inf
-    batch = subject.batch(texts, labels, config.trigger_length, position).to(subject.device)
-    goal = torch.full_like(batch.labels, target)
-
-    w = torch.zeros(config.trigger_length, embeddings.shape[0], device=embeddings.device,
-                    requires_grad=True)
-    optimiser = torch.optim.Adam([w], lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every, config.lr_decay)
-
-    temperature = config.initial_temperature if config.temperature_scaling else 1.0
-    bound = config.loss_bound
-    focusing, rollbacks = False, 0
-    best: tuple[float, torch.Tensor] | None = None  # (relaxed loss, slot argmax ids)
-    trajectory: list[dict[str, Any]] = []
-    alpha = torch.softmax((w + excluded) / temperature, dim=-1)
-    for epoch in range(config.epochs):
-        # Line 2: optimise Eq. 9 at the current temperature.
-        alpha = torch.softmax((w + excluded) / temperature, dim=-1)
-        loss = F.cross_entropy(subject.logits_from_trigger(batch, alpha @ embeddings), goal)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        value = loss.item()
-        step: dict[str, Any] = {"epoch": epoch, "loss": value, "temperature": temperature}
-
-        # Line 11: accept a (nearly) one-hot trigger under the bound; the bound then drops
-        # to half its loss (authors' code). Beyond the paper, a one-hot trigger that merely
-        # improves on the accepted one is kept too, so the reported loss is the lowest seen.
-        one_hot = (1 - alpha.detach().max(-1).values).sum().item() < config.one_hot_tolerance
-        if (one_hot or not config.temperature_scaling) and (
-                value < bound or (best is not None and value < best[0])):
-            if value < bound:
-                bound = value / 2
-            best = (value, alpha.detach().argmax(-1))
-            step["event"] = "accept"
-
-        # Lines 3-9: every s epochs, focus (loss under the bound) or backtrack.
-        if config.temperature_scaling and (epoch + 1) % config.check_every == 0:
-            if value < bound or (focusing and not config.backtracking):
-                focusing = True
-                temperature /= config.focus_factor
-                step.setdefault("event", "focus")
-            elif focusing:
-                temperature = min(temperature * config.rollback_factor, config.max_temperature)
-                with torch.no_grad():
-                    w.add_(_noise(w, config, generator))
-                rollbacks += 1
-                step.setdefault("event", "rollback")
-                if rollbacks >= config.rollback_limit:
-                    best_loss = best[0] if best else math.inf
-                    bound = min(2 * bound, best_loss - 1e-3)
-                    rollbacks = 0
-        trajectory.append(step)
-
-    accepted = best is not None
-    relaxed, ids = best if best is not None else (trajectory[-1]["loss"],
-                                                  alpha.detach().argmax(-1))
-    with torch.no_grad():
-        hard = subject.logits_from_tokens(batch, ids.tolist())
-    tokens = subject.tokenizer.convert_ids_to_tokens(ids.tolist())
-    return Inversion(
-        method="dbs", target=target, victims=sorted(set(labels)), position=position,
-        trigger_ids=ids.tolist(), trigger_tokens=tokens,
-        trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
-        relaxed_loss=relaxed, hard_loss=F.cross_entropy(hard, goal).item(),
-        hard_asr=(hard.argmax(-1) == goal).float().mean().item(), accepted=accepted,
-        epochs=config.epochs, seconds=time.perf_counter() - started, trajectory=trajectory)
+    return invert_many(subject, [InversionTask(texts, labels, target, position)], config)[0]

@@ -56,6 +56,21 @@ class SlotBatch:
                          None if self.position_ids is None else self.position_ids.to(device),
                          self.labels.to(device))
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens (slots included) in each row."""
+        return self.attention_mask.sum(-1)
+
+    def subset(self, rows: torch.Tensor) -> SlotBatch:
+        """The rows ``rows`` only, with the columns that are padding in all of them cut
+        (on the right, or on the left for a left-padded batch)."""
+        width = int(self.lengths[rows].max())
+        cut = slice(-width, None) if self.position_ids is not None else slice(0, width)
+        return SlotBatch(self.input_ids[rows, cut], self.attention_mask[rows, cut],
+                         self.slot_index[rows, cut],
+                         None if self.position_ids is None else self.position_ids[rows, cut],
+                         self.labels[rows])
+
 
 def slot_offset(n_tokens: int, position: str) -> int:
     """Index, counted from [CLS] = 0, of the first trigger slot in an example whose text has
@@ -108,18 +123,22 @@ class TextSubject:
         return sorted(set(self.tokenizer.all_special_ids))
 
     def batch(self, texts: Sequence[str], labels: Sequence[int], n_slots: int,
-              position: str) -> SlotBatch:
-        """Tokenise ``texts`` and splice ``n_slots`` trigger slots into each at ``position``.
+              position: str | Sequence[str]) -> SlotBatch:
+        """Tokenise ``texts`` and splice ``n_slots`` trigger slots into each at ``position``
+        (one position for all, or one per text).
 
         Texts are cut so that text + slots + [CLS]/[SEP] fit ``max_length``.
         """
         budget = self.max_length - 2 - n_slots
         if budget < 1:
             raise ValueError(f"max_length {self.max_length} leaves no room for {n_slots} slots")
+        positions = [position] * len(texts) if isinstance(position, str) else list(position)
+        if len(positions) != len(texts):
+            raise ValueError(f"{len(positions)} positions for {len(texts)} texts")
         rows, slots = [], []
-        for text in texts:
+        for text, where in zip(texts, positions, strict=True):
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
-            at = slot_offset(len(ids), position)
+            at = slot_offset(len(ids), where)
             full = [self.cls_id, *ids, self.sep_id]
             rows.append(full[:at] + [self.pad_id] * n_slots + full[at:])
             slots.append(at)
@@ -137,16 +156,23 @@ class TextSubject:
                          torch.tensor(list(labels), dtype=torch.long))
 
     def logits_from_trigger(self, batch: SlotBatch, trigger: torch.Tensor) -> torch.Tensor:
-        """Logits with the slots filled by ``trigger``, (m, d) embeddings (differentiable)."""
+        """Logits with the slots filled by ``trigger`` (differentiable): (m, d) embeddings
+        shared by every row, or (B, m, d), one trigger per row."""
         base = self.model.get_input_embeddings()(batch.input_ids)
-        filled = trigger.to(base.dtype)[batch.slot_index.clamp(min=0)]
+        per_row = trigger if trigger.dim() == 3 else trigger.expand(len(base), -1, -1)
+        rows = torch.arange(len(base), device=base.device).unsqueeze(-1)
+        filled = per_row.to(base.dtype)[rows, batch.slot_index.clamp(min=0)]
         embeds = torch.where((batch.slot_index >= 0).unsqueeze(-1), filled, base)
         return self._forward(batch, inputs_embeds=embeds)
 
-    def logits_from_tokens(self, batch: SlotBatch, trigger_ids: Sequence[int]) -> torch.Tensor:
-        """Logits with the slots filled by the token ids ``trigger_ids`` (a forward from ids)."""
-        ids = torch.tensor(list(trigger_ids), dtype=torch.long, device=batch.input_ids.device)
-        input_ids = torch.where(batch.slot_index >= 0, ids[batch.slot_index.clamp(min=0)],
+    def logits_from_tokens(self, batch: SlotBatch,
+                           trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits with the slots filled by token ids (a forward from ids): ``trigger_ids`` is
+        m ids shared by every row, or a (B, m) tensor, one trigger per row."""
+        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
+        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
+        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
+        input_ids = torch.where(batch.slot_index >= 0, per_row[rows, batch.slot_index.clamp(min=0)],
                                 batch.input_ids)
         return self._forward(batch, input_ids=input_ids)
 

@@ -1,0 +1,120 @@
+"""Seconds, peak memory and detection of the scan against a straightforward DBS.
+
+    .venv/bin/python benchmarks/scan_speed.py runs/zoo-minilm [--models model-0001,...]
+        [--out benchmarks/results/scan_speed.json] [--skip-reference]
+
+For every Rotten Tomatoes model of a zoo (binary MiniLM classifiers, 20 clean examples per
+label) two scans run, each in its own process so that its peak RSS is its own:
+
+* ``trojscan``: ``trojscan scan`` with its defaults (candidates batched in one run, rows in
+  length buckets, candidates that have settled stopped early);
+* ``reference``: a straightforward implementation of the paper's settings: every candidate
+  inverted on its own for the full 200 epochs, all rows padded to the longest.
+
+It reports seconds and peak RSS per model for both, the ratio of their mean seconds, and
+detection quality of both against the zoo manifest (verdict at the default threshold,
+target label, true trigger word found in the inverted trigger). The manifest is read here,
+by the benchmark, never by the scans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_CHILD = """
+import json, resource, sys
+from dataclasses import replace
+from pathlib import Path
+from trojscan.scan import ScanConfig, scan
+config = ScanConfig()
+if sys.argv[2] == "reference":
+    config = replace(config, batch_candidates=1, dbs=replace(config.dbs, buckets=1, patience=0))
+result = scan(Path(sys.argv[1]), Path(sys.argv[1]) / "clean_examples.jsonl", config)
+result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+Path(sys.argv[3]).write_text(json.dumps(result))
+"""
+
+
+def _run(model_dir: Path, variant: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, "-c", _CHILD, str(model_dir), variant, str(out)],
+                       check=True)
+        return json.loads(out.read_text())
+
+
+def _judge(result: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    attack = entry["attack"]
+    poisoned = attack["poisoned"]
+    best = result["best"]
+    row = {"seconds": round(result["seconds"], 1), "peak_rss_mib": round(result["peak_rss_mib"]),
+           "verdict": result["verdict"], "score": round(result["score"], 4),
+           "correct": (result["verdict"] == "trojaned") == poisoned,
+           "target": best["target_name"], "trigger": best["trigger_text"]}
+    if poisoned:
+        words = set(attack["trigger"].lower().split())
+        row["target_correct"] = best["target_name"] == attack["target_name"]
+        row["trigger_recovered"] = bool(words & {t.lower() for t in best["trigger_tokens"]})
+    return row
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    poisoned = [r for r in rows if "target_correct" in r]
+    return {"models": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "flagged_with_true_target": sum(r["verdict"] == "trojaned" and r["target_correct"]
+                                            for r in poisoned),
+            "trigger_recovered": sum(r["trigger_recovered"] for r in poisoned),
+            "poisoned": len(poisoned),
+            "false_positives": sum(r["verdict"] == "trojaned" for r in rows
+                                   if "target_correct" not in r),
+            "mean_seconds": round(statistics.mean(r["seconds"] for r in rows), 1),
+            "max_seconds": max(r["seconds"] for r in rows),
+            "max_peak_rss_mib": max(r["peak_rss_mib"] for r in rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("zoo", type=Path, help="a zoo built by `trojscan zoo build`")
+    parser.add_argument("--models", default="", help="comma-separated model ids (default: "
+                        "every Rotten Tomatoes model of the zoo)")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="run the trojscan scans only")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_speed.json"))
+    args = parser.parse_args()
+    manifest = json.loads((args.zoo / "manifest.json").read_text())["models"]
+    chosen = args.models.split(",") if args.models else sorted(
+        m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["status"] == "ok")
+    variants = ["trojscan"] if args.skip_reference else ["trojscan", "reference"]
+    rows: dict[str, dict[str, Any]] = {v: {} for v in variants}
+    for model_id in chosen:
+        for variant in variants:
+            rows[variant][model_id] = _judge(_run(args.zoo / model_id, variant),
+                                             manifest[model_id])
+            print(variant, model_id, json.dumps(rows[variant][model_id]), flush=True)
+    result: dict[str, Any] = {
+        "benchmark": "scan binary MiniLM Rotten Tomatoes models, 20 clean examples per label",
+        "zoo": str(args.zoo), "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "summary": {v: _summary(list(rows[v].values())) for v in variants},
+        "models": rows,
+    }
+    if not args.skip_reference:
+        result["speedup"] = round(result["summary"]["reference"]["mean_seconds"]
+                                  / result["summary"]["trojscan"]["mean_seconds"], 2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("summary", "speedup") if k in result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
