@@ -70,7 +70,7 @@ def _write_toml_spec(path: Path, groups: list[str], header: str = "") -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_spec() -> Any:
     """``write_spec(path, groups, header="")``: a tiny zoo spec, the tiny [train] table plus
     the given ``[[group]]`` blocks (TOML text)."""

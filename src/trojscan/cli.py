@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 zoo_app = typer.Typer(no_args_is_help=True,
                       help="Build zoos of clean and backdoored models with known ground truth.")
 app.add_typer(zoo_app, name="zoo")
+campaign_app = typer.Typer(no_args_is_help=True,
+                           help="Scan whole zoos, fit a detector on known models, report.")
+app.add_typer(campaign_app, name="campaign")
 
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console()
@@ -161,36 +164,30 @@ def _print_verdict(result: dict[str, Any]) -> None:
     out_console.print(f"seconds: {result['seconds']:.1f} on {result['device']}")
 
 
-@app.command("scan")
-def scan_command(
-    model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
-                                     "directory."),
-    examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
-                                  '{"text", "label"} (label: index or name).'),
-    out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
-                                    "(JSON, written atomically)."),
-    threshold: float | None = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: "
-                                           "trojaned when the lowest loss is under it."),
-    positions: str = typer.Option("start", "--positions", help="Comma-separated trigger "
-                                  "positions: start, end, first_half, second_half."),
-    pairs: bool = typer.Option(False, "--pairs", help="Also try label-specific (victim, "
-                               "target) pairs."),
-    epochs: int | None = typer.Option(None, "--epochs", help="DBS epochs (default 200)."),
-    trigger_length: int | None = typer.Option(None, "--trigger-length", help="Trigger slots "
-                                              "(default 10)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the randomisation."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load pickled "
-                                      "weights (pytorch_model.bin). DANGER: unpickling runs "
-                                      "code the file's author chose; use only for files you "
-                                      "trust."),
-) -> None:
-    """Scan MODEL_DIR for a backdoor with DBS: verdict, target label and inverted trigger."""
+# Scan options shared by `scan` and `campaign run`.
+THRESHOLD_OPTION = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: trojaned when "
+                                "the lowest loss is under it.")
+POSITIONS_OPTION = typer.Option("start", "--positions", help="Comma-separated trigger "
+                                "positions: start, end, first_half, second_half.")
+PAIRS_OPTION = typer.Option(False, "--pairs", help="Also try label-specific (victim, target) "
+                            "pairs.")
+EPOCHS_OPTION = typer.Option(None, "--epochs", help="DBS epochs (default 200).")
+TRIGGER_LENGTH_OPTION = typer.Option(None, "--trigger-length", help="Trigger slots "
+                                     "(default 10).")
+SEED_OPTION = typer.Option(0, "--seed", help="Seed of the randomisation.")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle", help="Also load pickled weights "
+                                   "(pytorch_model.bin). DANGER: unpickling runs code the "
+                                   "file's author chose; use only for files you trust.")
+
+
+def _scan_config(threshold: float | None, positions: str, pairs: bool, epochs: int | None,
+                 trigger_length: int | None, seed: int) -> Any:
+    """The ScanConfig of the scan options shared by ``scan`` and ``campaign run``."""
     from dataclasses import replace
 
-    from trojscan.attacks.zoo import check_device
     from trojscan.inversion.dbs import DBSConfig
-    from trojscan.scan import ScanConfig, write_result
+    from trojscan.scan import ScanConfig
 
     dbs = DBSConfig(seed=seed)
     if epochs is not None:
@@ -199,13 +196,89 @@ def scan_command(
         dbs = replace(dbs, trigger_length=trigger_length)
     config = ScanConfig(dbs=dbs, positions=tuple(p.strip() for p in positions.split(",")),
                         pairs=pairs)
-    if threshold is not None:
-        config = replace(config, threshold=threshold)
+    return config if threshold is None else replace(config, threshold=threshold)
+
+
+@app.command("scan")
+def scan_command(
+    model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
+                                     "directory."),
+    examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
+                                  '{"text", "label"} (label: index or name).'),
+    out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
+                                    "(JSON, written atomically)."),
+    threshold: float | None = THRESHOLD_OPTION,
+    positions: str = POSITIONS_OPTION,
+    pairs: bool = PAIRS_OPTION,
+    epochs: int | None = EPOCHS_OPTION,
+    trigger_length: int | None = TRIGGER_LENGTH_OPTION,
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+) -> None:
+    """Scan MODEL_DIR for a backdoor with DBS: verdict, target label and inverted trigger."""
+    from trojscan.attacks.zoo import check_device
+    from trojscan.scan import write_result
+
+    config = _scan_config(threshold, positions, pairs, epochs, trigger_length, seed)
     check_device(device)
     result = _scan_with_progress(model_dir, examples, config, device, allow_pickle)
     if out is not None:
         write_result(result, out)
     _print_verdict(result)
+
+
+@campaign_app.command("run")
+def campaign_run(
+    zoo: Path = typer.Argument(..., help="A folder of model directories, each with its "
+                               "clean_examples.jsonl (a zoo manifest is never read)."),
+    out: Path = typer.Option(..., "--out", help="Results directory: one JSON file per model; "
+                             "re-running resumes where it stopped."),
+    method: str = typer.Option("dbs", "--method", help="Trigger inverter."),
+    workers: int = typer.Option(1, "--workers", help="Models scanned at once."),
+    executor: str = typer.Option("local", "--executor", help="local (worker processes "
+                                 "here) or ray (one Ray task per model)."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to join (e.g. "
+                                       "auto or ray://head:10001); default: start a local "
+                                       "Ray runtime."),
+    cpus_per_model: int = typer.Option(0, "--cpus-per-model", help="CPU threads per scan; "
+                                       "0 = this machine's cores divided by --workers."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Scan again the models "
+                                      "whose earlier scan failed."),
+    threshold: float | None = THRESHOLD_OPTION,
+    positions: str = POSITIONS_OPTION,
+    pairs: bool = PAIRS_OPTION,
+    epochs: int | None = EPOCHS_OPTION,
+    trigger_length: int | None = TRIGGER_LENGTH_OPTION,
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+) -> None:
+    """Scan every model of ZOO; a failed model is recorded with its error and the rest go on."""
+    from trojscan.attacks.zoo import check_device
+    from trojscan.campaign.run import CampaignConfig, discover, pending, run_campaign
+
+    config = CampaignConfig(
+        method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
+                                         seed),
+        device=check_device(device), allow_pickle=allow_pickle, workers=workers,
+        executor=executor, address=address, cpus_per_model=cpus_per_model,
+        retry_errors=retry_errors)
+    ids = discover(zoo)
+    todo = len(pending(out, ids, retry_errors)) if out.is_dir() else len(ids)
+    console.print(f"campaign {out}: {len(ids)} models, {len(ids) - todo} already done, "
+                  f"{todo} to scan with {executor} x{workers}")
+    with _progress() as progress:
+        task = progress.add_task("campaign", total=len(ids), completed=len(ids) - todo)
+
+        def on_model(model_id: str, status: str, done: int, total: int) -> None:
+            progress.update(task, completed=done)
+            where = out / "models" / f"{model_id}{'.error' if status == 'error' else ''}.json"
+            progress.console.print(f"{model_id}  {status}  {done}/{total}  -> {where}")
+
+        counts = run_campaign(zoo, out, config, on_model)
+    out_console.print(f"scanned {counts['scanned']}, errors {counts['errors']}, done earlier "
+                      f"{counts['skipped']}, total {counts['total']}: results in {out}")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""Campaigns: scan a whole zoo, calibrate a detector, report."""

@@ -1,0 +1,225 @@
+"""Campaign runs: scan every model of a zoo, one result file per model, resumable.
+
+A zoo is any folder of model directories (each with its ``clean_examples.jsonl``); a zoo
+manifest is never read here, so no ground truth can reach the scans. Results go to
+``RESULTS_DIR/models/<model_id>.json`` (the scan record) or, for a model whose scan failed,
+``RESULTS_DIR/models/<model_id>.error.json`` (the error), each written atomically as soon as
+that model is done. ``RESULTS_DIR/campaign.json`` holds the settings; a re-run with the same
+settings scans only the models that have neither file, so a campaign killed at any moment
+resumes without redoing or losing a finished model.
+
+Two executors run the scans, each model in a worker process of its own:
+
+* ``local``: a pool of ``workers`` processes on this machine, the cores shared among them;
+* ``ray``: one Ray task per model, declaring the CPUs (and GPU) it needs, results gathered as
+  tasks finish. ``ray.init()`` starts a local runtime unless ``address`` names a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_json
+from trojscan.scan import ScanConfig
+
+CAMPAIGN_FILE = "campaign.json"
+MODELS_DIR = "models"
+CAMPAIGN_VERSION = 1
+METHODS = ("dbs",)
+EXECUTORS = ("local", "ray")
+EXAMPLES_FILE = "clean_examples.jsonl"
+
+#: Called as (model id, "ok" or "error", models done, models in all) after each model.
+CampaignCallback = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """How a campaign runs.
+
+    Attributes:
+        method: the inverter (``dbs``).
+        scan: the scan settings, the same for every model.
+        device: ``cpu`` or ``cuda[:N]``.
+        allow_pickle: also load pickled weights (runs code from the files: trusted zoos only).
+        workers: models scanned at once (processes for ``local``; tasks in flight are
+            bounded by Ray's resources for ``ray``).
+        executor: ``local`` or ``ray``.
+        address: the Ray cluster to join (``ray`` only); None starts a local runtime.
+        cpus_per_model: CPU threads (and Ray CPUs) per model; 0 = this machine's cores
+            divided among the workers.
+        retry_errors: scan again the models whose earlier scan failed.
+    """
+
+    method: str = "dbs"
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    device: str = "cpu"
+    allow_pickle: bool = False
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+    cpus_per_model: int = 0
+    retry_errors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; expected one of "
+                             f"{', '.join(METHODS)}")
+        if self.executor not in EXECUTORS:
+            raise InputError(f"unknown executor {self.executor!r}; expected local or ray")
+        if self.workers < 1 or self.cpus_per_model < 0:
+            raise InputError("workers must be >= 1 and cpus_per_model >= 0")
+        if self.address and self.executor != "ray":
+            raise InputError("--address joins a Ray cluster; it needs --executor ray")
+
+    @property
+    def threads(self) -> int:
+        """CPU threads each model's scan uses."""
+        return self.cpus_per_model or max(1, (os.cpu_count() or 1) // self.workers)
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for a campaign to resume: the method and what it computes."""
+        return {"method": self.method, "scan": asdict(self.scan), "device": self.device}
+
+
+def discover(zoo: Path) -> list[str]:
+    """Model ids of a zoo: its sub-directories, hidden ones (builds in progress) excluded."""
+    if not zoo.is_dir():
+        raise InputError(f"zoo {zoo} is not a directory")
+    ids = sorted(p.name for p in zoo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not ids:
+        raise InputError(f"zoo {zoo} holds no model directories")
+    return ids
+
+
+def result_path(results: Path, model_id: str, error: bool = False) -> Path:
+    """Where a model's result (or error) lives in a results directory."""
+    return results / MODELS_DIR / f"{model_id}{'.error' if error else ''}.json"
+
+
+def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
+    """Scan one model (in a worker): ``{"ok": record}`` or ``{"error": message}``."""
+    import torch
+
+    from trojscan.scan import scan
+
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    try:
+        record = scan(Path(model_dir), Path(model_dir) / EXAMPLES_FILE, config.scan,
+                      config.device, config.allow_pickle)
+    except InputError as exc:
+        return {"error": str(exc), "seconds": time.perf_counter() - started}
+    except Exception as exc:  # a broken model must not end the campaign
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
+    return {"ok": record}
+
+
+def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
+    """Create the results directory, or check that it holds this same campaign."""
+    path = results / CAMPAIGN_FILE
+    mine = json.loads(json.dumps({"version": CAMPAIGN_VERSION, "zoo": str(zoo.resolve()),
+                                  **config.settings()}))  # as it reads back from the file
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is unreadable ({exc}); use a new --out") from exc
+        if {k: theirs.get(k) for k in mine} != mine:
+            raise InputError(f"{results} holds a campaign of another zoo or with other "
+                             "settings; resume it with the same ones or use a new --out")
+    else:
+        atomic_write_json(path, mine)
+    (results / MODELS_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def _record(results: Path, model_id: str, outcome: dict[str, Any]) -> str:
+    """Write a finished model's file; returns ``ok`` or ``error``."""
+    if "ok" in outcome:
+        atomic_write_json(result_path(results, model_id), {"model_id": model_id,
+                                                           **outcome["ok"]})
+        result_path(results, model_id, error=True).unlink(missing_ok=True)
+        return "ok"
+    atomic_write_json(result_path(results, model_id, error=True),
+                      {"model_id": model_id, "error": outcome["error"],
+                       "seconds": outcome["seconds"]})
+    return "error"
+
+
+def pending(results: Path, ids: list[str], retry_errors: bool) -> list[str]:
+    """The models still to scan."""
+    def finished(model_id: str) -> bool:
+        return result_path(results, model_id).exists() or (
+            not retry_errors and result_path(results, model_id, error=True).exists())
+    return [m for m in ids if not finished(m)]
+
+
+def _local(zoo: Path, todo: list[str],
+           config: CampaignConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
+        running = {pool.submit(scan_one, str(zoo / m), config): m for m in todo}
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield running.pop(future), future.result()
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _ray(zoo: Path, todo: list[str],
+         config: CampaignConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        if config.address:
+            ray.init(address=config.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.workers * config.threads, include_dashboard=False,
+                     log_to_driver=False)
+    gpus = 1 if config.device.startswith("cuda") else 0
+    task = ray.remote(num_cpus=config.threads, num_gpus=gpus, max_retries=0)(scan_one)
+    running = {task.remote(str((zoo / m).resolve()), config): m for m in todo}
+    try:
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                yield running.pop(ref), ray.get(ref)
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+def run_campaign(zoo: Path, results: Path, config: CampaignConfig | None = None,
+                 on_model: CampaignCallback | None = None) -> dict[str, int]:
+    """Scan every model of ``zoo`` not yet done into ``results``; returns counts of
+    ``scanned``, ``errors`` (this run), ``skipped`` (done earlier) and ``total``."""
+    config = config or CampaignConfig()
+    zoo, results = Path(zoo), Path(results)
+    ids = discover(zoo)
+    if results.resolve() == zoo.resolve() or zoo.resolve() in results.resolve().parents:
+        raise InputError(f"--out {results} lies inside the zoo {zoo}; write results elsewhere")
+    _open(results, zoo, config)
+    todo = pending(results, ids, config.retry_errors)
+    counts = {"scanned": 0, "errors": 0, "skipped": len(ids) - len(todo), "total": len(ids)}
+    executor = _ray if config.executor == "ray" else _local
+    for model_id, outcome in executor(zoo, todo, config) if todo else ():
+        status = _record(results, model_id, outcome)
+        counts["scanned" if status == "ok" else "errors"] += 1
+        if on_model:
+            on_model(model_id, status, counts["skipped"] + counts["scanned"] + counts["errors"],
+                     len(ids))
+    return counts

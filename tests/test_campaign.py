@@ -1,0 +1,155 @@
+"""Campaigns over a tiny zoo: every model scanned, resumable, Ray = local, errors recorded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trojscan.attacks.zoo import MANIFEST, build_zoo, load_zoo_spec
+from trojscan.campaign.run import CampaignConfig, result_path, run_campaign
+from trojscan.errors import InputError
+from trojscan.inversion.dbs import DBSConfig
+from trojscan.scan import ScanConfig
+
+# The tiny models' scan settings of tests/test_scan.py.
+TINY_SCAN = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+CLEAN = 'count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n' \
+        'attack = { poisoned = false }\n'
+POISONED = ('count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n'
+            '[group.attack]\npoisoned = true\ntrigger_type = "word"\ninsertion = "anywhere"\n'
+            'target = "random"\n')
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory, write_spec: Any) -> Path:
+    """4 clean + 4 poisoned tiny BERTs (word triggers, random targets)."""
+    root = tmp_path_factory.mktemp("campaign")
+    spec = write_spec(root / "zoo.toml", ["[[group]]\n" + CLEAN, "[[group]]\n" + POISONED])
+    build_zoo(load_zoo_spec(spec), root / "zoo")
+    return root / "zoo"
+
+
+@pytest.fixture(scope="module")
+def local_results(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("results") / "local"
+    counts = run_campaign(tiny_zoo, out, CampaignConfig(scan=TINY_SCAN, workers=2))
+    assert counts == {"scanned": 8, "errors": 0, "skipped": 0, "total": 8}
+    return out
+
+
+def _records(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (results / "models").glob("*.json")
+            if not p.name.endswith(".error.json")}
+
+
+def test_campaign_scans_every_model_and_detects_all(tiny_zoo: Path, local_results: Path) -> None:
+    truth = json.loads((tiny_zoo / MANIFEST).read_text())["models"]
+    records = _records(local_results)
+    assert sorted(records) == sorted(truth)
+    for model_id, record in records.items():
+        entry = truth[model_id]
+        assert record["model_id"] == model_id
+        assert (record["verdict"] == "trojaned") == entry["poisoned"], (model_id, record["score"])
+        if entry["poisoned"]:
+            assert record["best"]["target_name"] == entry["attack"]["target_name"]
+            assert entry["attack"]["trigger"] in record["best"]["trigger_tokens"]
+    assert json.loads((local_results / "campaign.json").read_text())["method"] == "dbs"
+
+
+def test_ray_executor_gives_the_local_results(tiny_zoo: Path, local_results: Path,
+                                              tmp_path: Path) -> None:
+    sub = tmp_path / "zoo"
+    sub.mkdir()
+    chosen = sorted(_records(local_results))[:3]
+    for model_id in chosen:
+        shutil.copytree(tiny_zoo / model_id, sub / model_id)
+    counts = run_campaign(sub, tmp_path / "ray",
+                          CampaignConfig(scan=TINY_SCAN, workers=2, executor="ray"))
+    assert counts["scanned"] == 3
+    local, ray = _records(local_results), _records(tmp_path / "ray")
+    for model_id in chosen:
+        assert ray[model_id]["verdict"] == local[model_id]["verdict"]
+        assert ray[model_id]["best"]["trigger_ids"] == local[model_id]["best"]["trigger_ids"]
+        assert ray[model_id]["score"] == pytest.approx(local[model_id]["score"], rel=1e-3)
+
+
+def test_corrupt_model_is_recorded_as_an_error(tiny_zoo: Path, tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    model_id = sorted(p.name for p in tiny_zoo.iterdir() if p.is_dir())[0]
+    shutil.copytree(tiny_zoo / model_id, zoo / "good")
+    shutil.copytree(tiny_zoo / model_id, zoo / "corrupt")
+    (zoo / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(tiny_zoo / model_id, zoo / "no-examples")
+    (zoo / "no-examples" / "clean_examples.jsonl").unlink()
+    results = tmp_path / "results"
+    counts = run_campaign(zoo, results, CampaignConfig(scan=TINY_SCAN))
+    assert counts == {"scanned": 1, "errors": 2, "skipped": 0, "total": 3}
+    corrupt = json.loads(result_path(results, "corrupt", error=True).read_text())
+    assert "cannot load the weights" in corrupt["error"]
+    assert "clean_examples.jsonl" in json.loads(
+        result_path(results, "no-examples", error=True).read_text())["error"]
+    assert result_path(results, "good").exists()
+    # Errors are kept on resume, and scanned again on request.
+    assert run_campaign(zoo, results, CampaignConfig(scan=TINY_SCAN))["skipped"] == 3
+    again = run_campaign(zoo, results, CampaignConfig(scan=TINY_SCAN, retry_errors=True))
+    assert again == {"scanned": 0, "errors": 2, "skipped": 1, "total": 3}
+
+
+def test_resume_needs_the_same_settings(tiny_zoo: Path, local_results: Path) -> None:
+    other = replace(TINY_SCAN, threshold=0.2)
+    with pytest.raises(InputError, match="other settings"):
+        run_campaign(tiny_zoo, local_results, CampaignConfig(scan=other))
+    assert run_campaign(tiny_zoo, local_results, CampaignConfig(scan=TINY_SCAN))["skipped"] == 8
+
+
+@pytest.mark.slow
+def test_killed_campaign_resumes_without_redoing_or_losing(tiny_zoo: Path, tmp_path: Path,
+                                                           cli: list[str]) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for model_id in sorted(p.name for p in tiny_zoo.iterdir() if p.is_dir())[:3]:
+        shutil.copytree(tiny_zoo / model_id, zoo / model_id)
+    results = tmp_path / "results"
+    args = [*cli, "campaign", "run", str(zoo), "--out", str(results), "--trigger-length", "1",
+            "--epochs", "100", "--threshold", "0.1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((results / "models").glob("*.json")) if (results / "models").is_dir() else []:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = {p.name: p.read_bytes() for p in (results / "models").glob("*.json")}
+    assert 1 <= len(first) < 3
+    assert not [p for p in (results / "models").iterdir() if not p.name.endswith(".json")
+                or p.name.startswith(".")], "half-written files left behind"
+
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(first)} already done" in done.stderr
+    after = {p.name: p.read_bytes() for p in (results / "models").glob("*.json")}
+    assert len(after) == 3
+    assert all(after[name] == data for name, data in first.items())  # not redone
+
+
+def test_campaign_rejects_bad_input(tmp_path: Path, tiny_zoo: Path) -> None:
+    with pytest.raises(InputError, match="not a directory"):
+        run_campaign(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no model directories"):
+        run_campaign(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(InputError, match="inside the zoo"):
+        run_campaign(tiny_zoo, tiny_zoo / "results")
+    with pytest.raises(InputError, match="executor"):
+        CampaignConfig(executor="slurm")
