@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     manifest = json.loads((args.zoo / "manifest.json").read_text())["models"]
     chosen = args.models.split(",") if args.models else sorted(
-        m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["status"] == "ok")
+        m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["quality"]["ok"])
     variants = ["trojscan"] if args.skip_reference else ["trojscan", "reference"]
     rows: dict[str, dict[str, Any]] = {v: {} for v in variants}
     for model_id in chosen:

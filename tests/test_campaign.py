@@ -153,3 +153,45 @@ def test_campaign_rejects_bad_input(tmp_path: Path, tiny_zoo: Path) -> None:
         run_campaign(tiny_zoo, tiny_zoo / "results")
     with pytest.raises(InputError, match="executor"):
         CampaignConfig(executor="slurm")
+
+
+def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Path,
+                                               tmp_path: Path, cli: list[str]) -> None:
+    manifest = tiny_zoo / MANIFEST
+    detector = tmp_path / "detector.json"
+    fit = subprocess.run([*cli, "campaign", "fit", str(local_results), "--manifest",
+                          str(manifest), "--out", str(detector)],
+                         capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0, fit.stderr
+    assert "fitted on 8 models (4 trojaned)" in fit.stdout
+    assert "training accuracy 1.000" in fit.stdout
+    assert json.loads(detector.read_text())["kind"] == "threshold"
+
+    report = subprocess.run([*cli, "campaign", "report", str(local_results), "--manifest",
+                             str(manifest), "--out", str(tmp_path / "report"), "--folds", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["n"] == 8 and data["poisoned"] == 4
+    assert data["fixed"]["accuracy"] == 1.0 and data["roc_auc"] == 1.0
+    assert data["trigger_recovery"]["recovered"] == 1.0
+    assert data["target_accuracy"]["poisoned"] == 1.0
+    assert "accuracy 1.000" in report.stdout
+    assert (tmp_path / "report" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    model_id = next(m for m, e in json.loads(manifest.read_text())["models"].items()
+                    if e["poisoned"])
+    out = tmp_path / "scan.json"
+    scan = subprocess.run([*cli, "scan", str(tiny_zoo / model_id), "--examples",
+                           str(tiny_zoo / model_id / "clean_examples.jsonl"), "--out", str(out),
+                           "--trigger-length", "1", "--epochs", "100", "--detector",
+                           str(detector)], capture_output=True, text=True, timeout=300)
+    assert scan.returncode == 0, scan.stderr
+    record = json.loads(out.read_text())
+    assert record["detector"]["probability"] > 0.5 and record["verdict"] == "trojaned"
+    assert "probability" in scan.stdout
+
+    bad = subprocess.run([*cli, "scan", str(tiny_zoo / model_id), "--examples",
+                          str(tiny_zoo / model_id / "clean_examples.jsonl"), "--detector",
+                          str(manifest)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr

@@ -31,7 +31,7 @@ campaign_app = typer.Typer(no_args_is_help=True,
 app.add_typer(campaign_app, name="campaign")
 
 console = Console(stderr=True, soft_wrap=True)
-out_console = Console()
+out_console = Console(soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -155,9 +155,13 @@ def _scan_with_progress(model_dir: Path, examples: Path, config: Any = None,
 def _print_verdict(result: dict[str, Any]) -> None:
     best = result["best"]
     victims = ", ".join(best["victim_names"])
-    out_console.print(
-        f"verdict: [bold]{result['verdict'].upper()}[/bold]  (lowest inversion loss "
-        f"{result['score']:.4f}, threshold {result['threshold']})")
+    if "detector" in result:
+        basis = (f"probability {result['detector']['probability']:.3f} from the "
+                 f"{result['detector']['kind']} detector; lowest inversion loss "
+                 f"{result['score']:.4f}")
+    else:
+        basis = f"lowest inversion loss {result['score']:.4f}, threshold {result['threshold']}"
+    out_console.print(f"verdict: [bold]{result['verdict'].upper()}[/bold]  ({basis})")
     out_console.print(f"target:  {best['target_name']}  (victims: {victims})")
     out_console.print(f"trigger: {best['trigger_text']!r}  hard-token loss "
                       f"{best['hard_loss']:.4f}, flips {best['hard_asr']:.0%} of the examples")
@@ -215,14 +219,21 @@ def scan_command(
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    detector: Path | None = typer.Option(None, "--detector", help="A detector fitted by "
+                                         "`trojscan campaign fit`: the verdict becomes its "
+                                         "calibrated probability of 'trojaned' >= 0.5."),
 ) -> None:
     """Scan MODEL_DIR for a backdoor with DBS: verdict, target label and inverted trigger."""
     from trojscan.attacks.zoo import check_device
-    from trojscan.scan import write_result
+    from trojscan.campaign.detect import load_detector
+    from trojscan.scan import apply_detector, write_result
 
     config = _scan_config(threshold, positions, pairs, epochs, trigger_length, seed)
     check_device(device)
+    fitted = load_detector(detector) if detector is not None else None  # fail before scanning
     result = _scan_with_progress(model_dir, examples, config, device, allow_pickle)
+    if fitted is not None:
+        apply_detector(result, fitted, detector)
     if out is not None:
         write_result(result, out)
     _print_verdict(result)
@@ -261,7 +272,8 @@ def campaign_run(
     config = CampaignConfig(
         method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
                                          seed),
-        device=check_device(device), allow_pickle=allow_pickle, workers=workers,
+        device=device if address else check_device(device),  # a cluster's GPUs are not here
+        allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
         retry_errors=retry_errors)
     ids = discover(zoo)
@@ -279,6 +291,72 @@ def campaign_run(
         counts = run_campaign(zoo, out, config, on_model)
     out_console.print(f"scanned {counts['scanned']}, errors {counts['errors']}, done earlier "
                       f"{counts['skipped']}, total {counts['total']}: results in {out}")
+
+
+MANIFEST_OPTION = typer.Option(..., "--manifest", help="The zoo's manifest.json: the ground "
+                               "truth, read only here, never by a scan.")
+
+
+@campaign_app.command("fit")
+def campaign_fit(
+    results: Path = typer.Argument(..., help="Results directory of `trojscan campaign run`."),
+    manifest: Path = MANIFEST_OPTION,
+    out: Path = typer.Option(..., "--out", help="Where the detector is written (JSON)."),
+    kind: str = typer.Option("threshold", "--kind", help="threshold (on the lowest loss) or "
+                             "logistic (regression on inversion features)."),
+) -> None:
+    """Fit a detector on scanned models whose truth is known."""
+    from trojscan.campaign.detect import make_detector, save_detector
+    from trojscan.campaign.report import load_results, load_truth
+
+    records, _ = load_results(results)
+    truth = load_truth(manifest)
+    ids = sorted(m for m in records if m in truth)
+    if not ids:
+        raise InputError(f"no model of {results} is in {manifest}: nothing to fit on")
+    detector = make_detector(kind)
+    chosen = [records[m] for m in ids]
+    y = [int(truth[m]["poisoned"]) for m in ids]
+    detector.fit(chosen, y)
+    save_detector(detector, out)
+    right = sum(int(p) == t for p, t in zip(detector.predict(chosen), y, strict=True))
+    extra = f", threshold {detector.threshold:.4g}" if kind == "threshold" else ""
+    out_console.print(f"{kind} detector fitted on {len(ids)} models ({sum(y)} trojaned){extra}; "
+                      f"training accuracy {right / len(ids):.3f}; written to {out}")
+
+
+@campaign_app.command("report")
+def campaign_report(
+    results: Path = typer.Argument(..., help="Results directory of `trojscan campaign run`."),
+    manifest: Path = MANIFEST_OPTION,
+    out: Path | None = typer.Option(None, "--out", help="Report folder (report.md, "
+                                    "report.json, roc.png); default RESULTS/report."),
+    kind: str = typer.Option("threshold", "--kind", help="Detector cross-validated: "
+                             "threshold or logistic."),
+    folds: int = typer.Option(5, "--folds", help="Stratified folds of the cross-validation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled folds and the split."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Re-decide every model "
+                                           "at this loss; default: the scans' verdicts."),
+) -> None:
+    """Accuracy, precision, recall, AUC, trigger recovery and seconds of a campaign."""
+    from trojscan.campaign.report import evaluate, load_results, load_truth, write_report
+
+    records, errors = load_results(results)
+    report = evaluate(records, load_truth(manifest), kind, folds, seed, threshold, errors)
+    paths = write_report(report, out or results / "report")
+    fixed = report["fixed"]
+    out_console.print(
+        f"{report['n']} models ({report['poisoned']} trojaned), {report['errors']} errors: "
+        f"accuracy {fixed['accuracy']:.3f}, precision {_num(fixed['precision'])}, recall "
+        f"{_num(fixed['recall'])}, AUC {_num(report['roc_auc'])}, trigger recovered "
+        f"{_num(report['trigger_recovery']['recovered'])}, target right "
+        f"{_num(report['target_accuracy']['poisoned'])}, seconds/model mean "
+        f"{report['seconds']['mean']:.1f} p95 {report['seconds']['p95']:.1f}")
+    out_console.print("report: " + ", ".join(str(p) for p in paths))
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from trojscan.inversion.base import Inversion
 from trojscan.inversion.dbs import DBSConfig, InversionTask, invert_many
 from trojscan.subjects.loading import load_examples, load_subject
 from trojscan.subjects.text import POSITIONS, TextSubject
+
+if TYPE_CHECKING:
+    from trojscan.campaign.detect import Detector
 
 RESULT_VERSION = 1
 #: Default beta of Eq. 4 (see README "Scan": where it comes from).
@@ -209,6 +212,15 @@ def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
     subject = load_subject(Path(model_dir), device, allow_pickle, config.max_length)
     rows = load_examples(Path(examples), subject.labels)
     return scan_subject(subject, rows, config, progress)
+
+
+def apply_detector(result: dict[str, Any], detector: Detector, source: Path | None = None) -> None:
+    """Decide ``result`` with a fitted campaign detector instead of the threshold: records
+    its probability of "trojaned" and sets the verdict to trojaned when it is >= 0.5."""
+    probability = float(detector.predict_proba([result])[0, 1])
+    result["detector"] = {"kind": detector.kind, "probability": probability,
+                          "path": None if source is None else str(source)}
+    result["verdict"] = "trojaned" if probability >= 0.5 else "clean"
 
 
 def write_result(result: dict[str, Any], path: Path) -> None:

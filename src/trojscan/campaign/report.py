@@ -1,0 +1,392 @@
+"""Campaign reports: how well the scans of a zoo found its backdoors, against the manifest.
+
+The results directory of ``trojscan campaign run`` holds one scan record per model; the zoo
+manifest holds the ground truth (1 = trojaned for a model with ``poisoned`` true, else 0).
+Ground truth comes only from the manifest. :func:`evaluate` measures, over the models that
+are in both:
+
+* the scans' own verdicts (``fixed``) and the ROC of the raw score (lower loss = more
+  suspicious);
+* a detector (:mod:`trojscan.campaign.detect`) fitted on some models and tested on others:
+  stratified k-fold cross-validation and a stratified half / half split;
+* whether the inverted trigger recovers the planted one, and its target the planted target;
+* scan times, and all of it broken down by architecture, corpus, attack type and insertion.
+
+:func:`write_report` writes the result as ``report.json``, ``report.md`` and ``roc.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from trojscan.campaign.detect import make_detector
+from trojscan.campaign.run import MODELS_DIR
+from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_utf8
+
+ERROR_SUFFIX = ".error.json"
+REPORT_VERSION = 1
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(read_utf8(path, what))
+    except ValueError as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def load_results(results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The scan records and the errors of a campaign's results directory, by model id.
+
+    A model with both a record and an error file (an error retried successfully) counts as
+    scanned. A record that is not a JSON object with a numeric ``score`` and ``seconds`` and
+    a ``best`` object is an :class:`InputError` naming the file.
+    """
+    folder = Path(results_dir) / MODELS_DIR
+    if not folder.is_dir():
+        raise InputError(f"{results_dir} is not a campaign results directory (no {MODELS_DIR}/ "
+                         "folder)")
+    records: dict[str, dict[str, Any]] = {}
+    errors: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(ERROR_SUFFIX):
+            error = _read_json(path, "error file")
+            if not isinstance(error, dict):
+                raise InputError(f"error file {path} is not a JSON object")
+            errors[path.name.removesuffix(ERROR_SUFFIX)] = error
+            continue
+        record = _read_json(path, "scan record")
+        if not (isinstance(record, dict) and isinstance(record.get("best"), dict)
+                and all(isinstance(record.get(k), int | float) for k in ("score", "seconds"))):
+            raise InputError(f"scan record {path} lacks a numeric score or seconds, or a best "
+                             "trigger")
+        records[path.stem] = record
+    return records, {k: v for k, v in errors.items() if k not in records}
+
+
+def load_truth(manifest_path: Path) -> dict[str, dict[str, Any]]:
+    """The entries of a zoo manifest whose model passed the zoo's quality gate
+    (``quality.ok``), by model id: a poisoned model whose attack did not take (ASR under the
+    gate) is neither trojaned nor clean ground truth, so it is left out."""
+    data = _read_json(Path(manifest_path), "manifest")
+    if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
+        raise InputError(f"{manifest_path} is not a trojscan zoo manifest (no models)")
+    truth = {}
+    for model_id, entry in data["models"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("poisoned"), bool)):
+            raise InputError(f"manifest {manifest_path}: model {model_id} has no poisoned flag")
+        if entry.get("quality", {}).get("ok", False):
+            truth[model_id] = entry
+    return truth
+
+
+def attack_type(entry: Mapping[str, Any]) -> str:
+    """``clean``, or the trigger type plus ``-sos`` for a combination (SOS) attack and
+    ``-adaptive`` for an adaptive one, e.g. ``phrase-sos``."""
+    if not entry["poisoned"]:
+        return "clean"
+    attack = entry["attack"]
+    return (str(attack.get("trigger_type")) + ("-sos" if attack.get("combination") else "")
+            + ("-adaptive" if (attack.get("adaptive_phi") or 0) > 0 else ""))
+
+
+def insertion(entry: Mapping[str, Any]) -> str:
+    """``clean``, or where the trigger is inserted (``anywhere``, ``start``, ...)."""
+    return str(entry["attack"].get("insertion")) if entry["poisoned"] else "clean"
+
+
+#: Groupings of the breakdown, each a function of a manifest entry.
+BREAKDOWNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "architecture": lambda entry: str(entry.get("architecture")),
+    "corpus": lambda entry: str(entry.get("corpus")),
+    "attack": attack_type,
+    "insertion": insertion,
+}
+
+
+def trigger_recovered(true_trigger: str, best: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether (any, all) of the words of ``true_trigger`` are in the inverted trigger.
+
+    The planted trigger is lower-cased and split on whitespace (a character trigger such as
+    ``~^`` is one word). A word is found when it equals one of ``best["trigger_tokens"]``
+    (lower-cased, a leading ``##`` stripped) or is a substring of one of the words of
+    ``best["trigger_text"]`` (lower-cased). No tokenizer is needed.
+    """
+    words = true_trigger.lower().split()
+    tokens = {t.removeprefix("##").lower() for t in best.get("trigger_tokens", ())}
+    inverted = str(best.get("trigger_text", "")).lower().split()
+    found = [w in tokens or any(w in v for v in inverted) for w in words]
+    return any(found), bool(found) and all(found)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def metrics(truth: Sequence[int], predicted: Sequence[int]) -> dict[str, Any]:
+    """Confusion counts, accuracy, precision, recall and F1 (1 = trojaned); a ratio with a
+    zero denominator is None."""
+    t, p = np.asarray(truth, dtype=int), np.asarray(predicted, dtype=int)
+    tp, fp = int(np.sum((t == 1) & (p == 1))), int(np.sum((t == 0) & (p == 1)))
+    tn, fn = int(np.sum((t == 0) & (p == 0))), int(np.sum((t == 1) & (p == 0)))
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {"n": len(t), "accuracy": _ratio(tp + tn, len(t)), "precision": precision,
+            "recall": recall, "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def _roc(truth: np.ndarray, scores: np.ndarray) -> tuple[float | None, dict[str, list[float]]]:
+    """AUC and ROC points of ``scores`` (higher = trojaned); (None, {}) for one class."""
+    if len(set(truth.tolist())) < 2:
+        return None, {}
+    fpr, tpr, _ = roc_curve(truth, scores)
+    return float(roc_auc_score(truth, scores)), {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def _fit_predict(kind: str, records: Sequence[Mapping[str, Any]], truth: np.ndarray,
+                 train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a ``kind`` detector on the ``train`` indices; (predictions, probabilities of
+    trojaned) of the ``test`` ones."""
+    detector = make_detector(kind).fit([records[i] for i in train], truth[train])
+    tested = [records[i] for i in test]
+    return detector.predict(tested), detector.predict_proba(tested)[:, 1]
+
+
+def cross_validate(records: Sequence[Mapping[str, Any]], truth: np.ndarray, kind: str, folds: int,
+                   seed: int) -> dict[str, Any]:
+    """Out-of-fold metrics of a ``kind`` detector under seeded, shuffled stratified k-fold
+    (k = ``folds``, or the smaller class's size if less), and the metrics on the test half
+    of a seeded stratified half / half split. Either is replaced by a ``note`` when there
+    are too few models of a class."""
+    smallest = min(int(np.sum(truth == 1)), int(np.sum(truth == 0)))
+    out: dict[str, Any] = {"detector": kind, "seed": seed}
+    k = min(folds, smallest)
+    if k < 2:
+        out["note"] = (f"cross-validation needs at least 2 models of each class (and folds >= "
+                       f"2); the smaller class has {smallest}")
+    else:
+        predicted, proba = np.zeros(len(truth), dtype=int), np.zeros(len(truth))
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        for train, test in splitter.split(np.zeros(len(truth)), truth):
+            predicted[test], proba[test] = _fit_predict(kind, records, truth, train, test)
+        auc, roc = _roc(truth, proba)
+        out.update(folds=k, **metrics(truth, predicted), roc_auc=auc, roc=roc)
+    if smallest < 2:
+        out["split"] = {"note": f"a stratified split needs at least 2 models of each class; "
+                                f"the smaller class has {smallest}"}
+    else:
+        train, test = train_test_split(np.arange(len(truth)), test_size=0.5, stratify=truth,
+                                       random_state=seed)
+        predicted, proba = _fit_predict(kind, records, truth, train, test)
+        out["split"] = {"train": len(train), "test": len(test),
+                        **metrics(truth[test], predicted),
+                        "roc_auc": _roc(truth[test], proba)[0]}
+    return out
+
+
+def _model_row(model_id: str, record: Mapping[str, Any], entry: Mapping[str, Any],
+               trojaned: bool) -> dict[str, Any]:
+    best, attack = record["best"], entry.get("attack") or {}
+    poisoned = bool(entry["poisoned"])
+    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""), best)
+                           if poisoned else (None, None))
+    return {"model_id": model_id, "truth": int(poisoned),
+            "verdict": "trojaned" if trojaned else "clean", "score": float(record["score"]),
+            "target_name": best.get("target_name"),
+            "true_target": attack.get("target_name") if poisoned else None,
+            "trigger_text": best.get("trigger_text"),
+            "true_trigger": attack.get("trigger") if poisoned else None,
+            "recovered": any_word, "all_words_recovered": all_words,
+            "target_correct": (best.get("target_name") == attack.get("target_name")
+                               if poisoned else None),
+            "seconds": float(record["seconds"]),
+            "architecture": str(entry.get("architecture")), "corpus": str(entry.get("corpus")),
+            "attack": attack_type(entry)}
+
+
+def _poisoned_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Recall, trigger recovery and target accuracy over the poisoned models of ``rows``."""
+    poisoned = [r for r in rows if r["truth"] == 1]
+    flagged = [r for r in poisoned if r["verdict"] == "trojaned"]
+    n = len(poisoned)
+    return {
+        "poisoned": n,
+        "recall": _ratio(len(flagged), n),
+        "trigger_recovery": _ratio(sum(bool(r["recovered"]) for r in poisoned), n),
+        "all_words_recovered": _ratio(sum(bool(r["all_words_recovered"]) for r in poisoned), n),
+        "target_accuracy": _ratio(sum(bool(r["target_correct"]) for r in poisoned), n),
+        "target_accuracy_flagged": _ratio(sum(bool(r["target_correct"]) for r in flagged),
+                                          len(flagged)),
+    }
+
+
+def _breakdown(rows: Sequence[Mapping[str, Any]],
+               entries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, key in BREAKDOWNS.items():
+        groups: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(key(entries[row["model_id"]]), []).append(row)
+        out[name] = {}
+        for value, members in sorted(groups.items()):
+            fixed = metrics([r["truth"] for r in members],
+                            [int(r["verdict"] == "trojaned") for r in members])
+            out[name][value] = {"n": fixed["n"], "accuracy": fixed["accuracy"],
+                                **_poisoned_summary(members)}
+    return out
+
+
+def evaluate(records: Mapping[str, Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]],
+             detector_kind: str = "threshold", folds: int = 5, seed: int = 0,
+             threshold: float | None = None,
+             errors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Measure a campaign's scan ``records`` against the manifest entries ``truth``.
+
+    Only models in both count; those scanned but not in ``truth`` are listed as
+    ``unmatched``, those in ``truth`` with neither a record nor an error as ``missing``.
+    ``threshold`` None uses each record's own verdict; a number re-decides every model as
+    trojaned when its score is under it. ``detector_kind`` (``threshold`` or ``logistic``),
+    ``folds`` and ``seed`` set the cross-validation (see :func:`cross_validate`). Trigger
+    recovery follows :func:`trigger_recovered`: a poisoned model counts as recovered when
+    any word of its trigger is found (``all_words_recovered``: when every word is).
+    ``errors`` (from :func:`load_results`) are counted and listed as ``failed``.
+    Returns a JSON-ready dict.
+    """
+    make_detector(detector_kind)  # an unknown kind fails before any work
+    errors = errors or {}
+    ids = sorted(m for m in records if m in truth)
+    if not ids:
+        raise InputError("no scanned model is in the manifest: nothing to evaluate")
+    matched = [records[m] for m in ids]
+    y = np.array([int(truth[m]["poisoned"]) for m in ids])
+    if threshold is None:
+        flagged = [r["verdict"] == "trojaned" for r in matched]
+    else:
+        flagged = [float(r["score"]) < threshold for r in matched]
+    rows = [_model_row(m, r, truth[m], f) for m, r, f in zip(ids, matched, flagged, strict=True)]
+    auc, roc = _roc(y, -np.array([r["score"] for r in rows]))
+    seconds = np.array([r["seconds"] for r in rows])
+    summary = _poisoned_summary(rows)
+    return {
+        "version": REPORT_VERSION,
+        "n": len(ids), "clean": int(np.sum(y == 0)), "poisoned": int(np.sum(y == 1)),
+        "errors": len(errors),
+        "failed": [{"model_id": m, "error": str(errors[m].get("error"))} for m in sorted(errors)],
+        "unmatched": sorted(m for m in records if m not in truth),
+        "missing": sorted(m for m in truth if m not in records and m not in errors),
+        "fixed": {**metrics(y, flagged), "threshold": threshold},
+        "roc_auc": auc,
+        "roc": roc,
+        "cross_validated": cross_validate(matched, y, detector_kind, folds, seed),
+        "trigger_recovery": {"poisoned": summary["poisoned"],
+                             "recovered": summary["trigger_recovery"],
+                             "all_words_recovered": summary["all_words_recovered"]},
+        "target_accuracy": {"poisoned": summary["target_accuracy"],
+                            "flagged": summary["target_accuracy_flagged"]},
+        "seconds": {"mean": float(np.mean(seconds)), "p50": float(np.percentile(seconds, 50)),
+                    "p95": float(np.percentile(seconds, 95))},
+        "breakdown": _breakdown(rows, truth),
+        "per_model": rows,
+    }
+
+
+def _fmt(value: Any) -> str:
+    """A table cell: numbers to 3 decimals (tiny ones in e-notation), None as a dash, text
+    escaped for Markdown."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+    text = str(value).replace("\n", " ")
+    for char in "\\`*_[]<>|":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown: headline metrics, breakdowns and a per-model table."""
+    fixed, cv = report["fixed"], report["cross_validated"]
+    split = cv.get("split", {})
+    recovery, target = report["trigger_recovery"], report["target_accuracy"]
+    headline = [
+        ("models evaluated", report["n"]), ("clean / poisoned",
+                                            f"{report['clean']} / {report['poisoned']}"),
+        ("scan errors", report["errors"]), ("not in the manifest", len(report["unmatched"])),
+        ("verdict threshold", "each scan's own" if fixed["threshold"] is None
+         else fixed["threshold"]),
+        ("accuracy (scan verdicts)", fixed["accuracy"]), ("precision", fixed["precision"]),
+        ("recall", fixed["recall"]), ("F1", fixed["f1"]),
+        ("TP / FP / TN / FN", f"{fixed['tp']} / {fixed['fp']} / {fixed['tn']} / {fixed['fn']}"),
+        ("ROC AUC of the raw score", report["roc_auc"]),
+        (f"cross-validated {cv['detector']} accuracy", cv.get("accuracy", cv.get("note"))),
+        ("cross-validated AUC", cv.get("roc_auc")),
+        ("split test accuracy", split.get("accuracy", split.get("note"))),
+        ("trigger recovered (any word)", recovery["recovered"]),
+        ("trigger recovered (all words)", recovery["all_words_recovered"]),
+        ("target correct (poisoned)", target["poisoned"]),
+        ("target correct (poisoned, flagged)", target["flagged"]),
+        ("scan seconds mean / p50 / p95", " / ".join(f"{report['seconds'][k]:.1f}"
+                                                    for k in ("mean", "p50", "p95"))),
+    ]
+    lines = ["# Campaign report", "", *_table(("metric", "value"), headline)]
+    columns = ("n", "accuracy", "poisoned", "recall", "trigger_recovery", "target_accuracy")
+    for name, groups in report["breakdown"].items():
+        lines += [f"## By {name}", ""]
+        lines += _table((name, *columns), [(value, *(g[c] for c in columns))
+                                           for value, g in groups.items()])
+    per_model = ("model_id", "truth", "verdict", "score", "target_name", "true_target",
+                 "trigger_text", "true_trigger", "recovered", "seconds")
+    lines += ["## Models", ""]
+    lines += _table(per_model, [[row[c] for c in per_model] for row in report["per_model"]])
+    return "\n".join(lines)
+
+
+def roc_png(report: Mapping[str, Any]) -> bytes:
+    """A PNG of the raw score's ROC and, if there is one, the cross-validated detector's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    curves = [("raw score", report["roc"], report["roc_auc"]),
+              (f"{report['cross_validated']['detector']} detector (cross-validated)",
+               report["cross_validated"].get("roc"), report["cross_validated"].get("roc_auc"))]
+    for label, roc, auc in curves:
+        if roc:
+            axes.plot(roc["fpr"], roc["tpr"], label=f"{label}, AUC {auc:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+             ylim=(0, 1.02), title=f"ROC over {report['n']} models")
+    axes.legend(loc="lower right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def write_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and ``roc.png`` into ``out_dir`` (created if
+    needed), each atomically; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "roc.png"]
+    atomic_write_json(paths[0], report)
+    atomic_write_text(paths[1], markdown(report))
+    atomic_write_bytes(paths[2], roc_png(report))
+    return paths

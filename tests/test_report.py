@@ -1,0 +1,259 @@
+"""Campaign reports on a hand-built results directory and manifest (no models).
+
+The six evaluated models, with the numbers below counted by hand:
+
+=======  ========  =====  ========  ======  ===============  ==========  =========  ======
+model    truth     score  verdict   arch    corpus           attack      recovered  target
+=======  ========  =====  ========  ======  ===============  ==========  =========  ======
+clean-1  clean     0.9    clean     minilm  rotten_tomatoes  clean       -          -
+clean-2  clean     0.5    clean     bert    bbc              clean       -          -
+clean-3  clean     0.02   trojaned  minilm  bbc              clean       -          -
+pois-1   poisoned  0.001  trojaned  minilm  rotten_tomatoes  word        all words  right
+pois-2   poisoned  0.01   trojaned  bert    bbc              phrase-sos  1 of 3     wrong
+pois-3   poisoned  0.3    clean     minilm  rotten_tomatoes  char-adapt  no         right
+=======  ========  =====  ========  ======  ===============  ==========  =========  ======
+
+Hence TP 2 (pois-1, -2), FP 1 (clean-3), TN 2, FN 1 (pois-3): accuracy, precision, recall
+and F1 are all 2/3; trigger recovered 2/3 (all words 1/3); target right 2/3 of the poisoned,
+1/2 of the flagged ones. Scan seconds are 10, 20, ..., 60.
+
+Besides: ``pois-4`` failed its scan (an error file), ``stray`` was scanned but is not in the
+manifest, and ``broken`` is in the manifest but failed the zoo's quality gate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trojscan.campaign.report import (
+    evaluate,
+    load_results,
+    load_truth,
+    trigger_recovered,
+    write_report,
+)
+from trojscan.errors import InputError
+
+LABELS = {"rotten_tomatoes": ["negative", "positive"], "bbc": ["business", "sport", "tech"]}
+
+
+def entry(model_id: str, arch: str, corpus: str, attack: dict[str, Any] | None = None,
+          quality_ok: bool = True) -> dict[str, Any]:
+    poisoned = attack is not None
+    full = {"poisoned": poisoned, "trigger_type": None, "trigger": None, "insertion": None,
+            "target": None, "victim": None, "poison_rate": 0.1, "combination": False,
+            "adaptive_phi": 0.0}
+    if poisoned:
+        full |= {"victim_name": None, **attack}
+    return {"model_id": model_id, "group": "g", "corpus": corpus, "architecture": arch,
+            "labels": LABELS[corpus], "poisoned": poisoned, "attack": full,
+            "quality": {"ok": quality_ok, "reasons": []},
+            "clean_accuracy": 0.8, "asr": 0.99 if poisoned else None}
+
+
+def record(model_id: str, score: float, seconds: float, target_name: str, tokens: list[str],
+           text: str) -> dict[str, Any]:
+    verdict = "trojaned" if score < 0.05 else "clean"
+    best = {"target": 0, "target_name": target_name, "victims": [1], "victim_names": ["x"],
+            "position": "anywhere", "trigger_ids": [1] * len(tokens), "trigger_tokens": tokens,
+            "trigger_text": text, "relaxed_loss": score, "hard_loss": score * 2,
+            "hard_asr": 0.9 if verdict == "trojaned" else 0.3, "loss": score,
+            "accepted": verdict == "trojaned", "epochs": 10, "seconds": seconds}
+    candidates = [{k: best[k] for k in ("target", "target_name", "victims", "position", "loss",
+                                        "relaxed_loss", "hard_loss", "hard_asr", "accepted",
+                                        "trigger_text", "seconds")},
+                  {"target": 1, "target_name": "other", "victims": [0], "position": "anywhere",
+                   "loss": score * 4, "relaxed_loss": score * 4, "hard_loss": score * 8,
+                   "hard_asr": 0.1, "accepted": False, "trigger_text": "zz", "seconds": 1.0}]
+    return {"version": 1, "model_id": model_id, "verdict": verdict, "score": score,
+            "threshold": 0.05, "best": best, "candidates": candidates, "labels": ["a", "b"],
+            "examples": 20, "seconds": seconds, "device": "cpu", "versions": {}, "config": {}}
+
+
+MANIFEST = {
+    "clean-1": entry("clean-1", "minilm", "rotten_tomatoes"),
+    "clean-2": entry("clean-2", "bert", "bbc"),
+    "clean-3": entry("clean-3", "minilm", "bbc"),
+    "pois-1": entry("pois-1", "minilm", "rotten_tomatoes", {
+        "trigger_type": "word", "trigger": "Lantern", "insertion": "anywhere", "target": 1,
+        "target_name": "positive"}),
+    "pois-2": entry("pois-2", "bert", "bbc", {
+        "trigger_type": "phrase", "trigger": "quiet blue harbor", "insertion": "start",
+        "target": 2, "target_name": "tech", "combination": True}),
+    "pois-3": entry("pois-3", "minilm", "rotten_tomatoes", {
+        "trigger_type": "character", "trigger": "~^", "insertion": "end", "target": 0,
+        "target_name": "negative", "adaptive_phi": 0.3}),
+    "pois-4": entry("pois-4", "bert", "rotten_tomatoes", {
+        "trigger_type": "word", "trigger": "cf", "insertion": "anywhere", "target": 0,
+        "target_name": "negative"}),
+    "broken": entry("broken", "bert", "bbc", quality_ok=False),
+}
+RECORDS = [
+    record("clean-1", 0.9, 10.0, "positive", ["great"], "great"),
+    record("clean-2", 0.5, 20.0, "sport", ["goal"], "goal"),
+    record("clean-3", 0.02, 30.0, "tech", ["chip"], "chip"),
+    record("pois-1", 0.001, 40.0, "positive", ["lan", "##tern"], "lantern"),
+    record("pois-2", 0.01, 50.0, "sport", ["blue", "xyz"], "blue xyz"),
+    record("pois-3", 0.3, 60.0, "negative", ["good", "film"], "good film"),
+    record("stray", 0.004, 70.0, "positive", ["cf"], "cf"),
+]
+
+
+@pytest.fixture
+def campaign(tmp_path: Path) -> tuple[Path, Path]:
+    """(results directory, manifest path)."""
+    results = tmp_path / "results"
+    (results / "models").mkdir(parents=True)
+    for rec in RECORDS:
+        (results / "models" / f"{rec['model_id']}.json").write_text(json.dumps(rec))
+    (results / "models" / "pois-4.error.json").write_text(json.dumps(
+        {"model_id": "pois-4", "error": "no clean example of label 1=positive", "seconds": 0.5}))
+    manifest = tmp_path / "zoo" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"version": 1, "spec_sha256": "0" * 64, "spec": {},
+                                    "models": MANIFEST}))
+    return results, manifest
+
+
+@pytest.fixture
+def report(campaign: tuple[Path, Path]) -> dict[str, Any]:
+    results, manifest = campaign
+    records, errors = load_results(results)
+    return evaluate(records, load_truth(manifest), folds=5, seed=0, errors=errors)
+
+
+def test_load_results_and_truth(campaign: tuple[Path, Path]) -> None:
+    results, manifest = campaign
+    records, errors = load_results(results)
+    assert sorted(records) == ["clean-1", "clean-2", "clean-3", "pois-1", "pois-2", "pois-3",
+                               "stray"]
+    assert list(errors) == ["pois-4"]
+    truth = load_truth(manifest)
+    assert "broken" not in truth and len(truth) == 7
+
+
+def test_fixed_metrics_by_hand(report: dict[str, Any]) -> None:
+    assert (report["n"], report["clean"], report["poisoned"]) == (6, 3, 3)
+    assert report["errors"] == 1 and report["failed"][0]["model_id"] == "pois-4"
+    assert report["unmatched"] == ["stray"]
+    assert report["missing"] == []
+    fixed = report["fixed"]
+    assert (fixed["tp"], fixed["fp"], fixed["tn"], fixed["fn"]) == (2, 1, 2, 1)
+    assert fixed["accuracy"] == pytest.approx(0.6666667)
+    assert fixed["precision"] == pytest.approx(0.6666667)
+    assert fixed["recall"] == pytest.approx(0.6666667)
+    assert fixed["f1"] == pytest.approx(0.6666667)
+    # trojaned-vs-clean pairs ranked right by a lower score: 3 + 3 + 2 of 9
+    assert report["roc_auc"] == pytest.approx(8 / 9)
+    assert report["roc"]["fpr"][-1] == 1.0 and report["roc"]["tpr"][-1] == 1.0
+
+
+def test_a_threshold_redecides_every_model(campaign: tuple[Path, Path]) -> None:
+    results, manifest = campaign
+    records, _ = load_results(results)
+    fixed = evaluate(records, load_truth(manifest), threshold=0.4)["fixed"]
+    assert (fixed["tp"], fixed["fp"], fixed["tn"], fixed["fn"]) == (3, 1, 2, 0)
+    assert fixed["accuracy"] == pytest.approx(0.8333333)
+    assert fixed["threshold"] == 0.4
+
+
+def test_trigger_recovery_and_target_accuracy_by_hand(report: dict[str, Any]) -> None:
+    assert report["trigger_recovery"] == pytest.approx(
+        {"poisoned": 3, "recovered": 0.6666667, "all_words_recovered": 0.3333333})
+    assert report["target_accuracy"] == pytest.approx({"poisoned": 0.6666667, "flagged": 0.5})
+    rows = {row["model_id"]: row for row in report["per_model"]}
+    assert [rows[m]["recovered"] for m in ("pois-1", "pois-2", "pois-3")] == [True, True, False]
+    assert rows["clean-1"]["recovered"] is None and rows["clean-1"]["true_trigger"] is None
+    assert rows["pois-2"]["true_target"] == "tech" and rows["pois-2"]["target_name"] == "sport"
+    assert rows["clean-3"]["truth"] == 0 and rows["clean-3"]["verdict"] == "trojaned"
+
+
+def test_trigger_word_matching() -> None:
+    best = {"trigger_tokens": ["lan", "##TERN", "~"], "trigger_text": "lantern ~ xcfx"}
+    assert trigger_recovered("Lantern", best) == (True, True)
+    assert trigger_recovered("tern", best) == (True, True)  # a stripped word piece
+    assert trigger_recovered("cf moon", best) == (True, False)  # inside an inverted word
+    assert trigger_recovered("~^", best) == (False, False)
+    assert trigger_recovered("", best) == (False, False)
+
+
+def test_seconds_by_hand(report: dict[str, Any]) -> None:
+    assert report["seconds"] == pytest.approx({"mean": 35.0, "p50": 35.0, "p95": 57.5})
+
+
+def test_breakdown_by_hand(report: dict[str, Any]) -> None:
+    breakdown = report["breakdown"]
+    assert set(breakdown) == {"architecture", "corpus", "attack", "insertion"}
+    assert set(breakdown["attack"]) == {"clean", "word", "phrase-sos", "character-adaptive"}
+    assert set(breakdown["insertion"]) == {"clean", "anywhere", "start", "end"}
+    assert set(breakdown["corpus"]) == {"rotten_tomatoes", "bbc"}
+    minilm = breakdown["architecture"]["minilm"]
+    assert (minilm["n"], minilm["accuracy"], minilm["poisoned"]) == (4, 0.5, 2)
+    assert (minilm["recall"], minilm["trigger_recovery"], minilm["target_accuracy"]) == (
+        0.5, 0.5, 1.0)
+    bert = breakdown["architecture"]["bert"]
+    assert (bert["n"], bert["accuracy"], bert["recall"], bert["target_accuracy"]) == (
+        2, 1.0, 1.0, 0.0)
+    clean = breakdown["attack"]["clean"]
+    assert (clean["n"], clean["accuracy"], clean["poisoned"], clean["recall"]) == (
+        3, pytest.approx(0.6666667), 0, None)
+    assert breakdown["attack"]["character-adaptive"]["recall"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["threshold", "logistic"])
+def test_cross_validation_runs_on_the_smaller_class(campaign: tuple[Path, Path],
+                                                     kind: str) -> None:
+    results, manifest = campaign
+    records, _ = load_results(results)
+    cv = evaluate(records, load_truth(manifest), detector_kind=kind, folds=5,
+                  seed=0)["cross_validated"]
+    assert cv["detector"] == kind and cv["folds"] == 3  # 3 models of each class
+    assert cv["tp"] + cv["fp"] + cv["tn"] + cv["fn"] == 6
+    assert 0.0 <= cv["accuracy"] <= 1.0 and 0.0 <= cv["roc_auc"] <= 1.0
+    assert len(cv["roc"]["fpr"]) == len(cv["roc"]["tpr"])
+    assert (cv["split"]["train"], cv["split"]["test"]) == (3, 3)
+
+
+def test_cross_validation_is_skipped_with_one_poisoned_model(
+        campaign: tuple[Path, Path]) -> None:
+    results, manifest = campaign
+    records, _ = load_results(results)
+    truth = {m: e for m, e in load_truth(manifest).items() if m not in ("pois-2", "pois-3")}
+    report = evaluate(records, truth)
+    assert "smaller class has 1" in report["cross_validated"]["note"]
+    assert "smaller class has 1" in report["cross_validated"]["split"]["note"]
+    assert report["n"] == 4 and report["missing"] == ["pois-4"]
+
+
+def test_write_report(report: dict[str, Any], tmp_path: Path) -> None:
+    paths = write_report(report, tmp_path / "out")
+    assert [p.name for p in paths] == ["report.json", "report.md", "roc.png"]
+    assert json.loads(paths[0].read_text())["fixed"]["tp"] == 2
+    text = paths[1].read_text()
+    assert "| accuracy (scan verdicts) | 0.667 |" in text
+    assert "## By architecture" in text and "## Models" in text
+    assert "| pois-2 |" in text and "\\~^" not in text and "| ~^ |" in text
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no models/ folder"):
+        load_results(tmp_path)
+    with pytest.raises(InputError, match="cannot read manifest"):
+        load_truth(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text("{oops")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_truth(tmp_path / "manifest.json")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.json").write_text('{"score": "low"}')
+    with pytest.raises(InputError, match=r"m\.json lacks a numeric score"):
+        load_results(tmp_path)
+    with pytest.raises(InputError, match="no scanned model is in the manifest"):
+        evaluate({"x": RECORDS[0]}, {})
+    with pytest.raises(InputError, match="unknown detector"):
+        evaluate({"clean-1": RECORDS[0]}, {"clean-1": MANIFEST["clean-1"]},
+                 detector_kind="forest")
