@@ -153,6 +153,14 @@ def test_campaign_rejects_bad_input(tmp_path: Path, tiny_zoo: Path) -> None:
         run_campaign(tiny_zoo, tiny_zoo / "results")
     with pytest.raises(InputError, match="executor"):
         CampaignConfig(executor="slurm")
+    with pytest.raises(InputError, match="no model 'model-9999'"):
+        run_campaign(tiny_zoo, tmp_path / "out", only=["model-9999"])
+
+
+def test_campaign_scans_only_the_models_asked_for(tiny_zoo: Path, local_results: Path) -> None:
+    chosen = sorted(_records(local_results))[:2]
+    counts = run_campaign(tiny_zoo, local_results, CampaignConfig(scan=TINY_SCAN), only=chosen)
+    assert counts == {"scanned": 0, "errors": 0, "skipped": 2, "total": 2}
 
 
 def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Path,

@@ -256,6 +256,8 @@ def campaign_run(
                                        "0 = this machine's cores divided by --workers."),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Scan again the models "
                                       "whose earlier scan failed."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated model ids: "
+                                      "scan only these (default: every model of ZOO)."),
     threshold: float | None = THRESHOLD_OPTION,
     positions: str = POSITIONS_OPTION,
     pairs: bool = PAIRS_OPTION,
@@ -267,7 +269,7 @@ def campaign_run(
 ) -> None:
     """Scan every model of ZOO; a failed model is recorded with its error and the rest go on."""
     from trojscan.attacks.zoo import check_device
-    from trojscan.campaign.run import CampaignConfig, discover, pending, run_campaign
+    from trojscan.campaign.run import CampaignConfig, discover, pending, run_campaign, select
 
     config = CampaignConfig(
         method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
@@ -276,7 +278,8 @@ def campaign_run(
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
         retry_errors=retry_errors)
-    ids = discover(zoo)
+    only = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    ids = select(discover(zoo), only)
     todo = len(pending(out, ids, retry_errors)) if out.is_dir() else len(ids)
     console.print(f"campaign {out}: {len(ids)} models, {len(ids) - todo} already done, "
                   f"{todo} to scan with {executor} x{workers}")
@@ -288,7 +291,7 @@ def campaign_run(
             where = out / "models" / f"{model_id}{'.error' if status == 'error' else ''}.json"
             progress.console.print(f"{model_id}  {status}  {done}/{total}  -> {where}")
 
-        counts = run_campaign(zoo, out, config, on_model)
+        counts = run_campaign(zoo, out, config, on_model, only)
     out_console.print(f"scanned {counts['scanned']}, errors {counts['errors']}, done earlier "
                       f"{counts['skipped']}, total {counts['total']}: results in {out}")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -99,6 +99,16 @@ def discover(zoo: Path) -> list[str]:
     if not ids:
         raise InputError(f"zoo {zoo} holds no model directories")
     return ids
+
+
+def select(ids: list[str], only: Sequence[str] | None) -> list[str]:
+    """``ids`` restricted to ``only`` (all when None); an id the zoo lacks is an error."""
+    if only is None:
+        return ids
+    unknown = sorted(set(only) - set(ids))
+    if unknown:
+        raise InputError(f"the zoo has no model {unknown[0]!r}")
+    return [m for m in ids if m in set(only)]
 
 
 def result_path(results: Path, model_id: str, error: bool = False) -> Path:
@@ -204,12 +214,14 @@ def _ray(zoo: Path, todo: list[str],
 
 
 def run_campaign(zoo: Path, results: Path, config: CampaignConfig | None = None,
-                 on_model: CampaignCallback | None = None) -> dict[str, int]:
-    """Scan every model of ``zoo`` not yet done into ``results``; returns counts of
-    ``scanned``, ``errors`` (this run), ``skipped`` (done earlier) and ``total``."""
+                 on_model: CampaignCallback | None = None,
+                 only: Sequence[str] | None = None) -> dict[str, int]:
+    """Scan every model of ``zoo`` (or the ids in ``only``) not yet done into ``results``;
+    returns counts of ``scanned``, ``errors`` (this run), ``skipped`` (done earlier) and
+    ``total``."""
     config = config or CampaignConfig()
     zoo, results = Path(zoo), Path(results)
-    ids = discover(zoo)
+    ids = select(discover(zoo), only)
     if results.resolve() == zoo.resolve() or zoo.resolve() in results.resolve().parents:
         raise InputError(f"--out {results} lies inside the zoo {zoo}; write results elsewhere")
     _open(results, zoo, config)
