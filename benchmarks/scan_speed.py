@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from trojscan.campaign.report import trigger_recovered
+
 _CHILD = """
 import json, resource, sys
 from dataclasses import replace
@@ -62,9 +64,8 @@ def _judge(result: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
            "correct": (result["verdict"] == "trojaned") == poisoned,
            "target": best["target_name"], "trigger": best["trigger_text"]}
     if poisoned:
-        words = set(attack["trigger"].lower().split())
         row["target_correct"] = best["target_name"] == attack["target_name"]
-        row["trigger_recovered"] = bool(words & {t.lower() for t in best["trigger_tokens"]})
+        row["trigger_recovered"] = trigger_recovered(attack["trigger"], best)[0]
     return row
 
 

@@ -269,7 +269,14 @@ def campaign_run(
 ) -> None:
     """Scan every model of ZOO; a failed model is recorded with its error and the rest go on."""
     from trojscan.attacks.zoo import check_device
-    from trojscan.campaign.run import CampaignConfig, discover, pending, run_campaign, select
+    from trojscan.campaign.run import (
+        CampaignConfig,
+        discover,
+        pending,
+        result_path,
+        run_campaign,
+        select,
+    )
 
     config = CampaignConfig(
         method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
@@ -288,7 +295,7 @@ def campaign_run(
 
         def on_model(model_id: str, status: str, done: int, total: int) -> None:
             progress.update(task, completed=done)
-            where = out / "models" / f"{model_id}{'.error' if status == 'error' else ''}.json"
+            where = result_path(out, model_id, error=status == "error")
             progress.console.print(f"{model_id}  {status}  {done}/{total}  -> {where}")
 
         counts = run_campaign(zoo, out, config, on_model, only)
@@ -371,6 +378,7 @@ def demo(
 ) -> None:
     """Build a backdoored MiniLM sentiment model from Rotten Tomatoes, scan it with DBS, and
     compare what the scan found with the hidden truth."""
+    from trojscan.attacks.train import EXAMPLES_FILE
     from trojscan.attacks.zoo import MANIFEST, Manifest, parse_zoo_spec
 
     if (out / MANIFEST).exists():
@@ -389,7 +397,7 @@ def demo(
     (entry,) = manifest.models.values()
     out_console.print(f"model: {out / entry['model_id']}")
     model_dir = out / entry["model_id"]
-    result = _scan_with_progress(model_dir, model_dir / "clean_examples.jsonl")
+    result = _scan_with_progress(model_dir, model_dir / EXAMPLES_FILE)
     out_console.print(f"scanned {model_dir} with its {result['examples']} clean examples:")
     _print_verdict(result)
     attack = entry["attack"]

@@ -31,6 +31,9 @@ StepCallback = Callable[[int, int], None]
 EVAL_BATCH_SIZE = 128
 
 
+#: The clean examples a built model ships with, beside its weights.
+EXAMPLES_FILE = "clean_examples.jsonl"
+
 def _batch(ids: Sequence[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """Right-pad token-id lists with [PAD] = 0 into input_ids + attention_mask on ``device``."""
     width = max(len(x) for x in ids)
@@ -234,7 +237,7 @@ def build_one(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer().save_pretrained(out_dir)
-    write_jsonl(out_dir / "clean_examples.jsonl",
+    write_jsonl(out_dir / EXAMPLES_FILE,
                 clean_examples(corpus, examples_per_label, seed))
     return {
         **metrics,

@@ -28,11 +28,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from trojscan.campaign.detect import make_detector
-from trojscan.campaign.run import MODELS_DIR
+from trojscan.campaign.run import ERROR_SUFFIX, MODELS_DIR
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_utf8
 
-ERROR_SUFFIX = ".error.json"
 REPORT_VERSION = 1
 
 

@@ -27,6 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from trojscan.attacks.train import EXAMPLES_FILE
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
 from trojscan.scan import ScanConfig
@@ -36,7 +37,7 @@ MODELS_DIR = "models"
 CAMPAIGN_VERSION = 1
 METHODS = ("dbs",)
 EXECUTORS = ("local", "ray")
-EXAMPLES_FILE = "clean_examples.jsonl"
+ERROR_SUFFIX = ".error.json"
 
 #: Called as (model id, "ok" or "error", models done, models in all) after each model.
 CampaignCallback = Callable[[str, str, int, int], None]
@@ -113,7 +114,7 @@ def select(ids: list[str], only: Sequence[str] | None) -> list[str]:
 
 def result_path(results: Path, model_id: str, error: bool = False) -> Path:
     """Where a model's result (or error) lives in a results directory."""
-    return results / MODELS_DIR / f"{model_id}{'.error' if error else ''}.json"
+    return results / MODELS_DIR / f"{model_id}{ERROR_SUFFIX if error else '.json'}"
 
 
 def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
