@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trojscan.corpora import Corpus
-from trojscan.inversion.dbs import DBSConfig, invert
+from trojscan.inversion.dbs import DBSConfig, InversionTask, invert, invert_many
 from trojscan.subjects.loading import load_subject
 from trojscan.subjects.text import TextSubject
 
@@ -52,6 +52,20 @@ def test_same_seed_same_trigger_and_ablations_change_the_schedule(
     temperatures = [s["temperature"] for s in forward.trajectory]
     assert "rollback" not in {s.get("event") for s in forward.trajectory}
     assert temperatures == sorted(temperatures, reverse=True)
+
+
+def test_keep_drops_all_but_the_best_after_the_prerun(poisoned_subject: TextSubject,
+                                                      rt: Corpus) -> None:
+    negative, positive = _victims(rt, 0, 8), _victims(rt, 1, 8)
+    tasks = [InversionTask(*negative, target=1), InversionTask(*positive, target=0),
+             InversionTask(*negative, target=1, position="end")]
+    runs = invert_many(poisoned_subject, tasks, DBSConfig(epochs=15), keep=1, keep_after=10)
+    dropped = [r for r in runs if r.trajectory[-1].get("event") == "drop"]
+    kept = [r for r in runs if r not in dropped]
+    assert len(dropped) == 2 and {r.epochs for r in dropped} == {10}
+    assert len(kept) == 1 and kept[0].epochs == 15
+    assert kept[0].relaxed_loss <= min(r.relaxed_loss for r in dropped)
+    assert all(len(r.trigger_ids) == 10 for r in runs)
 
 
 def test_config_rejects_unknown_noise() -> None:

@@ -16,7 +16,7 @@ from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus
 from trojscan.inversion.dbs import DBSConfig
-from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject
+from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject, victim_examples
 from trojscan.subjects.loading import load_subject
 
 # Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
@@ -84,6 +84,13 @@ def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dic
     full = [c for c in result["candidates"] if "relaxed_loss" in c]
     assert len(full) == 1 and full[0]["target"] == 1
     assert len([c for c in result["candidates"] if c.get("full_run") is False]) == 3
+
+
+def test_victims_are_capped_evenly_across_labels() -> None:
+    rows = [{"text": f"t{i}", "label": i % 3} for i in range(12)]  # 4 examples of each label
+    chosen = victim_examples(rows, (1, 2), 5)
+    assert [r["text"] for r in chosen] == ["t1", "t2", "t4", "t5", "t7"]
+    assert len(victim_examples(rows, (1, 2), 0)) == 8 == len(victim_examples(rows, (1, 2), 20))
 
 
 def _run(cli: list[str], *args: str) -> subprocess.CompletedProcess:

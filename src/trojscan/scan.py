@@ -3,16 +3,21 @@
 Candidates (DBS Section 3.2): every label as target with the other labels' examples as
 victims (universal); with ``pairs``, every ordered (victim, target) pair (label-specific);
 each at every trigger position asked for. When there are more labels than
-``preselect_above``, every candidate first gets a short pre-run of ``prerun_epochs`` and
-only the ``top_k`` with the lowest loss get the full run (the K-Arm strategy DBS uses for
-NER, Appendix A). The candidates of a stage are inverted together in one batched run
-(:func:`trojscan.inversion.dbs.invert_many`), ``batch_candidates`` at a time. The verdict
-is Eq. 4: trojaned when the lowest inversion loss is under the threshold beta.
+``preselect_above``, every candidate first gets a pre-run of ``prerun_epochs`` and only the
+``top_k`` with the lowest loss so far (at most half of the candidates, rounded up) go on to
+the full ``epochs`` (the K-Arm strategy DBS uses for NER, Appendix A). The candidates are
+inverted together in one batched run (:func:`trojscan.inversion.dbs.invert_many`), in which
+the pre-run is simply the first ``prerun_epochs`` epochs: the kept candidates carry on from
+where they are, the others leave the batch. With ``batch_candidates`` (groups of
+candidates, for memory) the pre-run is a separate run and the kept candidates restart. The
+verdict is Eq. 4: trojaned when the lowest inversion loss is under the threshold beta.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -48,25 +53,33 @@ class ScanConfig:
         positions: trigger positions tried for every candidate.
         pairs: also try every label-specific (victim, target) pair.
         preselect_above: with more labels than this, pre-run all candidates and fully
-            invert the ``top_k`` only.
-        prerun_epochs: epochs of the pre-run.
-        top_k: candidates kept for the full run.
+            invert the best ``top_k`` only; 1 (the default) pre-runs binary models too, so
+            that the scan of a binary model fully inverts one target, not two.
+        prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
+            second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
+        top_k: candidates kept for the full run (at most half of them, rounded up).
         threshold: beta of Eq. 4.
         max_length: tokens per example, trigger included.
         batch_candidates: candidates inverted together in one batched run (their rows share
             every forward pass); 0 puts all candidates of a stage in one run, 1 inverts them
             one by one as the paper's code does. Lower it when memory is short.
+        max_victims: victim examples per candidate, 0 for all. A candidate's cost grows with
+            its rows, and with many labels its victims are all the other labels' examples
+            (80 for BBC's 5 labels at 20 per label); past the cap it takes an even share of
+            each victim label's examples, in file order. The default leaves a binary model
+            with 20 examples per label untouched.
     """
 
     dbs: DBSConfig = field(default_factory=DBSConfig)
     positions: tuple[str, ...] = ("start",)
     pairs: bool = False
-    preselect_above: int = 2
-    prerun_epochs: int = 20
+    preselect_above: int = 1
+    prerun_epochs: int = 40
     top_k: int = 2
     threshold: float = DEFAULT_THRESHOLD
     max_length: int = 100
     batch_candidates: int = 0
+    max_victims: int = 20
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.positions if p not in POSITIONS]
@@ -75,8 +88,8 @@ class ScanConfig:
                              f"expected some of {', '.join(POSITIONS)}")
         if self.top_k < 1 or self.prerun_epochs < 1:
             raise InputError("top_k and prerun_epochs must be >= 1")
-        if self.batch_candidates < 0:
-            raise InputError("batch_candidates must be >= 0 (0 = all at once)")
+        if self.batch_candidates < 0 or self.max_victims < 0:
+            raise InputError("batch_candidates and max_victims must be >= 0 (0 = all)")
 
 
 @dataclass(frozen=True)
@@ -100,8 +113,17 @@ def candidates(n_labels: int, present: set[int], config: ScanConfig) -> list[Can
     return out
 
 
-def _task(examples: list[dict[str, Any]], candidate: Candidate) -> InversionTask:
-    chosen = [e for e in examples if e["label"] in candidate.victims]
+def victim_examples(examples: list[dict[str, Any]], victims: tuple[int, ...],
+                    cap: int) -> list[dict[str, Any]]:
+    """The examples a candidate inverts on: those of the ``victims`` labels, at most
+    ``cap`` (0: all), taken in turn from each victim label in file order."""
+    per_label = [[e for e in examples if e["label"] == v] for v in victims]
+    turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
+    return turns[:cap] if cap else turns
+
+
+def _task(examples: list[dict[str, Any]], candidate: Candidate, cap: int) -> InversionTask:
+    chosen = victim_examples(examples, candidate.victims, cap)
     return InversionTask([e["text"] for e in chosen], [e["label"] for e in chosen],
                          candidate.target, candidate.position)
 
@@ -122,18 +144,24 @@ class _Stages:
     def plan(self, n: int, epochs: int) -> None:
         self.total += len(self.groups(n)) * epochs
 
-    def run(self, todo: list[Candidate], dbs: DBSConfig, what: str) -> list[Inversion]:
+    def run(self, todo: list[Candidate], dbs: DBSConfig, what: str,
+            keep: int = 0) -> list[Inversion]:
+        """Invert ``todo`` group by group; with ``keep`` (one group only), keep the best
+        ``keep`` after the pre-run epochs and carry on with them."""
         out: list[Inversion] = []
         for group in self.groups(len(todo)):
             cands = todo[group]
             label = f"{what}: {len(cands)} candidate{'s' if len(cands) > 1 else ''}"
+            if keep:
+                label += f", the best {keep} after epoch {self.config.prerun_epochs}"
 
             def on_epoch(epoch: int, label: str = label) -> None:
                 if self.progress:
                     self.progress(self.done + epoch + 1, self.total, label)
 
-            out += invert_many(self.subject, [_task(self.examples, c) for c in cands], dbs,
-                               on_epoch)
+            tasks = [_task(self.examples, c, self.config.max_victims) for c in cands]
+            out += invert_many(self.subject, tasks, dbs, on_epoch, keep,
+                               self.config.prerun_epochs)
             self.done += dbs.epochs
         return out
 
@@ -152,17 +180,28 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
                          "victim of some candidate target, so each needs examples")
     todo = candidates(len(labels), present, config)
     stages = _Stages(subject, examples, config, progress)
-    preselect = len(labels) > config.preselect_above and len(todo) > config.top_k
-    if preselect:
-        stages.plan(len(todo), config.prerun_epochs)
-    stages.plan(min(len(todo), config.top_k) if preselect else len(todo), config.dbs.epochs)
+    keep = min(config.top_k, math.ceil(len(todo) / 2))
+    preselect = len(labels) > config.preselect_above and len(todo) > keep
     prerun: dict[Candidate, float] = {}
-    if preselect:
-        short = replace(config.dbs, epochs=config.prerun_epochs)
-        runs = stages.run(todo, short, "pre-run")
-        prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
-        todo = sorted(todo, key=prerun.__getitem__)[: config.top_k]
-    results = list(zip(todo, stages.run(todo, config.dbs, "inversion"), strict=True))
+    if preselect and len(stages.groups(len(todo))) == 1:
+        # One batched run: the pre-run's state carries on for the top k.
+        stages.plan(1, config.dbs.epochs)
+        runs = stages.run(todo, config.dbs, "inversion", keep=keep)
+        prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)
+                  if inv.trajectory[-1].get("event") == "drop"}
+        results = [(c, inv) for c, inv in zip(todo, runs, strict=True) if c not in prerun]
+    else:
+        # Candidates run in several groups (``batch_candidates``): a separate pre-run, then
+        # the top k from scratch.
+        if preselect:
+            stages.plan(len(todo), config.prerun_epochs)
+        stages.plan(keep if preselect else len(todo), config.dbs.epochs)
+        if preselect:
+            short = replace(config.dbs, epochs=config.prerun_epochs)
+            runs = stages.run(todo, short, "pre-run")
+            prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
+            todo = sorted(todo, key=prerun.__getitem__)[:keep]
+        results = list(zip(todo, stages.run(todo, config.dbs, "inversion"), strict=True))
     best_cand, best = min(results, key=lambda r: r[1].loss)
     rows = [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
              "position": c.position, "loss": inv.loss, "relaxed_loss": inv.relaxed_loss,
@@ -171,7 +210,7 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
             for c, inv in results]
     rows += [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
               "position": c.position, "prerun_loss": loss, "full_run": False}
-             for c, loss in prerun.items() if c not in todo]
+             for c, loss in prerun.items() if c not in dict(results)]
     score = best.loss
     return {
         "version": RESULT_VERSION,

@@ -136,7 +136,13 @@ class _Arm:
     best: tuple[float, torch.Tensor] | None = None  # (relaxed loss, slot argmax ids)
     accepted_at: int = -1  # epoch of the last acceptance
     stopped: bool = False
+    last: torch.Tensor | None = None  # slot argmax ids of the latest epoch run
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        """Loss so far: the accepted trigger's, else the latest epoch's."""
+        return self.best[0] if self.best else self.trajectory[-1]["loss"]
 
 
 def _noise(like: torch.Tensor, config: DBSConfig, generator: torch.Generator) -> torch.Tensor:
@@ -158,6 +164,7 @@ def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Ten
           config: DBSConfig, generator: torch.Generator) -> None:
     """Lines 3-11 of Algorithm 1 for one task after an optimisation step at ``epoch``."""
     step: dict[str, Any] = {"epoch": epoch, "loss": value, "temperature": arm.temperature}
+    arm.last = alpha.argmax(-1)
 
     # Line 11: accept a (nearly) one-hot trigger under the bound; the bound then drops to
     # half its loss (authors' code). Beyond the paper, a one-hot trigger that merely improves
@@ -197,12 +204,26 @@ def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Ten
     arm.trajectory.append(step)
 
 
+def _drop_all_but(arms: list[_Arm], keep: int) -> None:
+    """K-Arm preselection inside the run: the ``keep`` tasks with the lowest loss so far go
+    on, every other running task stops."""
+    ranked = sorted(range(len(arms)), key=lambda i: arms[i].loss)
+    for i in ranked[keep:]:
+        if not arms[i].stopped:
+            arms[i].stopped = True
+            arms[i].trajectory[-1]["event"] = "drop"
+
+
 def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
                 config: DBSConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
+                on_epoch: Callable[[int], None] | None = None,
+                keep: int = 0, keep_after: int = 0) -> list[Inversion]:
     """Run Algorithm 1 for every task at once; one :class:`Inversion` per task, in order.
 
-    ``on_epoch`` is called with each finished epoch's index (for progress display)."""
+    With ``keep``, after ``keep_after`` epochs only the ``keep`` tasks with the lowest loss so
+    far go on (K-Arm preselection that continues the pre-run instead of restarting it); the
+    others end with a ``drop`` event. ``on_epoch`` is called with each finished epoch's index
+    (for progress display)."""
     config = config or DBSConfig()
     if not tasks:
         return []
@@ -257,11 +278,13 @@ def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
         values = losses.tolist()
         for i in active:
             _step(arms[i], epoch, values[i], alpha[i], w[i], config, generator)
+        if keep and epoch + 1 == keep_after:
+            _drop_all_but(arms, keep)
         if on_epoch:
             on_epoch(epoch)
 
     # Beyond the paper: every reported trigger is re-run as hard tokens.
-    final = [arm.best[1] if arm.best else alpha[i].argmax(-1) for i, arm in enumerate(arms)]
+    final = [arm.best[1] if arm.best else arm.last for arm in arms]
     with torch.no_grad():
         hard = subject.logits_from_tokens(batch, torch.stack(final)[row_task])
     goal = targets[row_task]
@@ -277,7 +300,7 @@ def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
             method="dbs", target=task.target, victims=sorted(set(task.labels)),
             position=task.position, trigger_ids=ids, trigger_tokens=tokens,
             trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
-            relaxed_loss=arm.best[0] if arm.best else arm.trajectory[-1]["loss"],
+            relaxed_loss=arm.loss,
             hard_loss=hard_loss[mine].mean().item(), hard_asr=hit[mine].mean().item(),
             accepted=arm.best is not None, epochs=len(arm.trajectory), seconds=seconds,
             trajectory=arm.trajectory))
