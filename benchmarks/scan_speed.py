@@ -1,15 +1,16 @@
 """Seconds, peak memory and detection of the scan against a straightforward DBS.
 
     .venv/bin/python benchmarks/scan_speed.py runs/zoo-minilm [--models model-0001,...]
-        [--out benchmarks/results/scan_speed.json] [--skip-reference]
+        [--out benchmarks/results/scan_speed.json] [--skip-reference | --reference-from OLD]
 
 For every Rotten Tomatoes model of a zoo (binary MiniLM classifiers, 20 clean examples per
 label) two scans run, each in its own process so that its peak RSS is its own:
 
-* ``trojscan``: ``trojscan scan`` with its defaults (candidates batched in one run, rows in
-  length buckets, candidates that have settled stopped early);
+* ``trojscan``: ``trojscan scan`` with its defaults (candidates batched in one run, a
+  40-epoch pre-run after which only the better target carries on, rows in length buckets,
+  candidates that have settled stopped early);
 * ``reference``: a straightforward implementation of the paper's settings: every candidate
-  inverted on its own for the full 200 epochs, all rows padded to the longest.
+  inverted on its own for the full 200 epochs (no pre-run), all rows padded to the longest.
 
 It reports seconds and peak RSS per model for both, the ratio of their mean seconds, and
 detection quality of both against the zoo manifest (verdict at the default threshold,
@@ -91,6 +92,10 @@ def main() -> None:
                         "every Rotten Tomatoes model of the zoo)")
     parser.add_argument("--skip-reference", action="store_true",
                         help="run the trojscan scans only")
+    parser.add_argument("--reference-from", type=Path, default=None,
+                        help="take the reference rows from an earlier result of this benchmark "
+                        "on the same zoo (the reference does not change with trojscan's "
+                        "defaults) instead of running them again")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan_speed.json"))
     args = parser.parse_args()
     manifest = json.loads((args.zoo / "manifest.json").read_text())["models"]
@@ -98,14 +103,20 @@ def main() -> None:
         m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["quality"]["ok"])
     variants = ["trojscan"] if args.skip_reference else ["trojscan", "reference"]
     rows: dict[str, dict[str, Any]] = {v: {} for v in variants}
+    if args.reference_from and not args.skip_reference:
+        earlier = json.loads(args.reference_from.read_text())["models"]["reference"]
+        rows["reference"] = {m: earlier[m] for m in chosen}
     for model_id in chosen:
         for variant in variants:
+            if model_id in rows[variant]:
+                continue
             rows[variant][model_id] = _judge(_run(args.zoo / model_id, variant),
                                              manifest[model_id])
             print(variant, model_id, json.dumps(rows[variant][model_id]), flush=True)
     result: dict[str, Any] = {
         "benchmark": "scan binary MiniLM Rotten Tomatoes models, 20 clean examples per label",
         "zoo": str(args.zoo), "torch_threads": torch.get_num_threads(),
+        "reference_from": str(args.reference_from) if args.reference_from else None,
         "cpu": platform.processor() or platform.machine(),
         "summary": {v: _summary(list(rows[v].values())) for v in variants},
         "models": rows,

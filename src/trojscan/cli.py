@@ -178,6 +178,8 @@ PAIRS_OPTION = typer.Option(False, "--pairs", help="Also try label-specific (vic
 EPOCHS_OPTION = typer.Option(None, "--epochs", help="DBS epochs (default 200).")
 TRIGGER_LENGTH_OPTION = typer.Option(None, "--trigger-length", help="Trigger slots "
                                      "(default 10).")
+MAX_VICTIMS_OPTION = typer.Option(20, "--max-victims", help="Victim examples per candidate "
+                                  "(an even share of each victim label), 0 for all.")
 SEED_OPTION = typer.Option(0, "--seed", help="Seed of the randomisation.")
 DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle", help="Also load pickled weights "
@@ -186,7 +188,7 @@ ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle", help="Also load pick
 
 
 def _scan_config(threshold: float | None, positions: str, pairs: bool, epochs: int | None,
-                 trigger_length: int | None, seed: int) -> Any:
+                 trigger_length: int | None, max_victims: int, seed: int) -> Any:
     """The ScanConfig of the scan options shared by ``scan`` and ``campaign run``."""
     from dataclasses import replace
 
@@ -199,7 +201,7 @@ def _scan_config(threshold: float | None, positions: str, pairs: bool, epochs: i
     if trigger_length is not None:
         dbs = replace(dbs, trigger_length=trigger_length)
     config = ScanConfig(dbs=dbs, positions=tuple(p.strip() for p in positions.split(",")),
-                        pairs=pairs)
+                        pairs=pairs, max_victims=max_victims)
     return config if threshold is None else replace(config, threshold=threshold)
 
 
@@ -216,6 +218,7 @@ def scan_command(
     pairs: bool = PAIRS_OPTION,
     epochs: int | None = EPOCHS_OPTION,
     trigger_length: int | None = TRIGGER_LENGTH_OPTION,
+    max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
@@ -228,7 +231,8 @@ def scan_command(
     from trojscan.campaign.detect import load_detector
     from trojscan.scan import apply_detector, write_result
 
-    config = _scan_config(threshold, positions, pairs, epochs, trigger_length, seed)
+    config = _scan_config(threshold, positions, pairs, epochs, trigger_length, max_victims,
+                          seed)
     check_device(device)
     fitted = load_detector(detector) if detector is not None else None  # fail before scanning
     result = _scan_with_progress(model_dir, examples, config, device, allow_pickle)
@@ -263,6 +267,7 @@ def campaign_run(
     pairs: bool = PAIRS_OPTION,
     epochs: int | None = EPOCHS_OPTION,
     trigger_length: int | None = TRIGGER_LENGTH_OPTION,
+    max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
@@ -280,7 +285,7 @@ def campaign_run(
 
     config = CampaignConfig(
         method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
-                                         seed),
+                                         max_victims, seed),
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
