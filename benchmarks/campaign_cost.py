@@ -8,8 +8,8 @@ grows with the number of labels and with the trigger length.
   models) with ``--workers 1`` and then ``--workers 2`` (the cores divided among the
   workers), each into a fresh results folder; wall seconds, models per hour, and the ratio.
 * ``scaling``: one Rotten Tomatoes model (2 labels) and one BBC model (5 labels) scanned with
-  trigger lengths 5, 10 and 20: seconds, candidates, optimisation epochs run (pre-run
-  included) and seconds per candidate-epoch.
+  trigger lengths 5, 10 and 20: seconds, candidates, candidate-epochs run (every candidate
+  for the pre-run, the kept ones for the rest) and seconds per candidate-epoch.
 
 Every run uses ``--epochs`` (default 40, not the scan's 200) so that the figures come in
 minutes; with patience off the work is proportional to epochs, and the full-scan seconds per
@@ -64,9 +64,9 @@ def _scaling(zoo: Path, manifest: dict[str, Any], epochs: int) -> list[dict[str,
             dbs = DBSConfig(epochs=epochs, trigger_length=length, patience=0)
             config = replace(ScanConfig(dbs=dbs), prerun_epochs=min(epochs, 20))
             result = scan(zoo / model_id, zoo / model_id / "clean_examples.jsonl", config)
-            run = [c for c in result["candidates"] if "relaxed_loss" in c]
-            prerun = len(result["candidates"]) if len(run) < len(result["candidates"]) else 0
-            candidate_epochs = prerun * config.prerun_epochs + len(run) * epochs
+            kept = sum("relaxed_loss" in c for c in result["candidates"])
+            dropped = len(result["candidates"]) - kept  # left the batched run after the pre-run
+            candidate_epochs = dropped * config.prerun_epochs + kept * epochs
             rows.append({"model": model_id, "corpus": corpus, "labels": len(result["labels"]),
                          "trigger_length": length, "candidates": len(result["candidates"]),
                          "candidate_epochs": candidate_epochs,
