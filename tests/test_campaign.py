@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -141,6 +142,29 @@ def test_killed_campaign_resumes_without_redoing_or_losing(tiny_zoo: Path, tmp_p
     after = {p.name: p.read_bytes() for p in (results / "models").glob("*.json")}
     assert len(after) == 3
     assert all(after[name] == data for name, data in first.items())  # not redone
+
+
+_ORPHAN = """
+import os, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from trojscan.campaign.run import _exit_with_parent
+with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_exit_with_parent,
+                         initargs=(os.getpid(),)) as pool:
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120).result()
+"""
+
+
+def test_workers_end_when_the_campaign_is_killed() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{worker}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{worker}").exists(), "the worker scans on after its campaign died"
 
 
 def test_campaign_rejects_bad_input(tmp_path: Path, tiny_zoo: Path) -> None:

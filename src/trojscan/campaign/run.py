@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -174,9 +175,22 @@ def pending(results: Path, ids: list[str], retry_errors: bool) -> list[str]:
     return [m for m in ids if not finished(m)]
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker as soon as the campaign process that started it
+    is gone (killed, even with SIGKILL), instead of scanning on for nobody."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _local(zoo: Path, todo: list[str],
            config: CampaignConfig) -> Iterator[tuple[str, dict[str, Any]]]:
-    with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         running = {pool.submit(scan_one, str(zoo / m), config): m for m in todo}
         try:
             while running:
