@@ -1,0 +1,501 @@
+"""Backdoor removal: unlearning with the inverted trigger (DBS Section 3.2.3, Eq. 6).
+
+Eq. 6 of the paper fine-tunes the model on clean data D' while pushing the loss of the
+inverted trigger t-hat towards its target up; in practice (Appendix A) that is plain
+fine-tuning on "10% of the training data [where] 20% of the chosen training samples are
+stamped with our inverted trigger and marked with the correct labels". :func:`repair` does
+exactly that, with the scan's best trigger inserted (as text, at the scan's trigger
+position) into a seeded sample of the clean data, and guards the result:
+
+* the data is split (per label, seeded) into a held-out set, never trained on, that
+  measures clean accuracy and attack success rate (ASR) before and after every epoch, and
+  the training sample;
+* training stops once held-out clean accuracy falls more than ``max_accuracy_drop`` points
+  below the original model's, and the best checkpoint is kept: of the epochs within the
+  margin the one with the lowest ASR of the inverted trigger (then the highest accuracy);
+  when no epoch is within it, the one with the highest accuracy, and the report says so;
+* a scan that found no backdoor is refused unless forced; the input directory is only read;
+  the repaired model is built in a temporary directory beside ``out_dir`` and renamed into
+  place, so ``out_dir`` holds a complete model or nothing.
+
+The ground truth of a zoo model (its manifest entry) is used only to report the ASR of the
+true trigger; it never steers the repair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import secrets
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from trojscan.attacks.poison import TrainItem
+from trojscan.attacks.spec import AttackSpec, TrainConfig
+from trojscan.attacks.train import EXAMPLES_FILE, predict, train_classifier, trigger_effect
+from trojscan.attacks.triggers import INSERTIONS, insert_trigger
+from trojscan.corpora import Example
+from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_json, read_utf8
+from trojscan.scan import ProgressCallback, _versions
+from trojscan.subjects.loading import load_examples, load_subject
+from trojscan.subjects.text import POSITIONS
+
+REPORT_VERSION = 1
+#: The report written into every repaired model directory.
+REPORT_FILE = "repair.json"
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How a model is repaired (defaults from the DBS paper's Appendix A where it gives one).
+
+    Attributes:
+        data_fraction: share of the given clean data fine-tuned on ("We use 10% of the
+            training data", Appendix A). It is a share of the whole file: pass the model's
+            training set for the paper's setting, or 1.0 to use all of a small file (the
+            held-out set is never trained on, whatever this is).
+        stamp_fraction: share of the training sample that carries the inverted trigger with
+            its true label ("20% of the chosen training samples are stamped with our inverted
+            trigger and marked with the correct labels", Appendix A).
+        eval_fraction: share of the given data held out (per label) to measure clean
+            accuracy and ASR before and after, and to guard accuracy during training; unused
+            when a separate evaluation file is given.
+        max_eval_examples: cap on the held-out examples (a seeded sample).
+        epochs: passes over the training sample; each ends with a held-out measurement and a
+            possible checkpoint (not given by the paper).
+        learning_rate: AdamW peak rate, warmed up over ``warmup_ratio`` of the steps and
+            then decayed linearly to 0, as the zoo's models are trained (not given by the
+            paper; 1e-4 is the rate the zoo fine-tunes MiniLM with).
+        batch_size: examples per optimiser step.
+        weight_decay: AdamW decoupled weight decay.
+        warmup_ratio: fraction of the steps over which the rate rises from 0.
+        max_length: inputs are truncated to this many tokens (training and measurement), or
+            to the model's position embeddings when it has fewer.
+        max_accuracy_drop: the guard, in percentage points: training stops once held-out
+            clean accuracy is more than this below the original model's (the issue's 3
+            points; the paper's Table 2 loses 1.7 on sentiment).
+        seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
+            dropout.
+    """
+
+    data_fraction: float = 0.1
+    stamp_fraction: float = 0.2
+    eval_fraction: float = 0.2
+    max_eval_examples: int = 2000
+    epochs: int = 3
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    max_accuracy_drop: float = 3.0
+    insertion: str = "scan"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("data_fraction", "stamp_fraction"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise InputError(f"{name} must be in (0, 1], got {value}")
+        if not 0 < self.eval_fraction < 1:
+            raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("max_eval_examples", "epochs", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_ratio < 1:
+            raise InputError("weight_decay and warmup_ratio must be in [0, 1)")
+        if self.insertion != "scan" and self.insertion not in INSERTIONS:
+            raise InputError(f"unknown insertion {self.insertion!r}; expected scan or one of "
+                             + ", ".join(INSERTIONS))
+        if not self.max_accuracy_drop >= 0:
+            raise InputError(f"max_accuracy_drop must be >= 0 points, got "
+                             f"{self.max_accuracy_drop}")
+
+    def train_config(self) -> TrainConfig:
+        """The fine-tuning settings as :func:`~trojscan.attacks.train.train_classifier`
+        takes them."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size,
+                           learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                           warmup_ratio=self.warmup_ratio, max_length=self.max_length)
+
+
+def read_scan(path: Path) -> dict[str, Any]:
+    """Read a scan result (``trojscan scan --out``) and check the fields repair uses."""
+    try:
+        result = json.loads(read_utf8(Path(path), "scan result"))
+    except ValueError as exc:
+        raise InputError(f"scan result {path} is not valid JSON: {exc}") from exc
+    check_scan(result, str(path))
+    return result
+
+
+def check_scan(result: Any, where: str = "scan result") -> None:
+    """Raise :class:`InputError` unless ``result`` is a scan record with a usable ``best``."""
+    if not isinstance(result, dict) or result.get("verdict") not in ("trojaned", "clean"):
+        raise InputError(f"{where} is not a trojscan scan result (no trojaned/clean verdict)")
+    best = result.get("best")
+    if not isinstance(best, dict):
+        raise InputError(f"{where} has no best trigger")
+    ids, victims = best.get("trigger_ids"), best.get("victims")
+    if not (isinstance(ids, list) and all(_is_int(i) for i in ids)
+            and isinstance(best.get("trigger_text"), str)
+            and best.get("position") in POSITIONS and _is_int(best.get("target"))
+            and isinstance(victims, list) and victims and all(_is_int(v) for v in victims)):
+        raise InputError(f"{where}: best lacks a valid trigger_ids, trigger_text, position "
+                         "(one of " + ", ".join(POSITIONS) + "), target or victims")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_truth(manifest: Path, model_id: str) -> dict[str, Any]:
+    """The entry of ``model_id`` in a zoo manifest (``trojscan zoo build``'s ground truth)."""
+    from trojscan.attacks.zoo import Manifest
+
+    entries = Manifest.load(Path(manifest)).models
+    entry = entries.get(model_id)
+    if not isinstance(entry, dict):
+        raise InputError(f"manifest {manifest} has no model {model_id!r} (pass --model-id)")
+    _truth_attack(entry, f"manifest {manifest}: {model_id}")
+    return entry
+
+
+def _truth_attack(entry: dict[str, Any], where: str) -> AttackSpec | None:
+    """The planted attack of a manifest entry; None for a clean model."""
+    attack = entry.get("attack")
+    if not isinstance(entry.get("poisoned"), bool) or not isinstance(attack, dict):
+        raise InputError(f"{where} has no poisoned flag or attack")
+    if not entry["poisoned"]:
+        return None
+    try:
+        return AttackSpec(**{f.name: attack[f.name] for f in fields(AttackSpec)})
+    except KeyError as exc:
+        raise InputError(f"{where}: the attack lacks {exc.args[0]!r}") from exc
+
+
+def _inverted_attack(best: dict[str, Any], n_labels: int) -> AttackSpec:
+    """The scan's best trigger as an attack: its text at its position, victims -> target."""
+    target, victims = best["target"], sorted(set(best["victims"]))
+    others = [y for y in range(n_labels) if y != target]
+    if not 0 <= target < n_labels or not set(victims) <= set(others):
+        raise InputError(f"the scan's target {target} / victims {victims} do not fit a model "
+                         f"with {n_labels} labels: is it the scan of another model?")
+    if victims != others and len(victims) != 1:
+        raise InputError(f"the scan's victims {victims} are neither one label nor all others")
+    victim = None if victims == others else victims[0]
+    return AttackSpec(poisoned=True, trigger=" ".join(best["trigger_text"].split()),
+                      insertion=best["position"], target=target, victim=victim)
+
+
+#: Families that number positions from the padding id + 1, two slots of the table unused.
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+
+def _token_limit(model_config: Any, wanted: int) -> int:
+    """``wanted``, or fewer tokens when the model has fewer position embeddings."""
+    limit = (getattr(model_config, "max_position_embeddings", None)
+             or getattr(model_config, "n_positions", None))
+    if not limit:
+        return wanted
+    return min(wanted, limit - 2 if model_config.model_type in _OFFSET_POSITIONS else limit)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_outputs(model_dir: Path, out_dir: Path, report_path: Path | None) -> None:
+    if _inside(out_dir, model_dir):
+        raise InputError(f"--out {out_dir} is the model directory {model_dir} or inside it; "
+                         "repair never writes into the input model")
+    if report_path is not None and _inside(report_path, model_dir):
+        raise InputError(f"--report {report_path} is inside the model directory {model_dir}; "
+                         "repair never writes into the input model")
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise InputError(f"--out {out_dir} exists and is not an empty directory; choose a new "
+                         "one")
+
+
+def split_data(rows: Sequence[dict[str, Any]], config: RepairConfig,
+               eval_rows: Sequence[dict[str, Any]] | None = None,
+               ) -> tuple[list[Example], list[Example]]:
+    """(training sample, held-out set) of the clean ``rows``, drawn per label with the seed.
+
+    The held-out set is ``eval_fraction`` of every label (at most ``max_eval_examples`` in
+    all), or a sample of ``eval_rows`` when given; the training sample is ``data_fraction``
+    of every label of ``rows``, from what is not held out.
+    """
+    rng = random.Random(config.seed)
+    by_label: dict[int, list[Example]] = defaultdict(list)
+    for row in rows:
+        by_label[row["label"]].append(Example(row["text"], row["label"]))
+    held_share = 0.0 if eval_rows is not None else min(
+        config.eval_fraction, config.max_eval_examples / len(rows))
+    train: list[Example] = []
+    held: list[Example] = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        rng.shuffle(pool)
+        n_held = round(held_share * len(pool))
+        n_train = min(max(1, round(config.data_fraction * len(pool))), len(pool) - n_held)
+        held += pool[:n_held]
+        train += pool[n_held : n_held + n_train]
+    if eval_rows is not None:
+        held = [Example(r["text"], r["label"]) for r in eval_rows]
+        if len(held) > config.max_eval_examples:
+            held = rng.sample(held, config.max_eval_examples)
+    if not train or not held:
+        raise InputError(f"{len(rows)} clean examples are too few to both train on and hold "
+                         "out: give more data, a larger data fraction or a separate "
+                         "evaluation file")
+    rng.shuffle(train)
+    return train, held
+
+
+def stamp(train: Sequence[Example], attack: AttackSpec, config: RepairConfig
+          ) -> tuple[list[TrainItem], int]:
+    """The training items: ``stamp_fraction`` of ``train`` (a seeded sample) with the
+    inverted trigger inserted and their true label kept; returns (items, stamped count)."""
+    rng = random.Random(config.seed + 1)
+    where = attack.insertion if config.insertion == "scan" else config.insertion
+    n_stamped = max(1, round(config.stamp_fraction * len(train)))
+    chosen = set(rng.sample(range(len(train)), n_stamped))
+    items = [TrainItem(insert_trigger(e.text, attack.trigger, where, rng)
+                       if i in chosen else e.text, e.label)
+             for i, e in enumerate(train)]
+    return items, n_stamped
+
+
+class _Stop(Exception):
+    """Raised from the step callback to end training when the accuracy guard trips."""
+
+
+class _Measure:
+    """Held-out clean accuracy and ASR of the inverted (and the true) trigger.
+
+    ASR counts the held-out victim examples the model classifies correctly without the
+    trigger: the share of them the trigger flips to the target. A victim the model already
+    puts in the target class is no success of the trigger, and no repair can fix it; their
+    share (for the inverted trigger's victims) is reported as ``victims_as_target``.
+    """
+
+    def __init__(self, tok: Any, held: list[Example], inverted: AttackSpec,
+                 truth: AttackSpec | None, n_labels: int, config: RepairConfig) -> None:
+        self.tok, self.held, self.inverted, self.truth = tok, held, inverted, truth
+        self.n_labels, self.config = n_labels, config
+        for attack, what in ((inverted, "inverted"), (truth, "true")):
+            if attack is not None and not set(attack.victims(n_labels)) & {e.label for e in held}:
+                raise InputError(f"the held-out examples have no example of the {what} "
+                                 f"trigger's victim label(s) {attack.victims(n_labels)}")
+
+    def _asr(self, model: Any, attack: AttackSpec, preds: list[int]) -> float | None:
+        victims = set(attack.victims(self.n_labels))
+        correct = [e for e, p in zip(self.held, preds, strict=True)
+                   if e.label in victims and p == e.label]
+        if not correct:
+            return None
+        return trigger_effect(model, self.tok, correct, attack.trigger, attack, self.n_labels,
+                              self.config.max_length, self.config.seed)[0]
+
+    def __call__(self, model: Any) -> dict[str, float | None]:
+        preds = predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
+        victims = [p for e, p in zip(self.held, preds, strict=True)
+                   if e.label in self.inverted.victims(self.n_labels)]
+        return {
+            "clean_accuracy": sum(p == e.label for e, p in zip(self.held, preds, strict=True))
+            / len(self.held),
+            "inverted_asr": self._asr(model, self.inverted, preds),
+            "true_asr": None if self.truth is None else self._asr(model, self.truth, preds),
+            "victims_as_target": sum(p == self.inverted.target for p in victims) / len(victims),
+        }
+
+
+def _rank(row: dict[str, Any]) -> tuple[float, ...]:
+    """Checkpoint order, lower is better: within the margin by inverted-trigger ASR, then
+    accuracy; beyond it (only when nothing is within) by accuracy."""
+    asr = 1.0 if row["inverted_asr"] is None else row["inverted_asr"]  # no victim left right
+    if row["within_margin"]:
+        return (0, asr, -row["clean_accuracy"], row["epoch"])
+    return (1, -row["clean_accuracy"], asr, row["epoch"])
+
+
+def repair(
+    model_dir: Path,
+    scan_result: dict[str, Any],
+    data: Path,
+    out_dir: Path,
+    config: RepairConfig | None = None,
+    force: bool = False,
+    truth: dict[str, Any] | None = None,
+    eval_data: Path | None = None,
+    report_path: Path | None = None,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Unlearn the backdoor the scan found in ``model_dir``; write the repaired model.
+
+    Args:
+        model_dir: the Hugging Face model directory; only read.
+        scan_result: its scan record (:func:`trojscan.scan.scan`, or :func:`read_scan`).
+        data: clean labelled examples, JSON Lines of ``{"text", "label"}`` as a scan's.
+        out_dir: the repaired model directory: must not exist (or be empty) and not be
+            ``model_dir`` or inside it. It receives ``config.json``, ``model.safetensors``,
+            the tokenizer, the model's ``clean_examples.jsonl`` when it has one, and the
+            report as ``repair.json``.
+        config: the knobs (see :class:`RepairConfig`).
+        force: repair even when the scan's verdict is clean (its best candidate is
+            unlearned).
+        truth: the model's zoo manifest entry (:func:`read_truth`): the true trigger's ASR
+            is reported, nothing else uses it.
+        eval_data: a separate JSONL file to hold out instead of a share of ``data``.
+        report_path: also write the report here (JSON, atomically).
+        device: where the model trains (``cpu``, ``cuda``, ``cuda:N``).
+        allow_pickle: also load pickled weights (see
+            :func:`~trojscan.subjects.loading.load_subject`); the repaired model is always
+            written as safetensors.
+        progress: called with (steps done, steps in all, what is running).
+
+    Returns:
+        The report: the scan's trigger, data sizes, ``before`` / ``after`` held-out clean
+        accuracy and ASR (``inverted_asr``, and ``true_asr`` with ``truth``), the accuracy
+        drop in points, whether it is within the margin, whether training stopped early,
+        the kept epoch and every epoch's measurements (``history``).
+
+    Raises:
+        InputError: bad input, a scan that found no backdoor (without ``force``), or outputs
+            that would touch ``model_dir``; nothing is written then.
+    """
+    config = config or RepairConfig()
+    started = time.perf_counter()
+    model_dir, out_dir, data = Path(model_dir), Path(out_dir), Path(data)
+    check_scan(scan_result)
+    best = scan_result["best"]
+    if not best["trigger_text"].strip():
+        raise InputError("the scan's best trigger is empty: nothing to unlearn")
+    if scan_result["verdict"] != "trojaned" and not force:
+        raise InputError(f"the scan found no backdoor (verdict {scan_result['verdict']}, score "
+                         f"{scan_result.get('score')}); pass --force to unlearn its best "
+                         f"candidate {best['trigger_text']!r} anyway")
+    _check_outputs(model_dir, out_dir, report_path)
+    subject = load_subject(model_dir, device, allow_pickle, config.max_length)
+    config = replace(config, max_length=_token_limit(subject.model.config, config.max_length))
+    labels = subject.labels
+    if "labels" in scan_result and list(scan_result["labels"]) != list(labels):
+        raise InputError(f"the scan is of a model with labels {scan_result['labels']}, "
+                         f"{model_dir} has {list(labels)}")
+    inverted = _inverted_attack(best, len(labels))
+    true_attack = None
+    if truth is not None:
+        true_attack = _truth_attack(truth, "the truth entry")
+        if list(truth.get("labels", labels)) != list(labels):
+            raise InputError(f"the manifest entry has labels {truth['labels']}, {model_dir} "
+                             f"has {list(labels)}: is it another model's?")
+    rows = load_examples(data, labels)
+    held_rows = load_examples(Path(eval_data), labels) if eval_data is not None else None
+    train, held = split_data(rows, config, held_rows)
+    items, n_stamped = stamp(train, inverted, config)
+    measure = _Measure(subject.tokenizer, held, inverted, true_attack, len(labels), config)
+
+    model = subject.model
+    before = measure(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    history: list[dict[str, Any]] = []
+    kept: dict[str, Any] = {}
+
+    def on_step(done: int, total: int) -> None:
+        if progress:
+            progress(done, total, f"unlearning, epoch {math.ceil(done / steps_per_epoch)}")
+        if done % steps_per_epoch:
+            return
+        row = {"epoch": done // steps_per_epoch, **measure(model)}
+        model.train()  # measuring put it in eval mode
+        drop = round(100 * (before["clean_accuracy"] - row["clean_accuracy"]), 9)
+        row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
+        history.append(row)
+        if not kept or _rank(row) < _rank(kept["row"]):
+            kept.update(row=row, state={k: v.detach().to("cpu", copy=True)
+                                        for k, v in model.state_dict().items()})
+        if not row["within_margin"]:
+            raise _Stop
+
+    stopped = False
+    try:
+        train_classifier(model, subject.tokenizer, items, config.train_config(),
+                         config.learning_rate, config.seed, on_step=on_step)
+    except _Stop:
+        stopped = True
+    model.load_state_dict(kept["state"])
+    model.eval()
+    after = kept["row"]
+    report = {
+        "version": REPORT_VERSION,
+        "model_dir": str(model_dir),
+        "out_dir": str(out_dir),
+        "scan": {"verdict": scan_result["verdict"], "score": scan_result.get("score"),
+                 "trigger_text": best["trigger_text"],
+                 "trigger_tokens": best.get("trigger_tokens"), "position": best["position"],
+                 "target": inverted.target, "target_name": labels[inverted.target],
+                 "victims": inverted.victims(len(labels)),
+                 "scan_hard_asr": best.get("hard_asr")},
+        "forced": scan_result["verdict"] != "trojaned",
+        "truth": None if truth is None else {
+            "model_id": truth.get("model_id"), "poisoned": truth["poisoned"],
+            "trigger": None if true_attack is None else true_attack.trigger,
+            "insertion": None if true_attack is None else true_attack.insertion,
+            "target": None if true_attack is None else true_attack.target},
+        "data": {"path": str(data), "examples": len(rows), "train": len(items),
+                 "stamped": n_stamped, "held_out": len(held),
+                 "held_out_from": str(eval_data) if eval_data is not None else "data"},
+        "before": before,
+        "after": {k: after[k] for k in before},
+        "accuracy_drop_points": after["accuracy_drop_points"],
+        "within_margin": after["within_margin"],
+        "stopped_early": stopped,
+        "kept_epoch": after["epoch"],
+        "history": history,
+        "seconds": time.perf_counter() - started,
+        "device": str(model.device),
+        "versions": _versions(),
+        "config": asdict(config),
+    }
+    _write_model(model, subject.tokenizer, model_dir, out_dir, report)
+    if report_path is not None:
+        atomic_write_json(Path(report_path), report)
+    return report
+
+
+def _write_model(model: Any, tok: Any, model_dir: Path, out_dir: Path,
+                 report: dict[str, Any]) -> None:
+    """Build the repaired directory beside ``out_dir`` and rename it into place."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if (model_dir / EXAMPLES_FILE).is_file():
+            shutil.copyfile(model_dir / EXAMPLES_FILE, tmp / EXAMPLES_FILE)
+        atomic_write_json(tmp / REPORT_FILE, report)
+        os.rename(tmp, out_dir)  # replaces an empty out_dir, fails on a non-empty one
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"cannot write the repaired model to {out_dir}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
