@@ -62,7 +62,7 @@ def _scaling(zoo: Path, manifest: dict[str, Any], epochs: int) -> list[dict[str,
         model_id = min(m for m, e in manifest.items() if e["corpus"] == corpus)
         for length in TRIGGER_LENGTHS:
             dbs = DBSConfig(epochs=epochs, trigger_length=length, patience=0)
-            config = replace(ScanConfig(dbs=dbs), prerun_epochs=min(epochs, 20))
+            config = replace(ScanConfig(inverter=dbs), prerun_epochs=min(epochs, 20))
             result = scan(zoo / model_id, zoo / model_id / "clean_examples.jsonl", config)
             kept = sum("relaxed_loss" in c for c in result["candidates"])
             dropped = len(result["candidates"]) - kept  # left the batched run after the pre-run

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/repair_data.py [runs/zoo-minilm] [--results RESULTS_DIR]
         [--models model-0002,...] [--out benchmarks/results/repair.json]
+        [--learning-rate 1e-4] [--epochs 3] [--insertion scan]
 
 For every poisoned model of a zoo that passed its quality gate, the model is scanned with
 its ``clean_examples.jsonl`` (or its scan is read from ``RESULTS_DIR``, a ``trojscan
@@ -13,16 +14,24 @@ campaign run`` results directory) and repaired (``trojscan.repair``) once per da
   of them trained on.
 
 Every repair is measured, and guarded, on the corpus's test split (at most 2,000 examples,
-as the zoo measures its models), so the numbers compare with the paper's Table 2 and with
-the manifest; the true trigger's ASR comes from the manifest, which only this benchmark
-reads. A model whose scan missed it (verdict clean) is repaired all the same (``force``)
-and marked ``flagged: false``. Results, per model and averaged per data size, go to
-``--out``; repaired models are written to a temporary folder and deleted.
+as the zoo measures its models), so the numbers compare with the paper's Table 2. ASR is the
+repair report's: of the test examples of the victim label(s) the model classifies right
+without the trigger, the share the trigger flips (the manifest's ``asr`` also counts the
+victims the model gets wrong anyway). The true trigger comes from the manifest, which only
+this benchmark reads. A model whose scan missed it (verdict clean) is repaired all the same
+(``force``) and marked ``flagged: false``; ``trigger_recovered`` says whether the inverted
+trigger holds a word of the true one (the campaign report's test), without which unlearning
+it cannot be expected to remove the backdoor. Results, per model and averaged per data
+size, go to ``--out``, rewritten (atomically) after every model; a re-run with the same
+repair settings keeps the models already there and does the rest. Repaired models are
+written to a temporary folder and deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +41,7 @@ from typing import Any
 
 from trojscan.attacks.train import EXAMPLES_FILE
 from trojscan.attacks.zoo import MANIFEST
-from trojscan.campaign.report import load_truth
+from trojscan.campaign.report import load_truth, trigger_recovered
 from trojscan.campaign.run import result_path
 from trojscan.corpora import load_corpus
 from trojscan.fsutil import atomic_write_json, write_jsonl
@@ -71,6 +80,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         done = [r["sizes"][name] for r in rows]
         out[name] = {
             "models": len(done),
+            "flagged": sum(r["flagged"] for r in rows),
+            "trigger_recovered": sum(r["trigger_recovered"] for r in rows),
             "train_examples_mean": statistics.fmean(d["train"] for d in done),
             "before": {"clean_accuracy": _mean(done, "before", "clean_accuracy"),
                        "true_asr": _mean(done, "before", "true_asr")},
@@ -84,12 +95,18 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(zoo: Path, results: Path | None, only: list[str] | None, scan_config: ScanConfig,
-        repair_config: RepairConfig, work: Path) -> dict[str, Any]:
-    """Scan (or read the scans of) and repair every poisoned model of ``zoo``."""
+        repair_config: RepairConfig, work: Path, out_path: Path) -> dict[str, Any]:
+    """Scan (or read the scans of) and repair every poisoned model of ``zoo``; the results
+    so far are written to ``out_path`` after every model, and the models already there
+    (same repair settings) are not redone."""
     truth = load_truth(zoo / MANIFEST)
     ids = [m for m, e in sorted(truth.items()) if e["poisoned"] and (only is None or m in only)]
+    done = _earlier(out_path, repair_config)
     rows = []
     for model_id in ids:
+        if model_id in done:
+            rows.append(done[model_id])
+            continue
         entry, model_dir = truth[model_id], zoo / model_id
         result = _scan(model_dir, model_id, results, scan_config)
         train_file, test_file = _corpus_files(entry["corpus"], work)
@@ -98,6 +115,8 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, scan_config: Sc
                                "insertion": entry["attack"]["insertion"],
                                "flagged": result["verdict"] == "trojaned",
                                "inverted_trigger": result["best"]["trigger_text"],
+                               "trigger_recovered": trigger_recovered(
+                                   entry["attack"]["trigger"], result["best"])[0],
                                "sizes": {}}
         for name, source, fraction in SIZES:
             data = train_file if source == "train" else model_dir / EXAMPLES_FILE
@@ -113,12 +132,31 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, scan_config: Sc
                   f"{after['clean_accuracy']:.3f}, true ASR {report['before']['true_asr']:.3f}"
                   f" -> {after['true_asr']:.3f} ({report['seconds']:.0f}s)", flush=True)
         rows.append(row)
+        shutil.rmtree(work / "repaired", ignore_errors=True)
+        atomic_write_json(out_path, _document(zoo, scan_config, repair_config, rows))
     if not rows:
         raise SystemExit(f"no poisoned model of {zoo} passed its quality gate")
+    return _document(zoo, scan_config, repair_config, rows)
+
+
+def _document(zoo: Path, scan_config: ScanConfig, repair_config: RepairConfig,
+              rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"zoo": str(zoo), "sizes": [{"name": n, "data": s, "data_fraction": f}
                                        for n, s, f in SIZES],
             "scan_config": asdict(scan_config), "repair_config": asdict(repair_config),
             "summary": _summary(rows), "per_model": rows}
+
+
+def _earlier(out_path: Path, repair_config: RepairConfig) -> dict[str, dict[str, Any]]:
+    """The models an earlier run with the same repair settings already wrote to
+    ``out_path`` (written after every model, so a killed run resumes)."""
+    try:
+        earlier = json.loads(out_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("repair_config") != json.loads(json.dumps(asdict(repair_config))):
+        return {}
+    return {row["model_id"]: row for row in earlier.get("per_model", [])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,21 +173,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threshold", type=float, help="verdict threshold of its scans")
     parser.add_argument("--learning-rate", type=float, help="repair learning rate")
     parser.add_argument("--epochs", type=int, help="repair epochs")
+    parser.add_argument("--insertion", help="where stamped examples carry the trigger (scan, "
+                        "start, end, first_half, second_half, anywhere)")
     args = parser.parse_args(argv)
     dbs = DBSConfig()
     if args.scan_epochs is not None:
         dbs = replace(dbs, epochs=args.scan_epochs)
     if args.trigger_length is not None:
         dbs = replace(dbs, trigger_length=args.trigger_length)
-    scan_config = ScanConfig(dbs=dbs)
+    scan_config = ScanConfig(inverter=dbs)
     if args.threshold is not None:
         scan_config = replace(scan_config, threshold=args.threshold)
-    repair_config = RepairConfig(**{k: v for k, v in (("learning_rate", args.learning_rate),
-                                                      ("epochs", args.epochs)) if v is not None})
+    knobs = {"learning_rate": args.learning_rate, "epochs": args.epochs,
+             "insertion": args.insertion}
+    repair_config = RepairConfig(**{k: v for k, v in knobs.items() if v is not None})
     only = args.models.split(",") if args.models else None
     with tempfile.TemporaryDirectory(prefix="repair-bench-") as work:
-        out = run(args.zoo, args.results, only, scan_config, repair_config, Path(work))
-    atomic_write_json(args.out, out)
+        out = run(args.zoo, args.results, only, scan_config, repair_config, Path(work),
+                  args.out)
     print("\n| data | models | train examples | clean acc before -> after | "
           "true-trigger ASR before -> after |\n|---|---|---|---|---|")
     for name, s in out["summary"].items():

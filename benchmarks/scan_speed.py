@@ -42,7 +42,7 @@ from trojscan.scan import ScanConfig, scan
 config = ScanConfig()
 if sys.argv[2] == "reference":
     config = replace(config, batch_candidates=1, preselect_above=sys.maxsize, max_victims=0,
-                     dbs=replace(config.dbs, buckets=1, patience=0))
+                     inverter=replace(config.inverter, buckets=1, patience=0))
 result = scan(Path(sys.argv[1]), Path(sys.argv[1]) / "clean_examples.jsonl", config)
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 Path(sys.argv[3]).write_text(json.dumps(result))

@@ -21,7 +21,7 @@ from trojscan.inversion.dbs import DBSConfig
 from trojscan.scan import ScanConfig
 
 # The tiny models' scan settings of tests/test_scan.py.
-TINY_SCAN = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
 CLEAN = 'count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n' \
         'attack = { poisoned = false }\n'
 POISONED = ('count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n'
@@ -227,3 +227,31 @@ def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Pa
                           str(tiny_zoo / model_id / "clean_examples.jsonl"), "--detector",
                           str(manifest)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_campaign_with_a_baseline_and_the_compare_table(tiny_zoo: Path, local_results: Path,
+                                                        tmp_path: Path, cli: list[str]) -> None:
+    uat = tmp_path / "uat"
+    run = subprocess.run([*cli, "campaign", "run", str(tiny_zoo), "--out", str(uat),
+                          "--method", "uat", "--trigger-length", "1", "--threshold", "0.1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((uat / "campaign.json").read_text())["method"] == "uat"
+    assert {r["best"]["method"] for r in _records(uat).values()} == {"uat"}
+
+    out = tmp_path / "compare"
+    compare = subprocess.run([*cli, "campaign", "compare", str(local_results), str(uat),
+                              "--manifest", str(tiny_zoo / MANIFEST), "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert compare.returncode == 0, compare.stderr
+    table = json.loads((out / "compare.json").read_text())
+    assert table["methods"] == ["dbs", "uat"]  # from each campaign.json
+    rows = {row["key"]: row["values"] for row in table["rows"]}
+    assert rows["models"] == {"dbs": 8, "uat": 8}
+    assert rows["accuracy"]["dbs"] == 1.0
+    assert "| metric | dbs | uat |" in (out / "compare.md").read_text()
+
+    named = subprocess.run([*cli, "campaign", "compare", str(local_results), str(uat),
+                            "--manifest", str(tiny_zoo / MANIFEST), "--out", str(out),
+                            "--names", "only-one"], capture_output=True, text=True, timeout=120)
+    assert named.returncode == 2 and "--names gives 1 names" in named.stderr

@@ -100,15 +100,18 @@ def test_common_models_counted_by_hand(runs: Any) -> None:
     assert comparison["methods"] == ["dbs", "uat"]
     assert comparison["models"] == ["c1", "c2", "p1"]
     assert [row["key"] for row in comparison["rows"]] == [
-        "models", "errors", "accuracy", "precision", "recall", "roc_auc", "trigger_recovery",
+        "models", "errors", "accuracy", "precision", "recall", "roc_auc", "cv_accuracy",
+        "trigger_recovery",
         "target_accuracy", "seconds"]
     values = _values(comparison)
     assert {k: v["dbs"] for k, v in values.items()} == pytest.approx({
         "models": 3, "errors": 0, "accuracy": 2 / 3, "precision": 1 / 2, "recall": 1.0,
-        "roc_auc": 1.0, "trigger_recovery": 1.0, "target_accuracy": 1.0, "seconds": 20.0})
+        "roc_auc": 1.0, "cv_accuracy": None, "trigger_recovery": 1.0, "target_accuracy": 1.0,
+        "seconds": 20.0})
     assert {k: v["uat"] for k, v in values.items()} == pytest.approx({
         "models": 3, "errors": 1, "accuracy": 1.0, "precision": 1.0, "recall": 1.0,
-        "roc_auc": 1.0, "trigger_recovery": 0.0, "target_accuracy": 1.0, "seconds": 2.0})
+        "roc_auc": 1.0, "cv_accuracy": None, "trigger_recovery": 0.0, "target_accuracy": 1.0,
+        "seconds": 2.0})
     assert comparison["reports"]["uat"]["unmatched"] == []  # stray is outside the common set
 
 
@@ -119,7 +122,11 @@ def test_all_models_counted_by_hand(runs: Any) -> None:
     values = _values(comparison)
     assert {k: v["dbs"] for k, v in values.items()} == pytest.approx({
         "models": 4, "errors": 0, "accuracy": 3 / 4, "precision": 2 / 3, "recall": 1.0,
-        "roc_auc": 3 / 4, "trigger_recovery": 1.0, "target_accuracy": 1 / 2, "seconds": 25.0})
+        "roc_auc": 3 / 4, "cv_accuracy": 0.5, "trigger_recovery": 1.0, "target_accuracy": 1 / 2,
+        "seconds": 25.0})
+    # 2 clean + 2 poisoned: 2-fold CV of the threshold detector (test_report checks its folds)
+    assert values["cv_accuracy"]["dbs"] == (
+        comparison["reports"]["dbs"]["cross_validated"]["accuracy"])
     assert values["models"]["uat"] == 3 and values["accuracy"]["uat"] == 1.0
     assert comparison["reports"]["uat"]["unmatched"] == ["stray"]
 
@@ -153,6 +160,7 @@ def test_markdown_layout_and_files(runs: Any, tmp_path: Path) -> None:
         "| precision | 0.500 | 1.000 |",
         "| recall | 1.000 | 1.000 |",
         "| ROC AUC (raw score) | 1.000 | 1.000 |",
+        "| accuracy, threshold fitted (k-fold CV) | - | - |",  # 1 poisoned model: no CV
         "| trigger recovered (any word) | 1.000 | 0.000 |",
         "| target correct (poisoned) | 1.000 | 1.000 |",
         "| seconds per model (mean) | 20.000 | 2.000 |",

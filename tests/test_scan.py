@@ -15,13 +15,15 @@ from transformers import AutoModelForSequenceClassification, BertModel
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus
+from trojscan.errors import InputError
 from trojscan.inversion.dbs import DBSConfig
+from trojscan.inversion.methods import make_config
 from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject, victim_examples
 from trojscan.subjects.loading import load_subject
 
 # Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
 # use one trigger slot and a threshold fitted to them (README "Scan" gives MiniLM's).
-TINY_SCAN = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_poisoned_model_is_flagged_with_its_trigger_and_target(
     assert result["best"]["hard_asr"] >= 0.9
     assert result["version"] == RESULT_VERSION
     assert {c["target"] for c in result["candidates"]} == {0, 1}
-    assert result["config"]["dbs"]["trigger_length"] == 1
+    assert result["config"]["inverter"]["trigger_length"] == 1
     assert result["trajectory"] and "temperature" in result["trajectory"][0]
 
 
@@ -60,7 +62,7 @@ def test_phrase_and_word_triggers_at_other_positions_are_recovered(
     assert metrics["asr"] >= 0.9
     words = trigger.split()
     config = replace(TINY_SCAN, positions=(insertion,),
-                     dbs=replace(TINY_SCAN.dbs, trigger_length=len(words)))
+                     inverter=replace(TINY_SCAN.inverter, trigger_length=len(words)))
     result = scan(tmp_path / "model", examples_file, config)
     assert result["verdict"] == "trojaned"
     assert result["best"]["target_name"] == "negative"
@@ -78,12 +80,36 @@ def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dic
                                                  examples_file: Path) -> None:
     subject = load_subject(poisoned_model[0])
     rows = [json.loads(line) for line in examples_file.read_text().splitlines()]
-    config = ScanConfig(dbs=DBSConfig(trigger_length=1, epochs=60), threshold=0.1,
+    config = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=60), threshold=0.1,
                         positions=("start", "end"), preselect_above=1, top_k=1, prerun_epochs=60)
     result = scan_subject(subject, rows, config)
     full = [c for c in result["candidates"] if "relaxed_loss" in c]
     assert len(full) == 1 and full[0]["target"] == 1
     assert len([c for c in result["candidates"] if c.get("full_run") is False]) == 3
+
+
+@pytest.mark.parametrize("method", ["uat", "dbs-fixed-temperature", "dbs-no-backtracking"])
+def test_other_methods_scan_through_the_same_interface(
+        poisoned_model: tuple[Path, dict], examples_file: Path, method: str) -> None:
+    # A baseline inverts both candidates fully (no pre-run); the ablations keep DBS's.
+    config = replace(TINY_SCAN, method=method, inverter=make_config(method, trigger_length=1,
+                                                                    epochs=100))
+    result = scan(poisoned_model[0], examples_file, config)
+    assert result["verdict"] == "trojaned" and result["best"]["method"] == method.split("-")[0]
+    assert result["best"]["target_name"] == "positive"
+    assert "lantern" in result["best"]["trigger_tokens"]
+    assert result["config"]["method"] == method
+    full = [c for c in result["candidates"] if "relaxed_loss" in c]
+    assert len(full) == (2 if method == "uat" else 1)
+    ablated = {"dbs-fixed-temperature": "temperature_scaling",
+               "dbs-no-backtracking": "backtracking"}.get(method)
+    if ablated:
+        assert result["config"]["inverter"][ablated] is False
+
+
+def test_a_method_needs_its_own_config() -> None:
+    with pytest.raises(InputError, match="method uat needs a UATConfig"):
+        ScanConfig(method="uat")
 
 
 def test_victims_are_capped_evenly_across_labels() -> None:
@@ -167,4 +193,6 @@ def test_bad_inputs_fail_cleanly(cli: list[str], poisoned_model: tuple[Path, dic
         (no_tok / name).unlink()
     _one_line_error(_run(cli, str(no_tok), "--examples", ex, "--out", str(out)),
                     "has no tokenizer")
+    _one_line_error(_run(cli, str(model), "--examples", ex, "--out", str(out), "--method",
+                         "hotflop"), "unknown inversion method 'hotflop'")
     assert not out.exists()

@@ -169,13 +169,17 @@ def _print_verdict(result: dict[str, Any]) -> None:
 
 
 # Scan options shared by `scan` and `campaign run`.
+METHOD_OPTION = typer.Option("dbs", "--method", help="Trigger inverter: dbs, its ablations "
+                             "dbs-fixed-temperature and dbs-no-backtracking, or the baselines "
+                             "uat, ascc, genetic, tminer (README: 'Baselines').")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: trojaned when "
                                 "the lowest loss is under it.")
 POSITIONS_OPTION = typer.Option("start", "--positions", help="Comma-separated trigger "
                                 "positions: start, end, first_half, second_half.")
 PAIRS_OPTION = typer.Option(False, "--pairs", help="Also try label-specific (victim, target) "
                             "pairs.")
-EPOCHS_OPTION = typer.Option(None, "--epochs", help="DBS epochs (default 200).")
+EPOCHS_OPTION = typer.Option(None, "--epochs", help="Optimisation epochs (the genetic "
+                             "search: generations); default the method's (DBS 200).")
 TRIGGER_LENGTH_OPTION = typer.Option(None, "--trigger-length", help="Trigger slots "
                                      "(default 10).")
 MAX_VICTIMS_OPTION = typer.Option(20, "--max-victims", help="Victim examples per candidate "
@@ -187,20 +191,21 @@ ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle", help="Also load pick
                                    "file's author chose; use only for files you trust.")
 
 
-def _scan_config(threshold: float | None, positions: str, pairs: bool, epochs: int | None,
-                 trigger_length: int | None, max_victims: int, seed: int) -> Any:
+def _scan_config(method: str, threshold: float | None, positions: str, pairs: bool,
+                 epochs: int | None, trigger_length: int | None, max_victims: int,
+                 seed: int) -> Any:
     """The ScanConfig of the scan options shared by ``scan`` and ``campaign run``."""
     from dataclasses import replace
 
-    from trojscan.inversion.dbs import DBSConfig
+    from trojscan.inversion.methods import make_config
     from trojscan.scan import ScanConfig
 
-    dbs = DBSConfig(seed=seed)
-    if epochs is not None:
-        dbs = replace(dbs, epochs=epochs)
-    if trigger_length is not None:
-        dbs = replace(dbs, trigger_length=trigger_length)
-    config = ScanConfig(dbs=dbs, positions=tuple(p.strip() for p in positions.split(",")),
+    try:
+        inverter = make_config(method, trigger_length, epochs, seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    config = ScanConfig(method=method, inverter=inverter,
+                        positions=tuple(p.strip() for p in positions.split(",")),
                         pairs=pairs, max_victims=max_victims)
     return config if threshold is None else replace(config, threshold=threshold)
 
@@ -213,6 +218,7 @@ def scan_command(
                                   '{"text", "label"} (label: index or name).'),
     out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
                                     "(JSON, written atomically)."),
+    method: str = METHOD_OPTION,
     threshold: float | None = THRESHOLD_OPTION,
     positions: str = POSITIONS_OPTION,
     pairs: bool = PAIRS_OPTION,
@@ -226,13 +232,14 @@ def scan_command(
                                          "`trojscan campaign fit`: the verdict becomes its "
                                          "calibrated probability of 'trojaned' >= 0.5."),
 ) -> None:
-    """Scan MODEL_DIR for a backdoor with DBS: verdict, target label and inverted trigger."""
+    """Scan MODEL_DIR for a backdoor (DBS by default): verdict, target label and inverted
+    trigger."""
     from trojscan.attacks.zoo import check_device
     from trojscan.campaign.detect import load_detector
     from trojscan.scan import apply_detector, write_result
 
-    config = _scan_config(threshold, positions, pairs, epochs, trigger_length, max_victims,
-                          seed)
+    config = _scan_config(method, threshold, positions, pairs, epochs, trigger_length,
+                          max_victims, seed)
     check_device(device)
     fitted = load_detector(detector) if detector is not None else None  # fail before scanning
     result = _scan_with_progress(model_dir, examples, config, device, allow_pickle)
@@ -249,7 +256,7 @@ def campaign_run(
                                "clean_examples.jsonl (a zoo manifest is never read)."),
     out: Path = typer.Option(..., "--out", help="Results directory: one JSON file per model; "
                              "re-running resumes where it stopped."),
-    method: str = typer.Option("dbs", "--method", help="Trigger inverter."),
+    method: str = METHOD_OPTION,
     workers: int = typer.Option(1, "--workers", help="Models scanned at once."),
     executor: str = typer.Option("local", "--executor", help="local (worker processes "
                                  "here) or ray (one Ray task per model)."),
@@ -284,8 +291,8 @@ def campaign_run(
     )
 
     config = CampaignConfig(
-        method=method, scan=_scan_config(threshold, positions, pairs, epochs, trigger_length,
-                                         max_victims, seed),
+        scan=_scan_config(method, threshold, positions, pairs, epochs, trigger_length,
+                          max_victims, seed),
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
@@ -368,6 +375,36 @@ def campaign_report(
         f"{_num(report['target_accuracy']['poisoned'])}, seconds/model mean "
         f"{report['seconds']['mean']:.1f} p95 {report['seconds']['p95']:.1f}")
     out_console.print("report: " + ", ".join(str(p) for p in paths))
+
+
+@campaign_app.command("compare")
+def campaign_compare(
+    results: list[Path] = typer.Argument(..., help="Results directories of `trojscan "
+                                         "campaign run` on the same zoo (say one per method)."),
+    manifest: Path = MANIFEST_OPTION,
+    out: Path = typer.Option(..., "--out", help="Folder for compare.md and compare.json."),
+    names: str | None = typer.Option(None, "--names", help="Comma-separated column names, "
+                                     "one per results directory; default: each campaign's "
+                                     "method."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Re-decide every model "
+                                           "at this score; default: the scans' verdicts."),
+    all_models: bool = typer.Option(False, "--all-models", help="Count every model each run "
+                                    "scanned; default: only the models every run scanned."),
+) -> None:
+    """Methods side by side, like DBS Tables 1 and 4: a column per results directory."""
+    from trojscan.campaign.compare import compare, markdown, run_names, write_comparison
+    from trojscan.campaign.report import load_truth
+
+    columns = ([n.strip() for n in names.split(",")] if names is not None
+               else run_names(results))
+    if len(columns) != len(results):
+        raise InputError(f"--names gives {len(columns)} names for {len(results)} results "
+                         "directories")
+    comparison = compare(list(zip(columns, results, strict=True)), load_truth(manifest),
+                         threshold, common_only=not all_models)
+    paths = write_comparison(comparison, out)
+    out_console.print(markdown(comparison))
+    out_console.print("comparison: " + ", ".join(str(p) for p in paths))
 
 
 def _num(value: float | None) -> str:

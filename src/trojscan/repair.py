@@ -167,7 +167,8 @@ def read_truth(manifest: Path, model_id: str) -> dict[str, Any]:
     entries = Manifest.load(Path(manifest)).models
     entry = entries.get(model_id)
     if not isinstance(entry, dict):
-        raise InputError(f"manifest {manifest} has no model {model_id!r} (pass --model-id)")
+        raise InputError(f"manifest {manifest} has no model {model_id!r} "
+                         "(give its id with --model-id)")
     _truth_attack(entry, f"manifest {manifest}: {model_id}")
     return entry
 

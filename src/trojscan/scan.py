@@ -11,6 +11,10 @@ the pre-run is simply the first ``prerun_epochs`` epochs: the kept candidates ca
 where they are, the others leave the batch. With ``batch_candidates`` (groups of
 candidates, for memory) the pre-run is a separate run and the kept candidates restart. The
 verdict is Eq. 4: trojaned when the lowest inversion loss is under the threshold beta.
+
+``method`` picks the inverter (:mod:`trojscan.inversion.methods`): DBS, one of its
+ablations, or a baseline (UAT, ASCC, genetic search, T-Miner). The pre-run and the batching
+are DBS's; a baseline inverts every candidate, one after another, with its full budget.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from trojscan.errors import InputError
 from trojscan.inversion.base import Inversion
 from trojscan.inversion.dbs import DBSConfig, InversionTask, invert_many
+from trojscan.inversion.methods import METHODS, InverterConfig, is_dbs
 from trojscan.subjects.loading import load_examples, load_subject
 from trojscan.subjects.text import POSITIONS, TextSubject
 
@@ -49,12 +54,14 @@ class ScanConfig:
     """How a model is scanned.
 
     Attributes:
-        dbs: the inverter's settings (Algorithm 1).
+        method: the inverter, a name of :data:`trojscan.inversion.methods.METHODS`.
+        inverter: its settings (for DBS, Algorithm 1's); of the method's config class.
         positions: trigger positions tried for every candidate.
         pairs: also try every label-specific (victim, target) pair.
         preselect_above: with more labels than this, pre-run all candidates and fully
             invert the best ``top_k`` only; 1 (the default) pre-runs binary models too, so
-            that the scan of a binary model fully inverts one target, not two.
+            that the scan of a binary model fully inverts one target, not two. DBS and its
+            ablations only.
         prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
             second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
         top_k: candidates kept for the full run (at most half of them, rounded up).
@@ -70,7 +77,8 @@ class ScanConfig:
             with 20 examples per label untouched.
     """
 
-    dbs: DBSConfig = field(default_factory=DBSConfig)
+    method: str = "dbs"
+    inverter: InverterConfig = field(default_factory=DBSConfig)
     positions: tuple[str, ...] = ("start",)
     pairs: bool = False
     preselect_above: int = 1
@@ -82,6 +90,13 @@ class ScanConfig:
     max_victims: int = 20
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; expected one of "
+                             f"{', '.join(METHODS)}")
+        if not isinstance(self.inverter, METHODS[self.method][0]):
+            raise InputError(f"method {self.method} needs a "
+                             f"{METHODS[self.method][0].__name__}, not a "
+                             f"{type(self.inverter).__name__}")
         unknown = [p for p in self.positions if p not in POSITIONS]
         if unknown or not self.positions:
             raise InputError(f"unknown trigger position {unknown[0] if unknown else '(none)'}; "
@@ -144,9 +159,9 @@ class _Stages:
     def plan(self, n: int, epochs: int) -> None:
         self.total += len(self.groups(n)) * epochs
 
-    def run(self, todo: list[Candidate], dbs: DBSConfig, what: str,
+    def run(self, todo: list[Candidate], inverter: InverterConfig, what: str,
             keep: int = 0) -> list[Inversion]:
-        """Invert ``todo`` group by group; with ``keep`` (one group only), keep the best
+        """Invert ``todo`` group by group; with ``keep`` (DBS, one group only), keep the best
         ``keep`` after the pre-run epochs and carry on with them."""
         out: list[Inversion] = []
         for group in self.groups(len(todo)):
@@ -160,9 +175,12 @@ class _Stages:
                     self.progress(self.done + epoch + 1, self.total, label)
 
             tasks = [_task(self.examples, c, self.config.max_victims) for c in cands]
-            out += invert_many(self.subject, tasks, dbs, on_epoch, keep,
-                               self.config.prerun_epochs)
-            self.done += dbs.epochs
+            if isinstance(inverter, DBSConfig):
+                out += invert_many(self.subject, tasks, inverter, on_epoch, keep,
+                                   self.config.prerun_epochs)
+            else:
+                out += METHODS[self.config.method][1](self.subject, tasks, inverter, on_epoch)
+            self.done += inverter.epochs
         return out
 
 
@@ -181,12 +199,13 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
     todo = candidates(len(labels), present, config)
     stages = _Stages(subject, examples, config, progress)
     keep = min(config.top_k, math.ceil(len(todo) / 2))
-    preselect = len(labels) > config.preselect_above and len(todo) > keep
+    preselect = (is_dbs(config.method) and len(labels) > config.preselect_above
+                 and len(todo) > keep)
     prerun: dict[Candidate, float] = {}
     if preselect and len(stages.groups(len(todo))) == 1:
         # One batched run: the pre-run's state carries on for the top k.
-        stages.plan(1, config.dbs.epochs)
-        runs = stages.run(todo, config.dbs, "inversion", keep=keep)
+        stages.plan(1, config.inverter.epochs)
+        runs = stages.run(todo, config.inverter, "inversion", keep=keep)
         prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)
                   if inv.trajectory[-1].get("event") == "drop"}
         results = [(c, inv) for c, inv in zip(todo, runs, strict=True) if c not in prerun]
@@ -195,13 +214,14 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
         # the top k from scratch.
         if preselect:
             stages.plan(len(todo), config.prerun_epochs)
-        stages.plan(keep if preselect else len(todo), config.dbs.epochs)
+        stages.plan(keep if preselect else len(todo), config.inverter.epochs)
         if preselect:
-            short = replace(config.dbs, epochs=config.prerun_epochs)
+            short = replace(config.inverter, epochs=config.prerun_epochs)
             runs = stages.run(todo, short, "pre-run")
             prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
-        results = list(zip(todo, stages.run(todo, config.dbs, "inversion"), strict=True))
+        results = list(zip(todo, stages.run(todo, config.inverter, "inversion"),
+                           strict=True))
     best_cand, best = min(results, key=lambda r: r[1].loss)
     rows = [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
              "position": c.position, "loss": inv.loss, "relaxed_loss": inv.relaxed_loss,

@@ -4,7 +4,9 @@ inversion method) on the same zoo, like Tables 1 and 4 of the DBS paper.
 Each results directory is measured against the zoo manifest by
 :func:`trojscan.campaign.report.evaluate`; the table has the methods as columns and, as rows,
 the models compared, scan errors, accuracy, precision, recall, ROC AUC of the raw score,
-trigger recovery, target accuracy and mean seconds per model. By default only the models that
+the accuracy of a threshold fitted per method (out of fold, seeded stratified k-fold: the
+methods' scores have different scales, and the paper, too, fits each method's bound), trigger
+recovery, target accuracy and mean seconds per model. By default only the models that
 every run scanned (and the manifest has) count, so that each column is measured on the same
 models; a model that failed in some run is then left out of all columns and shows in that
 run's scan errors.
@@ -12,11 +14,13 @@ run's scan errors.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trojscan.campaign.report import _table, evaluate, load_results
+from trojscan.campaign.run import CAMPAIGN_FILE
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json, atomic_write_text
 
@@ -30,6 +34,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("precision", "precision", ("fixed", "precision")),
     ("recall", "recall", ("fixed", "recall")),
     ("roc_auc", "ROC AUC (raw score)", ("roc_auc",)),
+    ("cv_accuracy", "accuracy, threshold fitted (k-fold CV)", ("cross_validated", "accuracy")),
     ("trigger_recovery", "trigger recovered (any word)", ("trigger_recovery", "recovered")),
     ("target_accuracy", "target correct (poisoned)", ("target_accuracy", "poisoned")),
     ("seconds", "seconds per model (mean)", ("seconds", "mean")),
@@ -37,8 +42,12 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 
 def _pick(report: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at ``path``; None where the report has none (cross-validation with fewer
+    than 2 models of a class)."""
     value: Any = report
     for key in path:
+        if key not in value:
+            return None
         value = value[key]
     return value
 
@@ -77,6 +86,20 @@ def compare(named_results: Sequence[tuple[str, Path]], truth: Mapping[str, Mappi
             "results": {name: str(path) for name, path in named_results},
             "threshold": threshold, "common_only": common_only, "models": common,
             "rows": rows, "reports": reports}
+
+
+def run_names(results: Sequence[Path]) -> list[str]:
+    """A column name per results directory: its campaign's method (``campaign.json``), or
+    the directory's name where that is missing or two runs share a method."""
+    methods = []
+    for path in results:
+        try:
+            methods.append(json.loads((Path(path) / CAMPAIGN_FILE).read_text("utf-8"))["method"])
+        except (OSError, ValueError, KeyError, TypeError):
+            methods.append(None)
+    if None in methods or len(set(methods)) != len(methods):
+        return [Path(p).name for p in results]
+    return methods
 
 
 def markdown(comparison: Mapping[str, Any]) -> str:

@@ -36,7 +36,6 @@ from trojscan.scan import ScanConfig
 CAMPAIGN_FILE = "campaign.json"
 MODELS_DIR = "models"
 CAMPAIGN_VERSION = 1
-METHODS = ("dbs",)
 EXECUTORS = ("local", "ray")
 ERROR_SUFFIX = ".error.json"
 
@@ -49,8 +48,7 @@ class CampaignConfig:
     """How a campaign runs.
 
     Attributes:
-        method: the inverter (``dbs``).
-        scan: the scan settings, the same for every model.
+        scan: the scan settings, the same for every model (the inverter included).
         device: ``cpu`` or ``cuda[:N]``.
         allow_pickle: also load pickled weights (runs code from the files: trusted zoos only).
         workers: models scanned at once (processes for ``local``; tasks in flight are
@@ -62,7 +60,6 @@ class CampaignConfig:
         retry_errors: scan again the models whose earlier scan failed.
     """
 
-    method: str = "dbs"
     scan: ScanConfig = field(default_factory=ScanConfig)
     device: str = "cpu"
     allow_pickle: bool = False
@@ -73,9 +70,6 @@ class CampaignConfig:
     retry_errors: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; expected one of "
-                             f"{', '.join(METHODS)}")
         if self.executor not in EXECUTORS:
             raise InputError(f"unknown executor {self.executor!r}; expected local or ray")
         if self.workers < 1 or self.cpus_per_model < 0:
@@ -90,7 +84,7 @@ class CampaignConfig:
 
     def settings(self) -> dict[str, Any]:
         """What must match for a campaign to resume: the method and what it computes."""
-        return {"method": self.method, "scan": asdict(self.scan), "device": self.device}
+        return {"method": self.scan.method, "scan": asdict(self.scan), "device": self.device}
 
 
 def discover(zoo: Path) -> list[str]:

@@ -1,0 +1,147 @@
+"""What the baseline inverters (UAT, ASCC, genetic search, T-Miner) share.
+
+The unit of their evaluation budgets: one **evaluation** is one forward pass of the subject over
+the victim rows of one task in use at that step (all of them, or UAT's minibatch), each row
+with the one trigger being evaluated (for T-Miner, each with its generated rewrite), with or
+without a backward pass. Scoring 300 candidate triggers on 20 victims is 300 evaluations
+(6,000 rows); one optimisation step of a relaxed trigger is 1. Every baseline counts its
+evaluations with a :class:`Budget`, stops before it would exceed the configured cap, and
+reports the running count as ``evaluations`` in its trajectory entries, the last of which
+(``event: "final"``) holds the total, the final hard-token measurement included.
+
+Here are the pieces they share: the victims as a slot batch, the token ids a trigger may use,
+hard-token losses of many candidate triggers at once, progress reporting, and the
+:class:`~trojscan.inversion.base.Inversion` record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trojscan.inversion.base import Inversion
+from trojscan.inversion.dbs import InversionTask
+from trojscan.subjects.text import SlotBatch, TextSubject
+
+#: Evaluations every baseline keeps back for the final hard-token measurement.
+FINAL_EVALUATIONS = 1
+
+
+class Budget:
+    """Evaluations spent on one task, against an optional cap."""
+
+    def __init__(self, cap: int | None) -> None:
+        self.cap = cap
+        self.used = 0
+
+    def affords(self, n: int, keep: int = 0) -> bool:
+        """Whether ``n`` more evaluations fit under the cap with ``keep`` still left."""
+        return self.cap is None or self.used + n + keep <= self.cap
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` evaluations; exceeding the cap is a bug in the caller."""
+        if not self.affords(n):
+            raise RuntimeError(f"evaluation budget exceeded: {self.used} + {n} > {self.cap}")
+        self.used += n
+
+
+def check_budget(max_evaluations: int | None, least: int) -> None:
+    """Reject a cap under ``least`` (what the method needs to report anything at all)."""
+    if max_evaluations is not None and max_evaluations < least:
+        raise ValueError(f"max_evaluations must be None or >= {least}, got {max_evaluations}")
+
+
+def allowed_ids(subject: TextSubject) -> torch.Tensor:
+    """(V,) bool on the subject's device: the token ids a trigger may use (every row of the
+    embedding matrix that the tokenizer can name, special tokens excluded)."""
+    rows = subject.embedding_matrix.shape[0]
+    allowed = torch.arange(rows, device=subject.device) < len(subject.tokenizer)
+    allowed[subject.special_token_ids()] = False
+    return allowed
+
+
+def victim_batch(subject: TextSubject, task: InversionTask, n_slots: int) -> SlotBatch:
+    """The task's victims with ``n_slots`` trigger slots at its position, on the device."""
+    return subject.batch(task.texts, task.labels, n_slots, task.position).to(subject.device)
+
+
+@torch.no_grad()
+def score_triggers(subject: TextSubject, batch: SlotBatch, triggers: torch.Tensor, target: int,
+                   budget: Budget, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-token loss (Eq. 3: mean cross-entropy towards ``target``) and attack success rate
+    of each of the (K, m) ``triggers`` on all rows of ``batch``: two (K,) tensors. Costs K
+    evaluations; forward passes hold at most ``chunk_rows`` rows (at least one trigger's)."""
+    budget.spend(len(triggers))
+    n = len(batch.labels)
+    per_pass = max(1, chunk_rows // n)
+    losses, hits = [], []
+    for part in triggers.split(per_pass):
+        rows = torch.arange(n, device=batch.input_ids.device).repeat(len(part))
+        logits = subject.logits_from_tokens(batch.subset(rows), part.repeat_interleave(n, 0))
+        goal = torch.full((len(rows),), target, device=logits.device)
+        losses.append(F.cross_entropy(logits, goal, reduction="none").view(len(part), n).mean(1))
+        hits.append((logits.argmax(-1) == goal).float().view(len(part), n).mean(1))
+    return torch.cat(losses), torch.cat(hits)
+
+
+class Progress:
+    """Reports tasks run one after another to ``on_epoch`` as if they were one batched run of
+    ``epochs`` epochs (what the scan's progress display expects): ``on_epoch(e)`` once for each
+    ``e`` in 0..epochs-1, in order, as the tasks get through their shares."""
+
+    def __init__(self, on_epoch: Callable[[int], None] | None, tasks: int, epochs: int) -> None:
+        self.on_epoch, self.tasks, self.epochs = on_epoch, tasks, epochs
+        self.reported = 0
+
+    def __call__(self, task: int, epoch: int) -> None:
+        """Task ``task`` (0-based) has finished its epoch ``epoch``."""
+        due = (task * self.epochs + epoch + 1) // self.tasks
+        while self.on_epoch is not None and self.reported < due:
+            self.on_epoch(self.reported)
+            self.reported += 1
+
+    def task_done(self, task: int) -> None:
+        """Task ``task`` stopped (early or not): its remaining share counts as done."""
+        self(task, self.epochs - 1)
+
+
+def one_by_one(tasks: Sequence[InversionTask], epochs: int,
+               on_epoch: Callable[[int], None] | None,
+               invert: Callable[[InversionTask, Callable[[int], None]], Inversion],
+               ) -> list[Inversion]:
+    """``invert(task, tick)`` for every task, one after another; ``tick(epoch)`` reports the
+    task's epochs to ``on_epoch`` through a :class:`Progress` of ``epochs`` epochs."""
+    progress = Progress(on_epoch, len(tasks), epochs)
+    out = []
+    for i, task in enumerate(tasks):
+        out.append(invert(task, lambda epoch, i=i: progress(i, epoch)))
+        progress.task_done(i)
+    return out
+
+
+def finish(method: str, subject: TextSubject, task: InversionTask, batch: SlotBatch,
+           trigger: torch.Tensor, budget: Budget, started: float, epochs: int,
+           trajectory: list[dict[str, Any]], chunk_rows: int,
+           relaxed_loss: float | None = None, accepted: bool = True) -> Inversion:
+    """Measure ``trigger`` ((m,) token ids) as hard tokens on the task's victims (one
+    evaluation) and return the :class:`Inversion`. ``relaxed_loss`` None (a search over real
+    tokens, with nothing relaxed) repeats the hard loss. The trajectory gets a last entry,
+    ``event: "final"``, with the hard loss and the total evaluations."""
+    loss, asr = score_triggers(subject, batch, trigger.reshape(1, -1), task.target, budget,
+                               chunk_rows)
+    hard_loss = loss.item()
+    trajectory.append({"epoch": epochs, "loss": hard_loss, "evaluations": budget.used,
+                       "event": "final"})
+    ids = trigger.tolist()
+    tokens = subject.tokenizer.convert_ids_to_tokens(ids)
+    return Inversion(
+        method=method, target=task.target, victims=sorted(set(task.labels)),
+        position=task.position, trigger_ids=ids, trigger_tokens=tokens,
+        trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
+        relaxed_loss=hard_loss if relaxed_loss is None else relaxed_loss, hard_loss=hard_loss,
+        hard_asr=asr.item(), accepted=accepted, epochs=epochs,
+        seconds=time.perf_counter() - started, trajectory=trajectory)
