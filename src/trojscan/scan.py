@@ -34,7 +34,7 @@ import torch
 from trojscan.errors import InputError
 from trojscan.inversion.base import Inversion
 from trojscan.inversion.dbs import DBSConfig, InversionTask, invert_many
-from trojscan.inversion.methods import METHODS, InverterConfig, is_dbs
+from trojscan.inversion.methods import METHODS, InverterConfig
 from trojscan.subjects.loading import load_examples, load_subject
 from trojscan.subjects.text import POSITIONS, TextSubject
 
@@ -199,8 +199,8 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
     todo = candidates(len(labels), present, config)
     stages = _Stages(subject, examples, config, progress)
     keep = min(config.top_k, math.ceil(len(todo) / 2))
-    preselect = (is_dbs(config.method) and len(labels) > config.preselect_above
-                 and len(todo) > keep)
+    preselect = (isinstance(config.inverter, DBSConfig)
+                 and len(labels) > config.preselect_above and len(todo) > keep)
     prerun: dict[Candidate, float] = {}
     if preselect and len(stages.groups(len(todo))) == 1:
         # One batched run: the pre-run's state carries on for the top k.

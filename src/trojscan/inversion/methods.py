@@ -44,10 +44,6 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 }
 
 
-def is_dbs(method: str) -> bool:
-    """Whether ``method`` is DBS or one of its ablations (batched, with the K-Arm pre-run)."""
-    return METHODS[method][0] is dbs.DBSConfig
-
 
 def make_config(method: str, trigger_length: int | None = None, epochs: int | None = None,
                 seed: int | None = None, max_evaluations: int | None = None,
