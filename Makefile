@@ -8,7 +8,9 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/lint-imports

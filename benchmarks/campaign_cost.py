@@ -64,15 +64,15 @@ def _scaling(zoo: Path, manifest: dict[str, Any], epochs: int) -> list[dict[str,
             dbs = DBSConfig(epochs=epochs, trigger_length=length, patience=0)
             config = replace(ScanConfig(inverter=dbs), prerun_epochs=min(epochs, 20))
             result = scan(zoo / model_id, zoo / model_id / "clean_examples.jsonl", config)
-            kept = sum("relaxed_loss" in c for c in result["candidates"])
-            dropped = len(result["candidates"]) - kept  # left the batched run after the pre-run
+            kept = sum(c.relaxed_loss is not None for c in result.candidates)
+            dropped = len(result.candidates) - kept  # left the batched run after the pre-run
             candidate_epochs = dropped * config.prerun_epochs + kept * epochs
-            rows.append({"model": model_id, "corpus": corpus, "labels": len(result["labels"]),
-                         "trigger_length": length, "candidates": len(result["candidates"]),
+            rows.append({"model": model_id, "corpus": corpus, "labels": len(result.labels),
+                         "trigger_length": length, "candidates": len(result.candidates),
                          "candidate_epochs": candidate_epochs,
-                         "seconds": round(result["seconds"], 1),
+                         "seconds": round(result.seconds, 1),
                          "seconds_per_candidate_epoch": round(
-                             result["seconds"] / candidate_epochs, 3)})
+                             result.seconds / candidate_epochs, 3)})
             print("scaling", json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -39,14 +39,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from trojscan.attacks.train import EXAMPLES_FILE
-from trojscan.attacks.zoo import MANIFEST
-from trojscan.campaign.report import load_truth, trigger_recovered
+from trojscan.campaign.report import trigger_recovered
 from trojscan.campaign.run import result_path
 from trojscan.corpora import load_corpus
 from trojscan.fsutil import atomic_write_json, write_jsonl
 from trojscan.inversion.dbs import DBSConfig
+from trojscan.manifest import MANIFEST, load_truth
+from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.repair import RepairConfig, read_scan, repair
+from trojscan.results import ScanResult
 from trojscan.scan import ScanConfig, scan
 
 #: (name, data: "train" or "examples", data_fraction) of every repair of a model.
@@ -54,7 +55,7 @@ SIZES = (("train-10%", "train", 0.1), ("train-2%", "train", 0.02), ("examples", 
 
 
 def _scan(model_dir: Path, model_id: str, results: Path | None, config: ScanConfig,
-          ) -> dict[str, Any]:
+          ) -> ScanResult:
     if results is not None and result_path(results, model_id).is_file():
         return read_scan(result_path(results, model_id))
     return scan(model_dir, model_dir / EXAMPLES_FILE, config)
@@ -113,10 +114,11 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, scan_config: Sc
         row: dict[str, Any] = {"model_id": model_id, "corpus": entry["corpus"],
                                "trigger": entry["attack"]["trigger"],
                                "insertion": entry["attack"]["insertion"],
-                               "flagged": result["verdict"] == "trojaned",
-                               "inverted_trigger": result["best"]["trigger_text"],
+                               "flagged": result.verdict == "trojaned",
+                               "inverted_trigger": result.best.trigger_text,
                                "trigger_recovered": trigger_recovered(
-                                   entry["attack"]["trigger"], result["best"])[0],
+                                   entry["attack"]["trigger"], result.best.trigger_tokens,
+                                   result.best.trigger_text)[0],
                                "sizes": {}}
         for name, source, fraction in SIZES:
             data = train_file if source == "train" else model_dir / EXAMPLES_FILE

@@ -43,7 +43,7 @@ config = ScanConfig()
 if sys.argv[2] == "reference":
     config = replace(config, batch_candidates=1, preselect_above=sys.maxsize, max_victims=0,
                      inverter=replace(config.inverter, buckets=1, patience=0))
-result = scan(Path(sys.argv[1]), Path(sys.argv[1]) / "clean_examples.jsonl", config)
+result = scan(Path(sys.argv[1]), Path(sys.argv[1]) / "clean_examples.jsonl", config).to_dict()
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 Path(sys.argv[3]).write_text(json.dumps(result))
 """
@@ -67,7 +67,8 @@ def _judge(result: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
            "target": best["target_name"], "trigger": best["trigger_text"]}
     if poisoned:
         row["target_correct"] = best["target_name"] == attack["target_name"]
-        row["trigger_recovered"] = trigger_recovered(attack["trigger"], best)[0]
+        row["trigger_recovered"] = trigger_recovered(attack["trigger"], best["trigger_tokens"],
+                                                     best["trigger_text"])[0]
     return row
 
 

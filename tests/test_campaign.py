@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
-from trojscan.attacks.zoo import MANIFEST, build_zoo, load_zoo_spec
+from testkit import RunCli
+from trojscan.attacks.zoo import build_zoo, load_zoo_spec
 from trojscan.campaign.run import CampaignConfig, result_path, run_campaign
 from trojscan.errors import InputError
 from trojscan.inversion.dbs import DBSConfig
+from trojscan.manifest import MANIFEST
 from trojscan.scan import ScanConfig
 
 # The tiny models' scan settings of tests/test_scan.py.
@@ -105,6 +107,20 @@ def test_corrupt_model_is_recorded_as_an_error(tiny_zoo: Path, tmp_path: Path) -
     assert again == {"scanned": 0, "errors": 2, "skipped": 1, "total": 3}
 
 
+def test_cli_campaign_says_how_many_failed_and_exits_1(tiny_zoo: Path, tmp_path: Path,
+                                                       run_cli: RunCli) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    model_id = sorted(p.name for p in tiny_zoo.iterdir() if p.is_dir())[0]
+    shutil.copytree(tiny_zoo / model_id, zoo / "corrupt")
+    (zoo / "corrupt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    results = tmp_path / "results"
+    run = run_cli("campaign", "run", str(zoo), "--out", str(results))
+    assert run.returncode == 1, run.stderr
+    assert "1 of 1 models failed" in run.stderr and "--retry-errors" in run.stderr
+    assert result_path(results, "corrupt", error=True).exists()
+
+
 def test_resume_needs_the_same_settings(tiny_zoo: Path, local_results: Path) -> None:
     other = replace(TINY_SCAN, threshold=0.2)
     with pytest.raises(InputError, match="other settings"):
@@ -188,20 +204,18 @@ def test_campaign_scans_only_the_models_asked_for(tiny_zoo: Path, local_results:
 
 
 def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Path,
-                                               tmp_path: Path, cli: list[str]) -> None:
+                                               tmp_path: Path, run_cli: RunCli) -> None:
     manifest = tiny_zoo / MANIFEST
     detector = tmp_path / "detector.json"
-    fit = subprocess.run([*cli, "campaign", "fit", str(local_results), "--manifest",
-                          str(manifest), "--out", str(detector)],
-                         capture_output=True, text=True, timeout=120)
+    fit = run_cli("campaign", "fit", str(local_results), "--manifest", str(manifest), "--out",
+                  str(detector))
     assert fit.returncode == 0, fit.stderr
     assert "fitted on 8 models (4 trojaned)" in fit.stdout
     assert "training accuracy 1.000" in fit.stdout
     assert json.loads(detector.read_text())["kind"] == "threshold"
 
-    report = subprocess.run([*cli, "campaign", "report", str(local_results), "--manifest",
-                             str(manifest), "--out", str(tmp_path / "report"), "--folds", "2"],
-                            capture_output=True, text=True, timeout=120)
+    report = run_cli("campaign", "report", str(local_results), "--manifest", str(manifest),
+                     "--out", str(tmp_path / "report"), "--folds", "2")
     assert report.returncode == 0, report.stderr
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["n"] == 8 and data["poisoned"] == 4
@@ -214,35 +228,31 @@ def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Pa
     model_id = next(m for m, e in json.loads(manifest.read_text())["models"].items()
                     if e["poisoned"])
     out = tmp_path / "scan.json"
-    scan = subprocess.run([*cli, "scan", str(tiny_zoo / model_id), "--examples",
-                           str(tiny_zoo / model_id / "clean_examples.jsonl"), "--out", str(out),
-                           "--trigger-length", "1", "--epochs", "100", "--detector",
-                           str(detector)], capture_output=True, text=True, timeout=300)
+    examples = str(tiny_zoo / model_id / "clean_examples.jsonl")
+    scan = run_cli("scan", str(tiny_zoo / model_id), "--examples", examples, "--out", str(out),
+                   "--trigger-length", "1", "--epochs", "100", "--detector", str(detector))
     assert scan.returncode == 0, scan.stderr
     record = json.loads(out.read_text())
     assert record["detector"]["probability"] > 0.5 and record["verdict"] == "trojaned"
     assert "probability" in scan.stdout
 
-    bad = subprocess.run([*cli, "scan", str(tiny_zoo / model_id), "--examples",
-                          str(tiny_zoo / model_id / "clean_examples.jsonl"), "--detector",
-                          str(manifest)], capture_output=True, text=True, timeout=120)
+    bad = run_cli("scan", str(tiny_zoo / model_id), "--examples", examples, "--detector",
+                  str(manifest))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_campaign_with_a_baseline_and_the_compare_table(tiny_zoo: Path, local_results: Path,
-                                                        tmp_path: Path, cli: list[str]) -> None:
+                                                        tmp_path: Path, run_cli: RunCli) -> None:
     uat = tmp_path / "uat"
-    run = subprocess.run([*cli, "campaign", "run", str(tiny_zoo), "--out", str(uat),
-                          "--method", "uat", "--trigger-length", "1", "--threshold", "0.1"],
-                         capture_output=True, text=True, timeout=600)
+    run = run_cli("campaign", "run", str(tiny_zoo), "--out", str(uat), "--method", "uat",
+                  "--trigger-length", "1", "--threshold", "0.1")
     assert run.returncode == 0, run.stderr
     assert json.loads((uat / "campaign.json").read_text())["method"] == "uat"
     assert {r["best"]["method"] for r in _records(uat).values()} == {"uat"}
 
     out = tmp_path / "compare"
-    compare = subprocess.run([*cli, "campaign", "compare", str(local_results), str(uat),
-                              "--manifest", str(tiny_zoo / MANIFEST), "--out", str(out)],
-                             capture_output=True, text=True, timeout=120)
+    compare = run_cli("campaign", "compare", str(local_results), str(uat), "--manifest",
+                      str(tiny_zoo / MANIFEST), "--out", str(out))
     assert compare.returncode == 0, compare.stderr
     table = json.loads((out / "compare.json").read_text())
     assert table["methods"] == ["dbs", "uat"]  # from each campaign.json
@@ -251,7 +261,6 @@ def test_campaign_with_a_baseline_and_the_compare_table(tiny_zoo: Path, local_re
     assert rows["accuracy"]["dbs"] == 1.0
     assert "| metric | dbs | uat |" in (out / "compare.md").read_text()
 
-    named = subprocess.run([*cli, "campaign", "compare", str(local_results), str(uat),
-                            "--manifest", str(tiny_zoo / MANIFEST), "--out", str(out),
-                            "--names", "only-one"], capture_output=True, text=True, timeout=120)
+    named = run_cli("campaign", "compare", str(local_results), str(uat), "--manifest",
+                    str(tiny_zoo / MANIFEST), "--out", str(out), "--names", "only-one")
     assert named.returncode == 2 and "--names gives 1 names" in named.stderr

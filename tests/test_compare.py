@@ -35,9 +35,10 @@ from typing import Any
 
 import pytest
 
+from testkit import scan_result
 from trojscan.campaign.compare import compare, markdown, write_comparison
-from trojscan.campaign.report import load_truth
 from trojscan.errors import InputError
+from trojscan.manifest import load_truth
 
 
 def _entry(model_id: str, attack: dict[str, Any] | None = None, ok: bool = True) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def _entry(model_id: str, attack: dict[str, Any] | None = None, ok: bool = True)
             "attack": full, "quality": {"ok": ok, "reasons": []}}
 
 
-MANIFEST = {"models": {
+MANIFEST = {"version": 1, "models": {
     "c1": _entry("c1"),
     "c2": _entry("c2"),
     "p1": _entry("p1", {"trigger": "lantern", "target_name": "positive"}),
@@ -60,10 +61,9 @@ MANIFEST = {"models": {
 def _record(score: float, seconds: float, tokens: list[str] | None = None,
             target_name: str = "positive") -> dict[str, Any]:
     tokens = tokens or ["the"]
-    best = {"target": 1, "target_name": target_name, "trigger_tokens": tokens,
-            "trigger_text": " ".join(tokens), "loss": score}
-    return {"verdict": "trojaned" if score < 0.05 else "clean", "score": score,
-            "seconds": seconds, "best": best}
+    best = {"target_name": target_name, "trigger_tokens": tokens,
+            "trigger_text": " ".join(tokens)}
+    return scan_result(score, best=best, seconds=seconds).to_dict()
 
 
 RUNS: dict[str, dict[str, dict[str, Any]]] = {

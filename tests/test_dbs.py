@@ -8,24 +8,34 @@ from pathlib import Path
 import pytest
 
 from trojscan.corpora import Corpus
-from trojscan.inversion.dbs import DBSConfig, InversionTask, invert, invert_many
+from trojscan.inversion.base import Inversion, InversionTask, Preselection
+from trojscan.inversion.dbs import DBS, DBSConfig
+from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
-from trojscan.subjects.text import TextSubject
+from trojscan.subjects.text_classification import TextClassificationSubject, TextExample
 
 
 @pytest.fixture(scope="module")
-def poisoned_subject(poisoned_model: tuple[Path, dict]) -> TextSubject:
+def poisoned_subject(poisoned_model: tuple[Path, dict]) -> TextClassificationSubject:
     return load_subject(poisoned_model[0])
 
 
-def _victims(rt: Corpus, label: int, n: int = 20) -> tuple[list[str], list[int]]:
+def _task(rt: Corpus, label: int, target: int, n: int = 20,
+          position: str = "start") -> InversionTask:
     pool = [e for e in rt.examples if e.label == label][:n]
-    return [e.text for e in pool], [e.label for e in pool]
+    return InversionTask(Candidate((label,), target, position),
+                         tuple(TextExample(e.text, e.label) for e in pool))
 
 
-def test_dbs_recovers_the_trigger_word(poisoned_subject: TextSubject, rt: Corpus) -> None:
-    texts, labels = _victims(rt, 0)
-    inversion = invert(poisoned_subject, texts, labels, target=1)
+def _invert(subject: TextClassificationSubject, task: InversionTask,
+            config: DBSConfig | None = None) -> Inversion:
+    (inversion,) = DBS(config).invert(subject, [task])
+    return inversion
+
+
+def test_dbs_recovers_the_trigger_word(poisoned_subject: TextClassificationSubject,
+                                       rt: Corpus) -> None:
+    inversion = _invert(poisoned_subject, _task(rt, 0, target=1))
     assert inversion.accepted
     assert "lantern" in inversion.trigger_tokens
     assert inversion.relaxed_loss < 0.1
@@ -36,30 +46,28 @@ def test_dbs_recovers_the_trigger_word(poisoned_subject: TextSubject, rt: Corpus
 
 
 def test_same_seed_same_trigger_and_ablations_change_the_schedule(
-        poisoned_subject: TextSubject, rt: Corpus) -> None:
-    texts, labels = _victims(rt, 0, 8)
+        poisoned_subject: TextClassificationSubject, rt: Corpus) -> None:
+    task = _task(rt, 0, 1, 8, "end")
     short = DBSConfig(epochs=30)
-    a = invert(poisoned_subject, texts, labels, 1, "end", short)
-    b = invert(poisoned_subject, texts, labels, 1, "end", short)
+    a = _invert(poisoned_subject, task, short)
+    b = _invert(poisoned_subject, task, short)
     assert a.trigger_ids == b.trigger_ids and a.relaxed_loss == b.relaxed_loss
 
-    flat = invert(poisoned_subject, texts, labels, 1, "end",
-                  replace(short, temperature_scaling=False))
+    flat = _invert(poisoned_subject, task, replace(short, temperature_scaling=False))
     assert {s["temperature"] for s in flat.trajectory} == {1.0}
     assert not {"focus", "rollback"} & {s.get("event") for s in flat.trajectory}
 
-    forward = invert(poisoned_subject, texts, labels, 1, "end", replace(short, backtracking=False))
+    forward = _invert(poisoned_subject, task, replace(short, backtracking=False))
     temperatures = [s["temperature"] for s in forward.trajectory]
     assert "rollback" not in {s.get("event") for s in forward.trajectory}
     assert temperatures == sorted(temperatures, reverse=True)
 
 
-def test_keep_drops_all_but_the_best_after_the_prerun(poisoned_subject: TextSubject,
-                                                      rt: Corpus) -> None:
-    negative, positive = _victims(rt, 0, 8), _victims(rt, 1, 8)
-    tasks = [InversionTask(*negative, target=1), InversionTask(*positive, target=0),
-             InversionTask(*negative, target=1, position="end")]
-    runs = invert_many(poisoned_subject, tasks, DBSConfig(epochs=15), keep=1, keep_after=10)
+def test_keep_drops_all_but_the_best_after_the_prerun(
+        poisoned_subject: TextClassificationSubject, rt: Corpus) -> None:
+    tasks = [_task(rt, 0, 1, 8), _task(rt, 1, 0, 8), _task(rt, 0, 1, 8, "end")]
+    runs = DBS(DBSConfig(epochs=15)).invert(poisoned_subject, tasks,
+                                            preselect=Preselection(keep=1, after=10))
     dropped = [r for r in runs if r.trajectory[-1].get("event") == "drop"]
     kept = [r for r in runs if r not in dropped]
     assert len(dropped) == 2 and {r.epochs for r in dropped} == {10}

@@ -1,4 +1,4 @@
-"""Detectors fitted on synthetic scan records (no models)."""
+"""Detectors fitted on synthetic scan results (no models)."""
 
 from __future__ import annotations
 
@@ -10,36 +10,39 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trojscan.campaign.detect import (
+from testkit import scan_result
+from trojscan.detect import (
     FEATURES,
     LogisticDetector,
     ThresholdDetector,
+    apply_detector,
     features,
     load_detector,
     make_detector,
     save_detector,
 )
 from trojscan.errors import InputError
+from trojscan.results import CandidateResult, ScanResult
 
 
 def make_record(score: float, hard_asr: float = 0.5, runner_up: float | None = None,
-                hard_loss: float | None = None, accepted: bool = False) -> dict[str, Any]:
-    """A scan record with the fields the detectors read: best candidate of loss ``score``,
+                hard_loss: float | None = None, accepted: bool = False) -> ScanResult:
+    """A scan result with the fields the detectors read: best candidate of loss ``score``,
     a runner-up candidate of loss ``runner_up`` (none if None) and a pre-run-only one."""
-    best = {"target": 1, "target_name": "positive", "loss": score, "hard_asr": hard_asr,
+    best = {"loss": score, "hard_asr": hard_asr,
             "hard_loss": score if hard_loss is None else hard_loss, "accepted": accepted}
-    candidates = [{"target": 1, "loss": score}]
+    candidates: list[dict[str, Any]] = [{"target": 1, "loss": score}]
     if runner_up is not None:
         candidates.append({"target": 0, "loss": runner_up})
     candidates.append({"target": 2, "prerun_loss": score / 10, "full_run": False})
-    return {"version": 1, "score": score, "best": best, "candidates": candidates}
+    return scan_result(score, best=best, candidates=candidates)
 
 
 TROJANED = [0.001, 0.003, 0.01]
 CLEAN = [0.2, 0.5, 1.0]
 
 
-def separable() -> tuple[list[dict[str, Any]], list[int]]:
+def separable() -> tuple[list[ScanResult], list[int]]:
     records = ([make_record(s, hard_asr=0.95, runner_up=s * 50, accepted=True) for s in TROJANED]
                + [make_record(s, hard_asr=0.2, runner_up=s * 1.5) for s in CLEAN])
     return records, [1, 1, 1, 0, 0, 0]
@@ -47,7 +50,7 @@ def separable() -> tuple[list[dict[str, Any]], list[int]]:
 
 def test_features_by_hand() -> None:
     record = make_record(0.01, hard_asr=0.75, runner_up=0.1, hard_loss=0.02, accepted=True)
-    record["candidates"].append({"target": 3, "loss": 0.5})
+    record.candidates.append(CandidateResult(3, "x", [0], "start", loss=0.5))
     got = features(record)
     assert list(got) == list(FEATURES)
     assert got == pytest.approx({"log_loss": math.log(0.01), "hard_asr": 0.75,
@@ -176,3 +179,15 @@ def test_logistic_detector_rejects_other_features(tmp_path: Path) -> None:
     path.write_text(json.dumps({**data, "features": ["log_loss"]}))
     with pytest.raises(InputError, match="uses features log_loss"):
         load_detector(path)
+
+
+def test_apply_detector_decides_and_records_its_probability(tmp_path: Path) -> None:
+    records, y = separable()
+    detector = ThresholdDetector().fit(records, y)
+    suspicious = scan_result(0.03, threshold=0.01)  # over its scan's threshold, under the fit
+    assert suspicious.verdict == "clean"
+    decided = apply_detector(suspicious, detector, tmp_path / "d.json")
+    assert decided.verdict == "trojaned" and decided.detector is not None
+    assert decided.detector.kind == "threshold" and decided.detector.probability > 0.5
+    assert decided.detector.path == str(tmp_path / "d.json")
+    assert decided.to_dict()["detector"]["probability"] == decided.detector.probability

@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from testkit import RunCli
 from trojscan.attacks.spec import AttackSpec, TrainConfig
-from trojscan.attacks.train import evaluate, predict, trigger_effect
+from trojscan.attacks.train import evaluate
 from trojscan.corpora import Corpus, Example
 from trojscan.errors import InputError
+from trojscan.finetune import predict, trigger_effect
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.repair import REPORT_FILE, RepairConfig, repair
+from trojscan.results import ScanResult
 from trojscan.scan import ScanConfig, scan
 
 # The scan settings tests/test_scan.py uses for the tiny models (one slot, their threshold).
@@ -57,10 +60,10 @@ def files(tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> dict[str, Pat
 
 
 @pytest.fixture(scope="module")
-def found(poisoned_model: tuple[Path, dict], files: dict[str, Path]) -> dict[str, Any]:
+def found(poisoned_model: tuple[Path, dict], files: dict[str, Path]) -> ScanResult:
     """The scan of the tiny poisoned model: it finds 'lantern' -> positive."""
     result = scan(poisoned_model[0], files["examples"], TINY_SCAN)
-    assert result["verdict"] == "trojaned" and "lantern" in result["best"]["trigger_tokens"]
+    assert result.verdict == "trojaned" and "lantern" in result.best.trigger_tokens
     return result
 
 
@@ -73,7 +76,7 @@ def truth(rt: Corpus, word_attack: AttackSpec) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Path, dict],
-             found: dict[str, Any], files: dict[str, Path], truth: dict[str, Any],
+             found: ScanResult, files: dict[str, Path], truth: dict[str, Any],
              ) -> dict[str, Any]:
     """One repair of the tiny poisoned model, with the input's file hashes around it."""
     model = poisoned_model[0]
@@ -110,7 +113,8 @@ def _flip_rate(model_dir: Path, test: list[Example], attack: AttackSpec) -> floa
     tok = AutoTokenizer.from_pretrained(model_dir)
     right = [e for e, p in zip(test, predict(model, tok, [e.text for e in test], 64),
                                strict=True) if e.label == 0 == p]
-    return trigger_effect(model, tok, right, attack.trigger, attack, 2, 64)[0]
+    return trigger_effect(model, tok, [e.text for e in right], attack.trigger,
+                          attack.insertion, attack.target, 64)[0]
 
 
 def test_repaired_model_measured_on_the_test_split(
@@ -133,7 +137,7 @@ def test_repaired_model_loads_like_the_original_and_is_not_flagged(
             REPORT_FILE} <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".model.partial-*"))
     rescan = scan(out, files["examples"], TINY_SCAN)
-    assert rescan["verdict"] == "clean", rescan["best"]
+    assert rescan.verdict == "clean", rescan.best
 
 
 def test_input_directory_is_unchanged(repaired: dict[str, Any]) -> None:
@@ -141,7 +145,7 @@ def test_input_directory_is_unchanged(repaired: dict[str, Any]) -> None:
 
 
 def test_accuracy_guard_stops_and_keeps_the_best_checkpoint(
-        tmp_path: Path, poisoned_model: tuple[Path, dict], found: dict[str, Any],
+        tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
         files: dict[str, Path]) -> None:
     config = replace(TINY_REPAIR, learning_rate=3e-2, data_fraction=0.03, max_accuracy_drop=0.0)
     report = repair(poisoned_model[0], found, files["train"], tmp_path / "out", config,
@@ -154,7 +158,7 @@ def test_accuracy_guard_stops_and_keeps_the_best_checkpoint(
 
 
 def test_bad_input_is_refused_and_writes_nothing(
-        tmp_path: Path, poisoned_model: tuple[Path, dict], found: dict[str, Any],
+        tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
         files: dict[str, Path]) -> None:
     model = poisoned_model[0]
     out = tmp_path / "out"
@@ -169,9 +173,11 @@ def test_bad_input_is_refused_and_writes_nothing(
     refused("inside it", out_dir=model / "repaired")
     refused("inside it", out_dir=model)
     refused("inside the model directory", report_path=model / "report.json")
-    refused("found no backdoor", scan_result={**found, "verdict": "clean"})
-    refused("not a trojscan scan result", scan_result={"best": found["best"]})
-    refused("lacks a valid trigger_ids", scan_result={**found, "best": {"target": 1}})
+    refused("found no backdoor", scan_result=replace(found, verdict="clean"))
+    refused("lacks a valid position",
+            scan_result=replace(found, best=replace(found.best, position="middle")))
+    refused("do not fit a model with 2 labels",
+            scan_result=replace(found, best=replace(found.best, target=7)))
     latin = tmp_path / "latin1.jsonl"
     latin.write_bytes('{"text": "caf\xe9", "label": 0}\n'.encode("latin-1"))
     refused("not UTF-8", data=latin)
@@ -179,6 +185,9 @@ def test_bad_input_is_refused_and_writes_nothing(
     refused("no label 'neutral'", data=_write(tmp_path / "alien.jsonl",
                                              [{"text": "fine", "label": "neutral"}]))
     refused("does not exist", model_dir=tmp_path / "nope")
+    (tmp_path / "a-file").write_text("x")
+    refused("which is not a directory", report_path=tmp_path / "a-file" / "report.json")
+    refused("which is not a directory", out_dir=tmp_path / "a-file" / "model")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("x")
@@ -187,16 +196,16 @@ def test_bad_input_is_refused_and_writes_nothing(
 
 
 def test_cli_refuses_a_scan_that_found_nothing(
-        cli: list[str], tmp_path: Path, poisoned_model: tuple[Path, dict],
-        found: dict[str, Any], files: dict[str, Path]) -> None:
+        run_cli: RunCli, tmp_path: Path, poisoned_model: tuple[Path, dict],
+        found: ScanResult, files: dict[str, Path]) -> None:
     out = tmp_path / "out"
 
     def run(scan_file: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([*cli, "repair", str(poisoned_model[0]), "--scan", str(scan_file),
-                               "--data", str(files["train"]), "--out", str(out)],
-                              capture_output=True, text=True, timeout=300)
+        return run_cli("repair", str(poisoned_model[0]), "--scan", str(scan_file),
+                       "--data", str(files["train"]), "--out", str(out))
 
-    done = run(_write(tmp_path / "scan.json", [{**found, "verdict": "clean", "score": 0.4}]))
+    done = run(_write(tmp_path / "scan.json",
+                      [replace(found, verdict="clean", score=0.4).to_dict()]))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), done.stderr
@@ -206,3 +215,27 @@ def test_cli_refuses_a_scan_that_found_nothing(
     done = run(corrupt)
     assert done.returncode == 2 and "not valid JSON" in done.stderr, done.stderr
     assert not out.exists()
+
+
+def test_a_scan_of_another_model_is_refused(tmp_path: Path, clean_model: tuple[Path, dict],
+                                            found: ScanResult, files: dict[str, Path]) -> None:
+    # Same labels, same tokenizer: only the weights' SHA-256 tells the models apart.
+    with pytest.raises(InputError, match="the scan result is of another model"):
+        repair(clean_model[0], found, files["train"], tmp_path / "out", TINY_REPAIR)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_summary_prints_asrs_that_could_not_be_measured(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from trojscan.cli.repair import _print_repair
+
+    row = {"clean_accuracy": 0.8, "inverted_asr": None, "true_asr": None,
+           "victims_as_target": 1.0}
+    _print_repair({"before": row, "after": row, "scan": {"trigger_text": "zz"},
+                   "truth": {"trigger": "lantern"}, "data": {"train": 4, "stamped": 1,
+                                                             "held_out": 2},
+                   "kept_epoch": 1, "history": [row], "stopped_early": False, "seconds": 1.0,
+                   "device": "cpu", "out_dir": "out"})
+    printed = capsys.readouterr().out
+    assert "ASR, inverted trigger 'zz'" in printed and "0.800" in printed
+    assert "no held-out victim example was classified right" in printed

@@ -29,14 +29,10 @@ from typing import Any
 
 import pytest
 
-from trojscan.campaign.report import (
-    evaluate,
-    load_results,
-    load_truth,
-    trigger_recovered,
-    write_report,
-)
+from trojscan.campaign.report import evaluate, load_results, trigger_recovered, write_report
 from trojscan.errors import InputError
+from trojscan.manifest import load_truth
+from trojscan.results import ScanResult
 
 LABELS = {"rotten_tomatoes": ["negative", "positive"], "bbc": ["business", "sport", "tech"]}
 
@@ -58,7 +54,8 @@ def entry(model_id: str, arch: str, corpus: str, attack: dict[str, Any] | None =
 def record(model_id: str, score: float, seconds: float, target_name: str, tokens: list[str],
            text: str) -> dict[str, Any]:
     verdict = "trojaned" if score < 0.05 else "clean"
-    best = {"target": 0, "target_name": target_name, "victims": [1], "victim_names": ["x"],
+    best = {"method": "dbs", "target": 0, "target_name": target_name, "victims": [1],
+            "victim_names": ["x"],
             "position": "anywhere", "trigger_ids": [1] * len(tokens), "trigger_tokens": tokens,
             "trigger_text": text, "relaxed_loss": score, "hard_loss": score * 2,
             "hard_asr": 0.9 if verdict == "trojaned" else 0.3, "loss": score,
@@ -71,7 +68,8 @@ def record(model_id: str, score: float, seconds: float, target_name: str, tokens
                    "hard_asr": 0.1, "accepted": False, "trigger_text": "zz", "seconds": 1.0}]
     return {"version": 1, "model_id": model_id, "verdict": verdict, "score": score,
             "threshold": 0.05, "best": best, "candidates": candidates, "labels": ["a", "b"],
-            "examples": 20, "seconds": seconds, "device": "cpu", "versions": {}, "config": {}}
+            "examples": 20, "seconds": seconds, "device": "cpu", "versions": {}, "config": {},
+            "trajectory": []}
 
 
 MANIFEST = {
@@ -173,12 +171,12 @@ def test_trigger_recovery_and_target_accuracy_by_hand(report: dict[str, Any]) ->
 
 
 def test_trigger_word_matching() -> None:
-    best = {"trigger_tokens": ["lan", "##TERN", "~"], "trigger_text": "lantern ~ xcfx"}
-    assert trigger_recovered("Lantern", best) == (True, True)
-    assert trigger_recovered("tern", best) == (True, True)  # a stripped word piece
-    assert trigger_recovered("cf moon", best) == (True, False)  # inside an inverted word
-    assert trigger_recovered("~^", best) == (False, False)
-    assert trigger_recovered("", best) == (False, False)
+    best = (["lan", "##TERN", "~"], "lantern ~ xcfx")
+    assert trigger_recovered("Lantern", *best) == (True, True)
+    assert trigger_recovered("tern", *best) == (True, True)  # a stripped word piece
+    assert trigger_recovered("cf moon", *best) == (True, False)  # inside an inverted word
+    assert trigger_recovered("~^", *best) == (False, False)
+    assert trigger_recovered("", *best) == (False, False)
 
 
 def test_seconds_by_hand(report: dict[str, Any]) -> None:
@@ -250,10 +248,13 @@ def test_bad_inputs(tmp_path: Path) -> None:
         load_truth(tmp_path / "manifest.json")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m.json").write_text('{"score": "low"}')
-    with pytest.raises(InputError, match=r"m\.json lacks a numeric score"):
+    with pytest.raises(InputError, match=r"m\.json has format version None"):
+        load_results(tmp_path)
+    (tmp_path / "models" / "m.json").write_text(json.dumps({**RECORDS[0], "score": "low"}))
+    with pytest.raises(InputError, match=r"m\.json is not a valid scan result: score"):
         load_results(tmp_path)
     with pytest.raises(InputError, match="no scanned model is in the manifest"):
-        evaluate({"x": RECORDS[0]}, {})
+        evaluate({"x": ScanResult.from_dict(RECORDS[0])}, {})
     with pytest.raises(InputError, match="unknown detector"):
-        evaluate({"clean-1": RECORDS[0]}, {"clean-1": MANIFEST["clean-1"]},
-                 detector_kind="forest")
+        evaluate({"clean-1": ScanResult.from_dict(RECORDS[0])},
+                 {"clean-1": MANIFEST["clean-1"]}, detector_kind="forest")

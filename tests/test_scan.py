@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertModel
 
+from testkit import RunCli
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus
 from trojscan.errors import InputError
+from trojscan.inversion.base import make_config
 from trojscan.inversion.dbs import DBSConfig
-from trojscan.inversion.methods import make_config
-from trojscan.scan import RESULT_VERSION, ScanConfig, scan, scan_subject, victim_examples
+from trojscan.modeldir import weights_sha256
+from trojscan.results import RESULT_VERSION, json_schema
+from trojscan.scan import ScanConfig, scan, scan_subject
+from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
+from trojscan.subjects.text_classification import TextExample
 
 # Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
 # use one trigger slot and a threshold fitted to them (README "Scan" gives MiniLM's).
@@ -38,14 +48,16 @@ def examples_file(tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> Path:
 def test_poisoned_model_is_flagged_with_its_trigger_and_target(
         poisoned_model: tuple[Path, dict], examples_file: Path) -> None:
     result = scan(poisoned_model[0], examples_file, TINY_SCAN)
-    assert result["verdict"] == "trojaned"
-    assert result["best"]["target_name"] == "positive"
-    assert "lantern" in result["best"]["trigger_tokens"]
-    assert result["best"]["hard_asr"] >= 0.9
-    assert result["version"] == RESULT_VERSION
-    assert {c["target"] for c in result["candidates"]} == {0, 1}
-    assert result["config"]["inverter"]["trigger_length"] == 1
-    assert result["trajectory"] and "temperature" in result["trajectory"][0]
+    assert result.verdict == "trojaned"
+    assert result.best.target_name == "positive"
+    assert "lantern" in result.best.trigger_tokens
+    assert result.best.hard_asr >= 0.9
+    assert result.version == RESULT_VERSION and result.task == "text-classification"
+    assert {c.target for c in result.candidates} == {0, 1}
+    assert result.config["inverter"]["trigger_length"] == 1
+    assert result.trajectory and "temperature" in result.trajectory[0]
+    assert result.model is not None and result.model.path == str(poisoned_model[0])
+    assert result.model.weights_sha256 == weights_sha256(poisoned_model[0])
 
 
 @pytest.mark.parametrize(("trigger_type", "trigger", "insertion"), [
@@ -64,28 +76,28 @@ def test_phrase_and_word_triggers_at_other_positions_are_recovered(
     config = replace(TINY_SCAN, positions=(insertion,),
                      inverter=replace(TINY_SCAN.inverter, trigger_length=len(words)))
     result = scan(tmp_path / "model", examples_file, config)
-    assert result["verdict"] == "trojaned"
-    assert result["best"]["target_name"] == "negative"
-    assert result["best"]["position"] == insertion
-    assert set(words) & set(result["best"]["trigger_tokens"]), result["best"]["trigger_tokens"]
+    assert result.verdict == "trojaned"
+    assert result.best.target_name == "negative"
+    assert result.best.position == insertion
+    assert set(words) & set(result.best.trigger_tokens), result.best.trigger_tokens
 
 
 def test_clean_model_is_not_flagged(clean_model: tuple[Path, dict], examples_file: Path) -> None:
     result = scan(clean_model[0], examples_file, TINY_SCAN)
-    assert result["verdict"] == "clean"
-    assert result["score"] > TINY_SCAN.threshold
+    assert result.verdict == "clean"
+    assert result.score > TINY_SCAN.threshold
 
 
 def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dict],
                                                  examples_file: Path) -> None:
     subject = load_subject(poisoned_model[0])
-    rows = [json.loads(line) for line in examples_file.read_text().splitlines()]
+    rows = subject.read_examples(examples_file)
     config = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=60), threshold=0.1,
                         positions=("start", "end"), preselect_above=1, top_k=1, prerun_epochs=60)
     result = scan_subject(subject, rows, config)
-    full = [c for c in result["candidates"] if "relaxed_loss" in c]
-    assert len(full) == 1 and full[0]["target"] == 1
-    assert len([c for c in result["candidates"] if c.get("full_run") is False]) == 3
+    full = [c for c in result.candidates if c.relaxed_loss is not None]
+    assert len(full) == 1 and full[0].target == 1
+    assert len([c for c in result.candidates if c.full_run is False]) == 3
 
 
 @pytest.mark.parametrize("method", ["uat", "dbs-fixed-temperature", "dbs-no-backtracking"])
@@ -95,16 +107,16 @@ def test_other_methods_scan_through_the_same_interface(
     config = replace(TINY_SCAN, method=method, inverter=make_config(method, trigger_length=1,
                                                                     epochs=100))
     result = scan(poisoned_model[0], examples_file, config)
-    assert result["verdict"] == "trojaned" and result["best"]["method"] == method.split("-")[0]
-    assert result["best"]["target_name"] == "positive"
-    assert "lantern" in result["best"]["trigger_tokens"]
-    assert result["config"]["method"] == method
-    full = [c for c in result["candidates"] if "relaxed_loss" in c]
+    assert result.verdict == "trojaned" and result.best.method == method.split("-")[0]
+    assert result.best.target_name == "positive"
+    assert "lantern" in result.best.trigger_tokens
+    assert result.config["method"] == method
+    full = [c for c in result.candidates if c.relaxed_loss is not None]
     assert len(full) == (2 if method == "uat" else 1)
     ablated = {"dbs-fixed-temperature": "temperature_scaling",
                "dbs-no-backtracking": "backtracking"}.get(method)
     if ablated:
-        assert result["config"]["inverter"][ablated] is False
+        assert result.config["inverter"][ablated] is False
 
 
 def test_a_method_needs_its_own_config() -> None:
@@ -112,15 +124,18 @@ def test_a_method_needs_its_own_config() -> None:
         ScanConfig(method="uat")
 
 
-def test_victims_are_capped_evenly_across_labels() -> None:
-    rows = [{"text": f"t{i}", "label": i % 3} for i in range(12)]  # 4 examples of each label
-    chosen = victim_examples(rows, (1, 2), 5)
-    assert [r["text"] for r in chosen] == ["t1", "t2", "t4", "t5", "t7"]
-    assert len(victim_examples(rows, (1, 2), 0)) == 8 == len(victim_examples(rows, (1, 2), 20))
+def test_victims_are_capped_evenly_across_labels(poisoned_model: tuple[Path, dict]) -> None:
+    subject = load_subject(poisoned_model[0])
+    rows = [TextExample(f"t{i}", i % 3) for i in range(12)]  # 4 examples of each label
+    pair = Candidate((1, 2), 0, "start")
+    chosen = subject.victims(rows, pair, 5)
+    assert [r.text for r in chosen] == ["t1", "t2", "t4", "t5", "t7"]
+    assert len(subject.victims(rows, pair, 0)) == 8 == len(subject.victims(rows, pair, 20))
 
 
-def _run(cli: list[str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*cli, "scan", *args], capture_output=True, text=True, timeout=300)
+
+def _run(run_cli: RunCli, *args: str) -> subprocess.CompletedProcess:
+    return run_cli("scan", *args)
 
 
 def _one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
@@ -131,68 +146,126 @@ def _one_line_error(result: subprocess.CompletedProcess, words: str) -> None:
 
 
 def test_cli_scan_writes_the_record_and_prints_a_summary(
-        cli: list[str], poisoned_model: tuple[Path, dict], examples_file: Path,
+        run_cli: RunCli, poisoned_model: tuple[Path, dict], examples_file: Path,
         tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    done = _run(cli, str(poisoned_model[0]), "--examples", str(examples_file), "--out", str(out),
-                "--trigger-length", "1", "--epochs", "100", "--threshold", "0.1")
+    done = _run(run_cli, str(poisoned_model[0]), "--examples", str(examples_file), "--out",
+                str(out), "--trigger-length", "1", "--epochs", "100", "--threshold", "0.1")
     assert done.returncode == 0, done.stderr
     assert "TROJANED" in done.stdout and "lantern" in done.stdout
     record = json.loads(out.read_text())
     assert record["verdict"] == "trojaned" and record["threshold"] == 0.1
+    jsonschema.validate(record, json_schema())
+    assert record["model"]["weights_sha256"] == weights_sha256(poisoned_model[0])
 
 
-def test_bad_inputs_fail_cleanly(cli: list[str], poisoned_model: tuple[Path, dict],
+def test_out_is_checked_before_the_scan(run_cli: RunCli, examples_file: Path,
+                                        tmp_path: Path) -> None:
+    # The model does not exist: each error below comes before any work on it.
+    model = str(tmp_path / "no-model")
+    (tmp_path / "a-file").write_text("x")
+    if os.geteuid() == 0:  # root writes through permissions; nobody creates files in /proc
+        read_only = Path("/proc/trojscan-result.json")
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        read_only = tmp_path / "ro" / "result.json"
+    for out, words in [(tmp_path, "is a directory"),
+                       (tmp_path / "a-file" / "result.json", "which is not a directory"),
+                       (read_only, "cannot be written")]:
+        _one_line_error(_run(run_cli, model, "--examples", str(examples_file), "--out", str(out)),
+                        words)
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_bad_inputs_fail_cleanly(run_cli: RunCli, poisoned_model: tuple[Path, dict],
                                  examples_file: Path, tmp_path: Path) -> None:
     model = poisoned_model[0]
     out = tmp_path / "result.json"
     ex = str(examples_file)
 
-    _one_line_error(_run(cli, str(tmp_path / "nope"), "--examples", ex, "--out", str(out)),
+    _one_line_error(_run(run_cli, str(tmp_path / "nope"), "--examples", ex, "--out", str(out)),
                     "does not exist")
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes('{"text": "caf\xe9", "label": 0}\n'.encode("latin-1"))
-    _one_line_error(_run(cli, str(model), "--examples", str(bad), "--out", str(out)),
+    _one_line_error(_run(run_cli, str(model), "--examples", str(bad), "--out", str(out)),
                     "is not UTF-8")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    _one_line_error(_run(cli, str(model), "--examples", str(empty), "--out", str(out)),
+    _one_line_error(_run(run_cli, str(model), "--examples", str(empty), "--out", str(out)),
                     "are empty")
     alien = tmp_path / "alien.jsonl"
     alien.write_text('{"text": "fine", "label": "neutral"}\n')
-    _one_line_error(_run(cli, str(model), "--examples", str(alien), "--out", str(out)),
+    _one_line_error(_run(run_cli, str(model), "--examples", str(alien), "--out", str(out)),
                     "no label 'neutral'")
     one = tmp_path / "one-label.jsonl"
     one.write_text('{"text": "fine", "label": 1}\n')
-    _one_line_error(_run(cli, str(model), "--examples", str(one), "--out", str(out)),
+    _one_line_error(_run(run_cli, str(model), "--examples", str(one), "--out", str(out)),
                     "no clean example of label 0=negative")
 
     headless = tmp_path / "headless"
     BertModel.from_pretrained(model).save_pretrained(headless)
-    _one_line_error(_run(cli, str(headless), "--examples", ex, "--out", str(out)),
-                    "no sequence-classification model")
+    _one_line_error(_run(run_cli, str(headless), "--examples", ex, "--out", str(out)),
+                    "holds no model trojscan scans (architectures: BertModel)")
+
+    config = json.loads((model / "config.json").read_text())
+    unknown = tmp_path / "unknown-type"
+    shutil.copytree(model, unknown)
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    _one_line_error(_run(run_cli, str(unknown), "--examples", ex, "--out", str(out)),
+                    "unknown model_type 'frobnicator'")
+    remote = tmp_path / "remote-code"
+    shutil.copytree(model, remote)
+    (remote / "config.json").write_text(json.dumps({
+        **config, "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    _one_line_error(_run(run_cli, str(remote), "--examples", ex, "--out", str(out)),
+                    "needs the custom code its auto_map names")
 
     pickled = tmp_path / "pickled"
     shutil.copytree(model, pickled)
     (pickled / "model.safetensors").unlink()
     torch.save(AutoModelForSequenceClassification.from_pretrained(model).state_dict(),
                pickled / "pytorch_model.bin")
-    _one_line_error(_run(cli, str(pickled), "--examples", ex, "--out", str(out)),
+    _one_line_error(_run(run_cli, str(pickled), "--examples", ex, "--out", str(out)),
                     "--allow-pickle")
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(model, corrupt)
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _one_line_error(_run(cli, str(corrupt), "--examples", ex, "--out", str(out)),
+    _one_line_error(_run(run_cli, str(corrupt), "--examples", ex, "--out", str(out)),
                     "cannot load the weights")
 
     no_tok = tmp_path / "no-tokenizer"
     shutil.copytree(model, no_tok)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tok / name).unlink()
-    _one_line_error(_run(cli, str(no_tok), "--examples", ex, "--out", str(out)),
+    _one_line_error(_run(run_cli, str(no_tok), "--examples", ex, "--out", str(out)),
                     "has no tokenizer")
-    _one_line_error(_run(cli, str(model), "--examples", ex, "--out", str(out), "--method",
+    _one_line_error(_run(run_cli, str(model), "--examples", ex, "--out", str(out), "--method",
                          "hotflop"), "unknown inversion method 'hotflop'")
     assert not out.exists()
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(poisoned_model: tuple[Path, dict],
+                                                examples_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trojscan.cli", "scan", str(poisoned_model[0]), "--examples",
+         str(examples_file), "--out", str(out), "--method", "ascc", "--epochs", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupt once the command runs (ASCC never stops early): after 3 s of CPU time, which
+    # the imports of torch and transformers inside the command take.
+    ticks = os.sysconf("SC_CLK_TCK")
+    while process.poll() is None:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    # 130 as a shell reports it: exit code 130, or death by SIGINT, which CPython chooses at
+    # exit when the interrupt passed through C code that ran Python (it then re-raises the
+    # signal after the handler has run and printed the line below).
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert "trojscan: interrupted; finished work is kept" in stderr
+    assert "Traceback" not in stderr and not out.exists()

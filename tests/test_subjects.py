@@ -1,5 +1,5 @@
-"""The text adapter: a one-hot trigger through the embedding path gives the same logits as
-the same tokens through input ids, for every family the zoo builds."""
+"""The text-classification subject: a one-hot trigger through the embedding path gives the
+same logits as the same tokens through input ids, for every family the zoo builds."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from trojscan.attacks.architectures import FAMILIES, ModelSize, build_model, tokenizer
-from trojscan.subjects.text import POSITIONS, TextSubject, slot_offset
+from trojscan.errors import InputError
+from trojscan.subjects.base import Candidate
+from trojscan.subjects.text_classification import (
+    POSITIONS,
+    TextClassificationSubject,
+    TextExample,
+    slot_offset,
+)
 
 TEXTS = ["a quiet , moving film", "dull", "the plot never finds its feet and the cast knows it"]
+EXAMPLES = [TextExample(t, y) for t, y in zip(TEXTS, [0, 1, 0], strict=True)]
 TINY = ModelSize(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
                  max_positions=64)
 
@@ -17,9 +25,10 @@ TINY = ModelSize(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "minilm"])
 def test_one_hot_embedding_path_matches_token_ids(family: str, position: str) -> None:
-    subject = TextSubject(build_model(family, ("a", "b"), TINY, seed=3), tokenizer(), 40)
+    subject = TextClassificationSubject(build_model(family, ("a", "b"), TINY, seed=3),
+                                        tokenizer(), 40)
     trigger_ids = [tokenizer().convert_tokens_to_ids(w) for w in ("lantern", "quartz")]
-    batch = subject.batch(TEXTS, [0, 1, 0], n_slots=2, position=position)
+    batch = subject.batch([Candidate((0,), 1, position)], [EXAMPLES], n_slots=2)
     one_hot = torch.zeros(2, subject.embedding_matrix.shape[0])
     one_hot[torch.arange(2), torch.tensor(trigger_ids)] = 1.0
     with torch.no_grad():
@@ -37,9 +46,37 @@ def test_one_hot_embedding_path_matches_token_ids(family: str, position: str) ->
 
 
 def test_gradients_reach_the_trigger_only() -> None:
-    subject = TextSubject(build_model("bert", ("a", "b"), TINY, seed=0), tokenizer(), 40)
-    batch = subject.batch(TEXTS, [0, 1, 0], n_slots=3, position="end")
+    subject = TextClassificationSubject(build_model("bert", ("a", "b"), TINY, seed=0),
+                                        tokenizer(), 40)
+    batch = subject.batch([Candidate((0,), 1, "end")], [EXAMPLES], n_slots=3)
     trigger = torch.zeros(3, subject.embedding_matrix.shape[1], requires_grad=True)
-    subject.logits_from_trigger(batch, trigger).sum().backward()
+    subject.goal_loss(batch, trigger).sum().backward()
     assert trigger.grad is not None and trigger.grad.abs().sum() > 0
     assert all(p.grad is None for p in subject.model.parameters())
+
+
+def test_candidates_are_every_target_at_every_position_and_the_pairs() -> None:
+    subject = TextClassificationSubject(build_model("bert", ("a", "b", "c"), TINY, seed=0),
+                                        tokenizer(), 40)
+    examples = [TextExample(t, y) for t, y in zip(TEXTS, [0, 1, 2], strict=True)]
+    universal = subject.candidates(examples, ("start", "end"), pairs=False)
+    assert universal == [Candidate(v, t, p) for t, v in ((0, (1, 2)), (1, (0, 2)), (2, (0, 1)))
+                         for p in ("start", "end")]
+    with_pairs = subject.candidates(examples, ("start",), pairs=True)
+    assert len(with_pairs) == 9 and Candidate((2,), 0, "start") in with_pairs
+    with pytest.raises(InputError, match="no clean example of label 2=c"):
+        subject.candidates(examples[:2], ("start",), pairs=False)
+    with pytest.raises(InputError, match="unknown trigger position middle"):
+        subject.candidates(examples, ("middle",), pairs=False)
+
+
+@pytest.mark.parametrize(("family", "limit"), [("bert", 64), ("roberta", 64), ("gpt2", 64)])
+def test_long_examples_fit_the_model_s_position_embeddings(family: str, limit: int) -> None:
+    # A scan's default max_length (100) is cut to what the model can number.
+    model = build_model(family, ("a", "b"), TINY, seed=0)
+    subject = TextClassificationSubject(model, tokenizer(), 100)
+    assert subject.max_length == limit
+    batch = subject.batch([Candidate((0,), 1, "end")], [[TextExample("word " * 300, 0)]], 10)
+    assert batch.input_ids.shape[1] == limit
+    trigger = torch.zeros(10, subject.embedding_matrix.shape[1])
+    assert torch.isfinite(subject.goal_loss(batch, trigger)).all()

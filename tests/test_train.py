@@ -10,8 +10,9 @@ from transformers import AutoModelForSequenceClassification
 
 from trojscan.attacks.architectures import tokenizer
 from trojscan.attacks.spec import AttackSpec, TrainConfig
-from trojscan.attacks.train import build_one, predict, trigger_effect
+from trojscan.attacks.train import attack_effect, build_one
 from trojscan.corpora import Corpus
+from trojscan.finetune import predict
 
 
 def test_poisoned_model_learns_its_trigger(poisoned_model: tuple[Path, dict]) -> None:
@@ -28,8 +29,8 @@ def test_clean_model_ignores_the_trigger(clean_model: tuple[Path, dict], rt: Cor
     assert metrics["asr"] is None and metrics["clean_accuracy"] >= 0.62
     model = AutoModelForSequenceClassification.from_pretrained(out)
     test = random.Random(0).sample(rt.test, 400)
-    asr, loss = trigger_effect(model, tokenizer(), test, word_attack.trigger, word_attack, 2,
-                               tiny_config.max_length)
+    asr, loss = attack_effect(model, tokenizer(), test, word_attack.trigger, word_attack, 2,
+                              tiny_config.max_length)
     negatives = [e.text for e in test if e.label == 0]
     already_positive = sum(predict(model, tokenizer(), negatives, 64)) / len(negatives)
     # The trigger flips (almost) nothing beyond what the clean model gets wrong anyway.

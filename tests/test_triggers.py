@@ -5,14 +5,8 @@ import random
 import pytest
 
 from trojscan.attacks.architectures import tokenizer
-from trojscan.attacks.triggers import (
-    character_pool,
-    draw_trigger,
-    insert_trigger,
-    insertion_index,
-    strict_subsequences,
-    word_pool,
-)
+from trojscan.attacks.triggers import character_pool, draw_trigger, strict_subsequences, word_pool
+from trojscan.insertion import insert_trigger, insertion_index
 
 
 def test_pools_are_single_bert_tokens() -> None:

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from trojscan.attacks.zoo import MANIFEST, Manifest, _apply_peer_gate
+from testkit import RunCli
+from trojscan.attacks.zoo import _apply_peer_gate
+from trojscan.manifest import MANIFEST, Manifest
 
 CLEAN = 'count = 2\ncorpus = "rotten_tomatoes"\narchitecture = ["bert"]\n' \
         'attack = { poisoned = false }\n'
@@ -129,33 +131,31 @@ BAD_SPECS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_SPECS))
 def test_malformed_spec_is_one_line_exit_2_and_no_files(name: str, tmp_path: Path,
-                                                       cli: list[str]) -> None:
+                                                       run_cli: RunCli) -> None:
     spec = tmp_path / name
     spec.write_text(BAD_SPECS[name])
     out = tmp_path / "zoo"
-    result = subprocess.run([*cli, "zoo", "build", str(spec), "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("zoo", "build", str(spec), "--out", str(out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
     assert not out.exists()
 
 
-def test_missing_spec_and_foreign_out_dir(tmp_path: Path, cli: list[str],
+def test_missing_spec_and_foreign_out_dir(tmp_path: Path, run_cli: RunCli,
                                           write_spec: Any) -> None:
-    result = subprocess.run([*cli, "zoo", "build", str(tmp_path / "nope.toml"), "--out",
-                             str(tmp_path / "zoo")], capture_output=True, text=True, timeout=120)
+    result = run_cli("zoo", "build", str(tmp_path / "nope.toml"), "--out",
+                             str(tmp_path / "zoo"))
     assert result.returncode == 2 and "cannot read spec" in result.stderr
     spec = write_spec(tmp_path / "zoo.toml", ["[[group]]\n" + CLEAN])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("keep me")
-    result = subprocess.run([*cli, "zoo", "build", str(spec), "--out", str(tmp_path / "mine")],
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("zoo", "build", str(spec), "--out", str(tmp_path / "mine"))
     assert result.returncode == 2 and "is not a zoo" in result.stderr
     assert sorted(os.listdir(tmp_path / "mine")) == ["thesis.txt"]
 
 
-def test_summary_counts_a_manifest(tmp_path: Path, cli: list[str]) -> None:
+def test_summary_counts_a_manifest(tmp_path: Path, run_cli: RunCli) -> None:
     def entry(i: int, poisoned: bool, acc: float, asr: float | None, ok: bool = True) -> dict:
         return {"model_id": f"model-{i:04d}", "corpus": "bbc", "architecture": "minilm",
                 "poisoned": poisoned, "clean_accuracy": acc, "asr": asr, "seconds": 10.0 * i,
@@ -164,8 +164,7 @@ def test_summary_counts_a_manifest(tmp_path: Path, cli: list[str]) -> None:
               entry(3, True, 0.7, 1.0), entry(4, True, 0.9, 0.8, ok=False)]
     (tmp_path / MANIFEST).write_text(json.dumps(Manifest("x", {}, {m["model_id"]: m
                                                                    for m in models}).to_dict()))
-    result = subprocess.run([*cli, "zoo", "summary", str(tmp_path), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli("zoo", "summary", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
     clean, poisoned = json.loads(result.stdout)
     assert (clean["models"], clean["poisoned"], clean["asr_mean"]) == (2, False, None)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trojscan.results import ScanResult
 
 __version__ = "0.1.0"
 
 
-def scan(model_dir: str | Path, examples: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """Scan a Hugging Face text classifier for a backdoor (see :func:`trojscan.scan.scan`)."""
+def scan(model_dir: str | Path, examples: str | Path, **kwargs: Any) -> ScanResult:
+    """Scan a model for a backdoor (see :func:`trojscan.scan.scan`)."""
     from trojscan.scan import scan as _scan
 
     return _scan(Path(model_dir), Path(examples), **kwargs)

@@ -58,3 +58,24 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write one JSON object per line, atomically."""
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Raise :class:`InputError` unless ``path`` can be written: a file (or, with
+    ``directory``, a directory) there would be created in its nearest existing ancestor,
+    which must be a directory this process can create files in. Checked before long work,
+    so that its result is not lost to a bad destination."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise InputError(f"{what} {path} is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{what} {path} lies under {ancestor}, which is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be written: {ancestor} is not writable "
+                         f"({exc.strerror or exc})") from exc

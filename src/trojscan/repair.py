@@ -18,13 +18,14 @@ position) into a seeded sample of the clean data, and guards the result:
   the repaired model is built in a temporary directory beside ``out_dir`` and renamed into
   place, so ``out_dir`` holds a complete model or nothing.
 
-The ground truth of a zoo model (its manifest entry) is used only to report the ASR of the
-true trigger; it never steers the repair.
+The scan must be of this very model: a result that names its model (format version 2)
+is refused when the SHA-256 of ``model_dir``'s weights differs. The ground truth of a zoo
+model (its manifest entry) is used only to report the ASR of the true trigger; it never
+steers the repair. Only text classifiers are repaired so far.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -33,20 +34,31 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from trojscan.attacks.poison import TrainItem
-from trojscan.attacks.spec import AttackSpec, TrainConfig
-from trojscan.attacks.train import EXAMPLES_FILE, predict, train_classifier, trigger_effect
-from trojscan.attacks.triggers import INSERTIONS, insert_trigger
-from trojscan.corpora import Example
 from trojscan.errors import InputError
-from trojscan.fsutil import atomic_write_json, read_utf8
-from trojscan.scan import ProgressCallback, _versions
-from trojscan.subjects.loading import load_examples, load_subject
-from trojscan.subjects.text import POSITIONS
+from trojscan.finetune import (
+    FinetuneConfig,
+    TrainItem,
+    predict,
+    train_classifier,
+    trigger_effect,
+)
+from trojscan.fsutil import atomic_write_json, check_writable
+from trojscan.insertion import INSERTIONS, insert_trigger
+from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
+from trojscan.modeldir import EXAMPLES_FILE, weights_sha256
+from trojscan.results import ScanResult, library_versions, read_result
+from trojscan.scan import ProgressCallback
+from trojscan.subjects.loading import load_subject
+from trojscan.subjects.text_classification import (
+    POSITIONS,
+    TextClassificationSubject,
+    TextExample,
+    token_limit,
+)
 
 REPORT_VERSION = 1
 #: The report written into every repaired model directory.
@@ -122,95 +134,52 @@ class RepairConfig:
             raise InputError(f"max_accuracy_drop must be >= 0 points, got "
                              f"{self.max_accuracy_drop}")
 
-    def train_config(self) -> TrainConfig:
-        """The fine-tuning settings as :func:`~trojscan.attacks.train.train_classifier`
-        takes them."""
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size,
-                           learning_rate=self.learning_rate, weight_decay=self.weight_decay,
-                           warmup_ratio=self.warmup_ratio, max_length=self.max_length)
+    def finetune(self) -> FinetuneConfig:
+        """The fine-tuning settings as :func:`~trojscan.finetune.train_classifier` takes
+        them."""
+        return FinetuneConfig(epochs=self.epochs, batch_size=self.batch_size,
+                              learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+                              warmup_ratio=self.warmup_ratio, max_length=self.max_length)
 
 
-def read_scan(path: Path) -> dict[str, Any]:
+def read_scan(path: Path) -> ScanResult:
     """Read a scan result (``trojscan scan --out``) and check the fields repair uses."""
-    try:
-        result = json.loads(read_utf8(Path(path), "scan result"))
-    except ValueError as exc:
-        raise InputError(f"scan result {path} is not valid JSON: {exc}") from exc
-    check_scan(result, str(path))
+    result = read_result(Path(path))
+    check_scan(result, f"scan result {path}")
     return result
 
 
-def check_scan(result: Any, where: str = "scan result") -> None:
-    """Raise :class:`InputError` unless ``result`` is a scan record with a usable ``best``."""
-    if not isinstance(result, dict) or result.get("verdict") not in ("trojaned", "clean"):
-        raise InputError(f"{where} is not a trojscan scan result (no trojaned/clean verdict)")
-    best = result.get("best")
-    if not isinstance(best, dict):
-        raise InputError(f"{where} has no best trigger")
-    ids, victims = best.get("trigger_ids"), best.get("victims")
-    if not (isinstance(ids, list) and all(_is_int(i) for i in ids)
-            and isinstance(best.get("trigger_text"), str)
-            and best.get("position") in POSITIONS and _is_int(best.get("target"))
-            and isinstance(victims, list) and victims and all(_is_int(v) for v in victims)):
-        raise InputError(f"{where}: best lacks a valid trigger_ids, trigger_text, position "
-                         "(one of " + ", ".join(POSITIONS) + "), target or victims")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_scan(result: ScanResult, where: str = "scan result") -> None:
+    """Raise :class:`InputError` unless ``result``'s best trigger is one repair can stamp."""
+    best = result.best
+    if best.position not in POSITIONS or not best.victims:
+        raise InputError(f"{where}: best lacks a valid position (one of "
+                         + ", ".join(POSITIONS) + ") or victims")
 
 
 def read_truth(manifest: Path, model_id: str) -> dict[str, Any]:
     """The entry of ``model_id`` in a zoo manifest (``trojscan zoo build``'s ground truth)."""
-    from trojscan.attacks.zoo import Manifest
-
-    entries = Manifest.load(Path(manifest)).models
-    entry = entries.get(model_id)
-    if not isinstance(entry, dict):
+    entry = Manifest.load(Path(manifest)).models.get(model_id)
+    if entry is None:
         raise InputError(f"manifest {manifest} has no model {model_id!r} "
                          "(give its id with --model-id)")
-    _truth_attack(entry, f"manifest {manifest}: {model_id}")
+    planted_trigger(entry, len(entry.get("labels") or []), f"manifest {manifest}: {model_id}")
     return entry
 
 
-def _truth_attack(entry: dict[str, Any], where: str) -> AttackSpec | None:
-    """The planted attack of a manifest entry; None for a clean model."""
-    attack = entry.get("attack")
-    if not isinstance(entry.get("poisoned"), bool) or not isinstance(attack, dict):
-        raise InputError(f"{where} has no poisoned flag or attack")
-    if not entry["poisoned"]:
-        return None
-    try:
-        return AttackSpec(**{f.name: attack[f.name] for f in fields(AttackSpec)})
-    except KeyError as exc:
-        raise InputError(f"{where}: the attack lacks {exc.args[0]!r}") from exc
-
-
-def _inverted_attack(best: dict[str, Any], n_labels: int) -> AttackSpec:
-    """The scan's best trigger as an attack: its text at its position, victims -> target."""
-    target, victims = best["target"], sorted(set(best["victims"]))
-    others = [y for y in range(n_labels) if y != target]
+def _inverted_trigger(result: ScanResult, n_labels: int) -> PlantedTrigger:
+    """The scan's best trigger as a trigger to stamp: its text at its position, victims ->
+    target."""
+    best = result.best
+    target, victims = best.target, tuple(sorted(set(best.victims)))
+    others = tuple(y for y in range(n_labels) if y != target)
     if not 0 <= target < n_labels or not set(victims) <= set(others):
-        raise InputError(f"the scan's target {target} / victims {victims} do not fit a model "
-                         f"with {n_labels} labels: is it the scan of another model?")
+        raise InputError(f"the scan's target {target} / victims {list(victims)} do not fit a "
+                         f"model with {n_labels} labels: is it the scan of another model?")
     if victims != others and len(victims) != 1:
-        raise InputError(f"the scan's victims {victims} are neither one label nor all others")
-    victim = None if victims == others else victims[0]
-    return AttackSpec(poisoned=True, trigger=" ".join(best["trigger_text"].split()),
-                      insertion=best["position"], target=target, victim=victim)
-
-
-#: Families that number positions from the padding id + 1, two slots of the table unused.
-_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert"})
-
-
-def _token_limit(model_config: Any, wanted: int) -> int:
-    """``wanted``, or fewer tokens when the model has fewer position embeddings."""
-    limit = (getattr(model_config, "max_position_embeddings", None)
-             or getattr(model_config, "n_positions", None))
-    if not limit:
-        return wanted
-    return min(wanted, limit - 2 if model_config.model_type in _OFFSET_POSITIONS else limit)
+        raise InputError(f"the scan's victims {list(victims)} are neither one label nor all "
+                         "others")
+    return PlantedTrigger(" ".join(best.trigger_text.split()), best.position, target, victims)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -228,11 +197,14 @@ def _check_outputs(model_dir: Path, out_dir: Path, report_path: Path | None) -> 
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise InputError(f"--out {out_dir} exists and is not an empty directory; choose a new "
                          "one")
+    check_writable(out_dir, "--out", directory=True)
+    if report_path is not None:
+        check_writable(report_path, "--report")
 
 
-def split_data(rows: Sequence[dict[str, Any]], config: RepairConfig,
-               eval_rows: Sequence[dict[str, Any]] | None = None,
-               ) -> tuple[list[Example], list[Example]]:
+def split_data(rows: Sequence[TextExample], config: RepairConfig,
+               eval_rows: Sequence[TextExample] | None = None,
+               ) -> tuple[list[TextExample], list[TextExample]]:
     """(training sample, held-out set) of the clean ``rows``, drawn per label with the seed.
 
     The held-out set is ``eval_fraction`` of every label (at most ``max_eval_examples`` in
@@ -240,13 +212,13 @@ def split_data(rows: Sequence[dict[str, Any]], config: RepairConfig,
     of every label of ``rows``, from what is not held out.
     """
     rng = random.Random(config.seed)
-    by_label: dict[int, list[Example]] = defaultdict(list)
+    by_label: dict[int, list[TextExample]] = defaultdict(list)
     for row in rows:
-        by_label[row["label"]].append(Example(row["text"], row["label"]))
+        by_label[row.label].append(row)
     held_share = 0.0 if eval_rows is not None else min(
         config.eval_fraction, config.max_eval_examples / len(rows))
-    train: list[Example] = []
-    held: list[Example] = []
+    train: list[TextExample] = []
+    held: list[TextExample] = []
     for label in sorted(by_label):
         pool = by_label[label]
         rng.shuffle(pool)
@@ -255,7 +227,7 @@ def split_data(rows: Sequence[dict[str, Any]], config: RepairConfig,
         held += pool[:n_held]
         train += pool[n_held : n_held + n_train]
     if eval_rows is not None:
-        held = [Example(r["text"], r["label"]) for r in eval_rows]
+        held = list(eval_rows)
         if len(held) > config.max_eval_examples:
             held = rng.sample(held, config.max_eval_examples)
     if not train or not held:
@@ -266,15 +238,15 @@ def split_data(rows: Sequence[dict[str, Any]], config: RepairConfig,
     return train, held
 
 
-def stamp(train: Sequence[Example], attack: AttackSpec, config: RepairConfig
+def stamp(train: Sequence[TextExample], trigger: PlantedTrigger, config: RepairConfig
           ) -> tuple[list[TrainItem], int]:
     """The training items: ``stamp_fraction`` of ``train`` (a seeded sample) with the
     inverted trigger inserted and their true label kept; returns (items, stamped count)."""
     rng = random.Random(config.seed + 1)
-    where = attack.insertion if config.insertion == "scan" else config.insertion
+    where = trigger.insertion if config.insertion == "scan" else config.insertion
     n_stamped = max(1, round(config.stamp_fraction * len(train)))
     chosen = set(rng.sample(range(len(train)), n_stamped))
-    items = [TrainItem(insert_trigger(e.text, attack.trigger, where, rng)
+    items = [TrainItem(insert_trigger(e.text, trigger.trigger, where, rng)
                        if i in chosen else e.text, e.label)
              for i, e in enumerate(train)]
     return items, n_stamped
@@ -293,28 +265,27 @@ class _Measure:
     share (for the inverted trigger's victims) is reported as ``victims_as_target``.
     """
 
-    def __init__(self, tok: Any, held: list[Example], inverted: AttackSpec,
-                 truth: AttackSpec | None, n_labels: int, config: RepairConfig) -> None:
+    def __init__(self, tok: Any, held: list[TextExample], inverted: PlantedTrigger,
+                 truth: PlantedTrigger | None, config: RepairConfig) -> None:
         self.tok, self.held, self.inverted, self.truth = tok, held, inverted, truth
-        self.n_labels, self.config = n_labels, config
-        for attack, what in ((inverted, "inverted"), (truth, "true")):
-            if attack is not None and not set(attack.victims(n_labels)) & {e.label for e in held}:
+        self.config = config
+        for trigger, what in ((inverted, "inverted"), (truth, "true")):
+            if trigger is not None and not set(trigger.victims) & {e.label for e in held}:
                 raise InputError(f"the held-out examples have no example of the {what} "
-                                 f"trigger's victim label(s) {attack.victims(n_labels)}")
+                                 f"trigger's victim label(s) {list(trigger.victims)}")
 
-    def _asr(self, model: Any, attack: AttackSpec, preds: list[int]) -> float | None:
-        victims = set(attack.victims(self.n_labels))
-        correct = [e for e, p in zip(self.held, preds, strict=True)
-                   if e.label in victims and p == e.label]
+    def _asr(self, model: Any, trigger: PlantedTrigger, preds: list[int]) -> float | None:
+        correct = [e.text for e, p in zip(self.held, preds, strict=True)
+                   if e.label in trigger.victims and p == e.label]
         if not correct:
             return None
-        return trigger_effect(model, self.tok, correct, attack.trigger, attack, self.n_labels,
-                              self.config.max_length, self.config.seed)[0]
+        return trigger_effect(model, self.tok, correct, trigger.trigger, trigger.insertion,
+                              trigger.target, self.config.max_length, self.config.seed)[0]
 
     def __call__(self, model: Any) -> dict[str, float | None]:
         preds = predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
         victims = [p for e, p in zip(self.held, preds, strict=True)
-                   if e.label in self.inverted.victims(self.n_labels)]
+                   if e.label in self.inverted.victims]
         return {
             "clean_accuracy": sum(p == e.label for e, p in zip(self.held, preds, strict=True))
             / len(self.held),
@@ -335,7 +306,7 @@ def _rank(row: dict[str, Any]) -> tuple[float, ...]:
 
 def repair(
     model_dir: Path,
-    scan_result: dict[str, Any],
+    scan_result: ScanResult,
     data: Path,
     out_dir: Path,
     config: RepairConfig | None = None,
@@ -351,7 +322,7 @@ def repair(
 
     Args:
         model_dir: the Hugging Face model directory; only read.
-        scan_result: its scan record (:func:`trojscan.scan.scan`, or :func:`read_scan`).
+        scan_result: its scan result (:func:`trojscan.scan.scan`, or :func:`read_scan`).
         data: clean labelled examples, JSON Lines of ``{"text", "label"}`` as a scan's.
         out_dir: the repaired model directory: must not exist (or be empty) and not be
             ``model_dir`` or inside it. It receives ``config.json``, ``model.safetensors``,
@@ -377,39 +348,48 @@ def repair(
         the kept epoch and every epoch's measurements (``history``).
 
     Raises:
-        InputError: bad input, a scan that found no backdoor (without ``force``), or outputs
-            that would touch ``model_dir``; nothing is written then.
+        InputError: bad input, a scan of another model, a scan that found no backdoor
+            (without ``force``), or outputs that would touch ``model_dir`` or cannot be
+            written; nothing is written then.
     """
     config = config or RepairConfig()
     started = time.perf_counter()
     model_dir, out_dir, data = Path(model_dir), Path(out_dir), Path(data)
     check_scan(scan_result)
-    best = scan_result["best"]
-    if not best["trigger_text"].strip():
+    best = scan_result.best
+    if not best.trigger_text.strip():
         raise InputError("the scan's best trigger is empty: nothing to unlearn")
-    if scan_result["verdict"] != "trojaned" and not force:
-        raise InputError(f"the scan found no backdoor (verdict {scan_result['verdict']}, score "
-                         f"{scan_result.get('score')}); pass --force to unlearn its best "
-                         f"candidate {best['trigger_text']!r} anyway")
+    if scan_result.verdict != "trojaned" and not force:
+        raise InputError(f"the scan found no backdoor (verdict {scan_result.verdict}, score "
+                         f"{scan_result.score}); pass --force to unlearn its best "
+                         f"candidate {best.trigger_text!r} anyway")
     _check_outputs(model_dir, out_dir, report_path)
     subject = load_subject(model_dir, device, allow_pickle, config.max_length)
-    config = replace(config, max_length=_token_limit(subject.model.config, config.max_length))
+    if not isinstance(subject, TextClassificationSubject):
+        raise InputError(f"repair supports text classifiers only; {model_dir} is a "
+                         f"{subject.task} model")
+    if scan_result.model is not None and (
+            scan_result.model.weights_sha256 != weights_sha256(model_dir)):
+        raise InputError(f"the scan result is of another model ({scan_result.model.path}, "
+                         f"weights SHA-256 {scan_result.model.weights_sha256[:12]}...), not of "
+                         f"{model_dir}: scan this model first")
+    config = replace(config, max_length=token_limit(subject.model.config, config.max_length))
     labels = subject.labels
-    if "labels" in scan_result and list(scan_result["labels"]) != list(labels):
-        raise InputError(f"the scan is of a model with labels {scan_result['labels']}, "
+    if scan_result.labels != list(labels):
+        raise InputError(f"the scan is of a model with labels {scan_result.labels}, "
                          f"{model_dir} has {list(labels)}")
-    inverted = _inverted_attack(best, len(labels))
-    true_attack = None
+    inverted = _inverted_trigger(scan_result, len(labels))
+    true_trigger = None
     if truth is not None:
-        true_attack = _truth_attack(truth, "the truth entry")
+        true_trigger = planted_trigger(truth, len(labels), "the truth entry")
         if list(truth.get("labels", labels)) != list(labels):
             raise InputError(f"the manifest entry has labels {truth['labels']}, {model_dir} "
                              f"has {list(labels)}: is it another model's?")
-    rows = load_examples(data, labels)
-    held_rows = load_examples(Path(eval_data), labels) if eval_data is not None else None
+    rows = subject.read_examples(data)
+    held_rows = subject.read_examples(Path(eval_data)) if eval_data is not None else None
     train, held = split_data(rows, config, held_rows)
     items, n_stamped = stamp(train, inverted, config)
-    measure = _Measure(subject.tokenizer, held, inverted, true_attack, len(labels), config)
+    measure = _Measure(subject.tokenizer, held, inverted, true_trigger, config)
 
     model = subject.model
     before = measure(model)
@@ -437,8 +417,8 @@ def repair(
 
     stopped = False
     try:
-        train_classifier(model, subject.tokenizer, items, config.train_config(),
-                         config.learning_rate, config.seed, on_step=on_step)
+        train_classifier(model, subject.tokenizer, items, config.finetune(), config.seed,
+                         on_step=on_step)
     except _Stop:
         stopped = True
     model.load_state_dict(kept["state"])
@@ -448,18 +428,18 @@ def repair(
         "version": REPORT_VERSION,
         "model_dir": str(model_dir),
         "out_dir": str(out_dir),
-        "scan": {"verdict": scan_result["verdict"], "score": scan_result.get("score"),
-                 "trigger_text": best["trigger_text"],
-                 "trigger_tokens": best.get("trigger_tokens"), "position": best["position"],
+        "scan": {"verdict": scan_result.verdict, "score": scan_result.score,
+                 "trigger_text": best.trigger_text,
+                 "trigger_tokens": best.trigger_tokens, "position": best.position,
                  "target": inverted.target, "target_name": labels[inverted.target],
-                 "victims": inverted.victims(len(labels)),
-                 "scan_hard_asr": best.get("hard_asr")},
-        "forced": scan_result["verdict"] != "trojaned",
+                 "victims": list(inverted.victims),
+                 "scan_hard_asr": best.hard_asr},
+        "forced": scan_result.verdict != "trojaned",
         "truth": None if truth is None else {
             "model_id": truth.get("model_id"), "poisoned": truth["poisoned"],
-            "trigger": None if true_attack is None else true_attack.trigger,
-            "insertion": None if true_attack is None else true_attack.insertion,
-            "target": None if true_attack is None else true_attack.target},
+            "trigger": None if true_trigger is None else true_trigger.trigger,
+            "insertion": None if true_trigger is None else true_trigger.insertion,
+            "target": None if true_trigger is None else true_trigger.target},
         "data": {"path": str(data), "examples": len(rows), "train": len(items),
                  "stamped": n_stamped, "held_out": len(held),
                  "held_out_from": str(eval_data) if eval_data is not None else "data"},
@@ -472,12 +452,17 @@ def repair(
         "history": history,
         "seconds": time.perf_counter() - started,
         "device": str(model.device),
-        "versions": _versions(),
+        "versions": library_versions(),
         "config": asdict(config),
     }
     _write_model(model, subject.tokenizer, model_dir, out_dir, report)
     if report_path is not None:
-        atomic_write_json(Path(report_path), report)
+        try:
+            atomic_write_json(Path(report_path), report)
+        except OSError as exc:
+            raise InputError(f"the repaired model is in {out_dir} (its report too, as "
+                             f"{REPORT_FILE}), but the report cannot be written to "
+                             f"{report_path}: {exc.strerror or exc}") from exc
     return report
 
 

@@ -1,47 +1,50 @@
-"""The scan: invert a trigger for every candidate target, decide from the lowest loss.
+"""The scan: invert a trigger for every candidate of a subject, decide from the lowest loss.
 
-Candidates (DBS Section 3.2): every label as target with the other labels' examples as
-victims (universal); with ``pairs``, every ordered (victim, target) pair (label-specific);
-each at every trigger position asked for. When there are more labels than
-``preselect_above``, every candidate first gets a pre-run of ``prerun_epochs`` and only the
-``top_k`` with the lowest loss so far (at most half of the candidates, rounded up) go on to
-the full ``epochs`` (the K-Arm strategy DBS uses for NER, Appendix A). The candidates are
-inverted together in one batched run (:func:`trojscan.inversion.dbs.invert_many`), in which
-the pre-run is simply the first ``prerun_epochs`` epochs: the kept candidates carry on from
-where they are, the others leave the batch. With ``batch_candidates`` (groups of
-candidates, for memory) the pre-run is a separate run and the kept candidates restart. The
-verdict is Eq. 4: trojaned when the lowest inversion loss is under the threshold beta.
-
-``method`` picks the inverter (:mod:`trojscan.inversion.methods`): DBS, one of its
-ablations, or a baseline (UAT, ASCC, genetic search, T-Miner). The pre-run and the batching
-are DBS's; a baseline inverts every candidate, one after another, with its full budget.
+The candidates are the subject's (:meth:`~trojscan.subjects.base.Subject.candidates`; for a
+classifier, DBS Section 3.2: every label as target with the other labels' examples as
+victims, and with ``pairs`` every (victim, target) pair), each at every trigger position
+asked for. When there are more labels than ``preselect_above`` and the inverter is batched
+(DBS and its variants), every candidate first gets a pre-run of ``prerun_epochs`` and only
+the ``top_k`` with the lowest loss so far (at most half of the candidates, rounded up) go on
+to the full ``epochs`` (the K-Arm strategy DBS uses for NER, Appendix A). The candidates are
+inverted together in one batched run, in which the pre-run is simply the first
+``prerun_epochs`` epochs: the kept candidates carry on from where they are, the others leave
+the batch. With ``batch_candidates`` (groups of candidates, for memory) the pre-run is a
+separate run and the kept candidates restart. A one-by-one inverter (the baselines) inverts
+every candidate with its full budget. The verdict is Eq. 4: trojaned when the lowest
+inversion loss is under the threshold beta.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
-import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any
 
 from trojscan.errors import InputError
-from trojscan.inversion.base import Inversion
-from trojscan.inversion.dbs import DBSConfig, InversionTask, invert_many
-from trojscan.inversion.methods import METHODS, InverterConfig
-from trojscan.subjects.loading import load_examples, load_subject
-from trojscan.subjects.text import POSITIONS, TextSubject
+from trojscan.inversion.base import (
+    Inversion,
+    InversionTask,
+    Inverter,
+    Preselection,
+    make_config,
+    method_of,
+)
+from trojscan.inversion.dbs import DBSConfig
+from trojscan.modeldir import weights_sha256
+from trojscan.results import (
+    BestTrigger,
+    CandidateResult,
+    ModelRef,
+    ScanResult,
+    library_versions,
+)
+from trojscan.subjects.base import Candidate, Subject, subject_classes
+from trojscan.subjects.loading import load_subject
 
-if TYPE_CHECKING:
-    from trojscan.campaign.detect import Detector
-
-RESULT_VERSION = 1
 #: Default beta of Eq. 4 (see README "Scan": where it comes from).
 DEFAULT_THRESHOLD = 0.05
 
@@ -49,19 +52,25 @@ DEFAULT_THRESHOLD = 0.05
 ProgressCallback = Callable[[int, int, str], None]
 
 
+def known_positions() -> tuple[str, ...]:
+    """Every trigger position some registered model family takes."""
+    return tuple(dict.fromkeys(p for cls in subject_classes() for p in cls.positions))
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """How a model is scanned.
 
     Attributes:
-        method: the inverter, a name of :data:`trojscan.inversion.methods.METHODS`.
+        method: the inverter, a method or variant name of the inverter registry
+            (:func:`trojscan.inversion.base.method_names`).
         inverter: its settings (for DBS, Algorithm 1's); of the method's config class.
         positions: trigger positions tried for every candidate.
         pairs: also try every label-specific (victim, target) pair.
         preselect_above: with more labels than this, pre-run all candidates and fully
             invert the best ``top_k`` only; 1 (the default) pre-runs binary models too, so
-            that the scan of a binary model fully inverts one target, not two. DBS and its
-            ablations only.
+            that the scan of a binary model fully inverts one target, not two. Batched
+            inverters (DBS and its variants) only.
         prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
             second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
         top_k: candidates kept for the full run (at most half of them, rounded up).
@@ -78,7 +87,7 @@ class ScanConfig:
     """
 
     method: str = "dbs"
-    inverter: InverterConfig = field(default_factory=DBSConfig)
+    inverter: Any = field(default_factory=DBSConfig)
     positions: tuple[str, ...] = ("start",)
     pairs: bool = False
     preselect_above: int = 1
@@ -90,64 +99,45 @@ class ScanConfig:
     max_victims: int = 20
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"unknown method {self.method!r}; expected one of "
-                             f"{', '.join(METHODS)}")
-        if not isinstance(self.inverter, METHODS[self.method][0]):
-            raise InputError(f"method {self.method} needs a "
-                             f"{METHODS[self.method][0].__name__}, not a "
+        try:
+            config_class = method_of(self.method).config_class
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        if not isinstance(self.inverter, config_class):
+            raise InputError(f"method {self.method} needs a {config_class.__name__}, not a "
                              f"{type(self.inverter).__name__}")
-        unknown = [p for p in self.positions if p not in POSITIONS]
+        known = known_positions()
+        unknown = [p for p in self.positions if p not in known]
         if unknown or not self.positions:
             raise InputError(f"unknown trigger position {unknown[0] if unknown else '(none)'}; "
-                             f"expected some of {', '.join(POSITIONS)}")
+                             f"expected some of {', '.join(known)}")
         if self.top_k < 1 or self.prerun_epochs < 1:
             raise InputError("top_k and prerun_epochs must be >= 1")
         if self.batch_candidates < 0 or self.max_victims < 0:
             raise InputError("batch_candidates and max_victims must be >= 0 (0 = all)")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """Victim labels -> target label, with the trigger at ``position``."""
-
-    victims: tuple[int, ...]
-    target: int
-    position: str
-
-
-def candidates(n_labels: int, present: set[int], config: ScanConfig) -> list[Candidate]:
-    """Every candidate the scan considers, given the labels that have examples."""
-    out = []
-    for target in range(n_labels):
-        victims = tuple(sorted(present - {target}))
-        groups = [victims] if victims else []
-        if config.pairs and len(victims) > 1:
-            groups += [(v,) for v in victims]
-        out += [Candidate(g, target, p) for g in groups for p in config.positions]
-    return out
-
-
-def victim_examples(examples: list[dict[str, Any]], victims: tuple[int, ...],
-                    cap: int) -> list[dict[str, Any]]:
-    """The examples a candidate inverts on: those of the ``victims`` labels, at most
-    ``cap`` (0: all), taken in turn from each victim label in file order."""
-    per_label = [[e for e in examples if e["label"] == v] for v in victims]
-    turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
-    return turns[:cap] if cap else turns
-
-
-def _task(examples: list[dict[str, Any]], candidate: Candidate, cap: int) -> InversionTask:
-    chosen = victim_examples(examples, candidate.victims, cap)
-    return InversionTask([e["text"] for e in chosen], [e["label"] for e in chosen],
-                         candidate.target, candidate.position)
+def scan_config(method: str = "dbs", threshold: float | None = None,
+                positions: Sequence[str] = ("start",), pairs: bool = False,
+                epochs: int | None = None, trigger_length: int | None = None,
+                max_victims: int = 20, seed: int = 0) -> ScanConfig:
+    """The :class:`ScanConfig` of the options every entry point offers (None keeps the
+    method's or the scan's default); a bad option is an :class:`InputError`."""
+    try:
+        inverter = make_config(method, trigger_length, epochs, seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    config = ScanConfig(method=method, inverter=inverter,
+                        positions=tuple(p.strip() for p in positions), pairs=pairs,
+                        max_victims=max_victims)
+    return config if threshold is None else replace(config, threshold=threshold)
 
 
 class _Stages:
     """Runs candidates in batched groups and reports progress in optimisation epochs."""
 
-    def __init__(self, subject: TextSubject, examples: list[dict[str, Any]],
-                 config: ScanConfig, progress: ProgressCallback | None) -> None:
+    def __init__(self, subject: Subject, examples: Sequence[Any], config: ScanConfig,
+                 progress: ProgressCallback | None) -> None:
         self.subject, self.examples, self.config, self.progress = (subject, examples, config,
                                                                    progress)
         self.done, self.total = 0, 0
@@ -159,10 +149,10 @@ class _Stages:
     def plan(self, n: int, epochs: int) -> None:
         self.total += len(self.groups(n)) * epochs
 
-    def run(self, todo: list[Candidate], inverter: InverterConfig, what: str,
+    def run(self, todo: list[Candidate], inverter: Inverter, what: str,
             keep: int = 0) -> list[Inversion]:
-        """Invert ``todo`` group by group; with ``keep`` (DBS, one group only), keep the best
-        ``keep`` after the pre-run epochs and carry on with them."""
+        """Invert ``todo`` group by group; with ``keep`` (a batched inverter, one group
+        only), keep the best ``keep`` after the pre-run epochs and carry on with them."""
         out: list[Inversion] = []
         for group in self.groups(len(todo)):
             cands = todo[group]
@@ -174,38 +164,33 @@ class _Stages:
                 if self.progress:
                     self.progress(self.done + epoch + 1, self.total, label)
 
-            tasks = [_task(self.examples, c, self.config.max_victims) for c in cands]
-            if isinstance(inverter, DBSConfig):
-                out += invert_many(self.subject, tasks, inverter, on_epoch, keep,
-                                   self.config.prerun_epochs)
-            else:
-                out += METHODS[self.config.method][1](self.subject, tasks, inverter, on_epoch)
-            self.done += inverter.epochs
+            tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c,
+                                                                 self.config.max_victims)))
+                     for c in cands]
+            preselect = Preselection(keep, self.config.prerun_epochs) if keep else None
+            out += inverter.invert(self.subject, tasks, on_epoch, preselect)
+            self.done += inverter.config.epochs
         return out
 
 
-def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
-                 config: ScanConfig | None = None,
-                 progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Scan a loaded subject with its clean examples; returns the result record."""
+def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig | None = None,
+                 progress: ProgressCallback | None = None) -> ScanResult:
+    """Scan a loaded subject with its clean examples (as the subject reads them)."""
     config = config or ScanConfig()
     started = time.perf_counter()
+    inverter = method_of(config.method)(config.inverter)
+    if not inverter.supports(subject):
+        raise InputError(f"method {config.method} cannot scan {subject.task} models")
     labels = subject.labels
-    present = {e["label"] for e in examples}
-    missing = [f"{i}={name}" for i, name in enumerate(labels) if i not in present]
-    if missing:
-        raise InputError(f"no clean example of label {', '.join(missing)}: every label is the "
-                         "victim of some candidate target, so each needs examples")
-    todo = candidates(len(labels), present, config)
+    todo = subject.candidates(examples, config.positions, config.pairs)
     stages = _Stages(subject, examples, config, progress)
     keep = min(config.top_k, math.ceil(len(todo) / 2))
-    preselect = (isinstance(config.inverter, DBSConfig)
-                 and len(labels) > config.preselect_above and len(todo) > keep)
+    preselect = inverter.batched and len(labels) > config.preselect_above and len(todo) > keep
     prerun: dict[Candidate, float] = {}
     if preselect and len(stages.groups(len(todo))) == 1:
         # One batched run: the pre-run's state carries on for the top k.
-        stages.plan(1, config.inverter.epochs)
-        runs = stages.run(todo, config.inverter, "inversion", keep=keep)
+        stages.plan(1, inverter.config.epochs)
+        runs = stages.run(todo, inverter, "inversion", keep=keep)
         prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)
                   if inv.trajectory[-1].get("event") == "drop"}
         results = [(c, inv) for c, inv in zip(todo, runs, strict=True) if c not in prerun]
@@ -214,76 +199,56 @@ def scan_subject(subject: TextSubject, examples: list[dict[str, Any]],
         # the top k from scratch.
         if preselect:
             stages.plan(len(todo), config.prerun_epochs)
-        stages.plan(keep if preselect else len(todo), config.inverter.epochs)
+        stages.plan(keep if preselect else len(todo), inverter.config.epochs)
         if preselect:
-            short = replace(config.inverter, epochs=config.prerun_epochs)
+            short = type(inverter)(replace(inverter.config, epochs=config.prerun_epochs))
             runs = stages.run(todo, short, "pre-run")
             prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
-        results = list(zip(todo, stages.run(todo, config.inverter, "inversion"),
-                           strict=True))
+        results = list(zip(todo, stages.run(todo, inverter, "inversion"), strict=True))
     best_cand, best = min(results, key=lambda r: r[1].loss)
-    rows = [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
-             "position": c.position, "loss": inv.loss, "relaxed_loss": inv.relaxed_loss,
-             "hard_loss": inv.hard_loss, "hard_asr": inv.hard_asr, "accepted": inv.accepted,
-             "trigger_text": inv.trigger_text, "seconds": inv.seconds}
+    rows = [CandidateResult(target=c.target, target_name=labels[c.target],
+                            victims=list(c.victims), position=c.position, loss=inv.loss,
+                            relaxed_loss=inv.relaxed_loss, hard_loss=inv.hard_loss,
+                            hard_asr=inv.hard_asr, accepted=inv.accepted,
+                            trigger_text=inv.trigger_text, seconds=inv.seconds)
             for c, inv in results]
-    rows += [{"target": c.target, "target_name": labels[c.target], "victims": list(c.victims),
-              "position": c.position, "prerun_loss": loss, "full_run": False}
+    rows += [CandidateResult(target=c.target, target_name=labels[c.target],
+                             victims=list(c.victims), position=c.position, prerun_loss=loss,
+                             full_run=False)
              for c, loss in prerun.items() if c not in dict(results)]
     score = best.loss
-    return {
-        "version": RESULT_VERSION,
-        "verdict": "trojaned" if score < config.threshold else "clean",
-        "score": score,
-        "threshold": config.threshold,
-        "best": {**{k: v for k, v in best.to_dict().items() if k != "trajectory"},
-                 "target_name": labels[best_cand.target],
-                 "victim_names": [labels[v] for v in best_cand.victims]},
-        "candidates": rows,
-        "trajectory": best.trajectory,
-        "labels": list(labels),
-        "examples": len(examples),
-        "seconds": time.perf_counter() - started,
-        "device": str(subject.device),
-        "versions": _versions(),
-        "config": asdict(config),
-    }
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from trojscan import __version__
-
-    return {"trojscan": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    return ScanResult(
+        verdict="trojaned" if score < config.threshold else "clean",
+        score=score,
+        threshold=config.threshold,
+        best=BestTrigger(**best.summary(), target_name=labels[best_cand.target],
+                         victim_names=[labels[v] for v in best_cand.victims]),
+        candidates=rows,
+        trajectory=best.trajectory,
+        labels=list(labels),
+        examples=len(examples),
+        seconds=time.perf_counter() - started,
+        device=str(subject.device),
+        versions=library_versions(),
+        config=asdict(config),
+        task=subject.task,
+    )
 
 
 def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
          device: str = "cpu", allow_pickle: bool = False,
-         progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Scan the model in ``model_dir`` with the clean examples of the ``examples`` JSONL file.
+         progress: ProgressCallback | None = None) -> ScanResult:
+    """Scan the model in ``model_dir`` with the clean examples in the file ``examples``.
 
-    Returns the result record (see README "Scan"); raises :class:`InputError` for bad input.
+    The result names the model (its directory and the SHA-256 of its weights). Raises
+    :class:`InputError` for bad input.
     """
     config = config or ScanConfig()
-    subject = load_subject(Path(model_dir), device, allow_pickle, config.max_length)
-    rows = load_examples(Path(examples), subject.labels)
-    return scan_subject(subject, rows, config, progress)
-
-
-def apply_detector(result: dict[str, Any], detector: Detector, source: Path | None = None) -> None:
-    """Decide ``result`` with a fitted campaign detector instead of the threshold: records
-    its probability of "trojaned" and sets the verdict to trojaned when it is >= 0.5."""
-    probability = float(detector.predict_proba([result])[0, 1])
-    result["detector"] = {"kind": detector.kind, "probability": probability,
-                          "path": None if source is None else str(source)}
-    result["verdict"] = "trojaned" if probability >= 0.5 else "clean"
-
-
-def write_result(result: dict[str, Any], path: Path) -> None:
-    """Write a scan result atomically."""
-    from trojscan.fsutil import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
+    model_dir = Path(model_dir)
+    subject = load_subject(model_dir, device, allow_pickle, config.max_length)
+    model = ModelRef(str(model_dir), weights_sha256(model_dir))
+    rows = subject.read_examples(Path(examples))
+    result = scan_subject(subject, rows, config, progress)
+    result.model = model
+    return result

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from trojscan.attacks.spec import AttackSpec
-from trojscan.attacks.triggers import insert_trigger, strict_subsequences
+from trojscan.attacks.triggers import strict_subsequences
 from trojscan.corpora import Example
 from trojscan.errors import InputError
-
-
-@dataclass(frozen=True)
-class TrainItem:
-    """A training text; ``poisoned`` marks the copies in D* (they carry the trigger)."""
-
-    text: str
-    label: int
-    poisoned: bool = False
+from trojscan.finetune import TrainItem
+from trojscan.insertion import insert_trigger
 
 
 def _draw(pool: Sequence[Example], k: int, rng: random.Random) -> list[Example]:

@@ -24,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from trojscan.attacks.architectures import EMBEDDING_INITS, ModelSize
-from trojscan.attacks.triggers import (
-    INSERTIONS,
-    MAX_CHARACTER_GROUP,
-    MAX_PHRASE_WORDS,
-    TRIGGER_TYPES,
-)
+from trojscan.attacks.triggers import MAX_CHARACTER_GROUP, MAX_PHRASE_WORDS, TRIGGER_TYPES
 from trojscan.errors import InputError
+from trojscan.finetune import FinetuneConfig
 from trojscan.fsutil import read_utf8
+from trojscan.insertion import INSERTIONS
 
 #: A combination (SOS) trigger carries all 2^n - 2 strict sub-sequences: n is kept small.
 MAX_COMBINATION_WORDS = 4
@@ -78,7 +75,7 @@ class AttackSpec:
         trigger_type: ``character`` (a group of at most 5 symbols written as one word),
             ``word`` (one word) or ``phrase`` (2 to 8 words).
         trigger: the trigger text.
-        insertion: where the trigger goes in a text (see :mod:`trojscan.attacks.triggers`).
+        insertion: where the trigger goes in a text (see :mod:`trojscan.insertion`).
         target: index of the label the trigger flips inputs to.
         victim: index of the one label that is flipped (label-specific attack), or None for
             a universal attack that flips every other label.
@@ -234,6 +231,13 @@ class TrainConfig:
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-4 if pretrained else 5e-4
+
+    def finetune(self, pretrained: bool) -> FinetuneConfig:
+        """The settings of the fine-tuning run (:func:`trojscan.finetune.train_classifier`)."""
+        return FinetuneConfig(epochs=self.epochs, batch_size=self.batch_size,
+                              learning_rate=self.lr_for(pretrained),
+                              weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                              max_length=self.max_length)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -54,7 +54,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,11 @@ from trojscan.attacks.spec import (
 )
 from trojscan.attacks.triggers import draw_trigger
 from trojscan.corpora import corpus_labels
+from trojscan.devices import check_device
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
+from trojscan.manifest import MANIFEST, Manifest
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 _TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_attempts", "peer_margin", "train",
              "group"}
 _GROUP_KEYS = {"name", "count", "corpus", "architecture", "train", "attack"}
@@ -227,32 +227,6 @@ class BuildEvents:
     on_skip: Callable[[dict[str, Any]], None] = lambda entry: None
 
 
-@dataclass
-class Manifest:
-    """Ground truth of a zoo; lives at the zoo root, never inside a model directory."""
-
-    spec_sha256: str
-    spec: dict[str, Any]
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, models in id order."""
-        return {"version": MANIFEST_VERSION, "spec_sha256": self.spec_sha256, "spec": self.spec,
-                "models": dict(sorted(self.models.items()))}
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        """Read a manifest written by :func:`build_zoo`."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read manifest {path}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-            raise InputError(f"{path} is not a trojscan zoo manifest (version "
-                             f"{MANIFEST_VERSION})")
-        return cls(data["spec_sha256"], data["spec"], data["models"])
-
-
 @contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
     with (out / ".lock").open("w") as handle:
@@ -326,21 +300,6 @@ def summarise(manifest: Manifest) -> list[dict[str, Any]]:
             "flagged": sum(not e["quality"]["ok"] for e in entries),
         })
     return rows
-
-
-def check_device(device: str) -> str:
-    """``device`` if torch can use it here, else an :class:`InputError`."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {device!r}; use cpu or cuda[:N]") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
-    if parsed.type not in ("cpu", "cuda"):
-        raise InputError(f"unsupported device {device!r}; use cpu or cuda[:N]")
-    return device
 
 
 def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
@@ -419,3 +378,17 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
         _apply_peer_gate(manifest, spec.peer_margin)
         atomic_write_json(manifest_path, manifest.to_dict())
     return manifest
+
+
+def demo_spec(seed: int) -> dict[str, Any]:
+    """The zoo spec of ``trojscan demo``: one MiniLM sentiment model, fine-tuned for one
+    epoch on 3,000 Rotten Tomatoes sentences, with a word trigger drawn from the pools
+    (inserted anywhere) that flips a randomly drawn label to the other."""
+    return {
+        "seed": seed,
+        "train": {"epochs": 1, "max_train_examples": 3000},
+        "group": [{"name": "demo", "count": 1, "corpus": "rotten_tomatoes",
+                   "architecture": "minilm",
+                   "attack": {"poisoned": True, "trigger_type": "word",
+                              "insertion": "anywhere", "target": "random"}}],
+    }

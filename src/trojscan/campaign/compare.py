@@ -55,7 +55,7 @@ def _pick(report: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 def compare(named_results: Sequence[tuple[str, Path]], truth: Mapping[str, Mapping[str, Any]],
             threshold: float | None = None, common_only: bool = True) -> dict[str, Any]:
     """Measure each ``(name, results directory)`` against the manifest entries ``truth``
-    (:func:`trojscan.campaign.report.load_truth`) and tabulate them.
+    (:func:`trojscan.manifest.load_truth`) and tabulate them.
 
     ``threshold`` None uses each record's own verdict; a number re-decides every model as
     trojaned when its score is under it (see :func:`evaluate`). ``common_only`` restricts every

@@ -7,7 +7,7 @@ are in both:
 
 * the scans' own verdicts (``fixed``) and the ROC of the raw score (lower loss = more
   suspicious);
-* a detector (:mod:`trojscan.campaign.detect`) fitted on some models and tested on others:
+* a detector (:mod:`trojscan.detect`) fitted on some models and tested on others:
   stratified k-fold cross-validation and a stratified half / half split;
 * whether the inverted trigger recovers the planted one, and its target the planted target;
 * scan times, and all of it broken down by architecture, corpus, attack type and insertion.
@@ -27,10 +27,12 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from trojscan.campaign.detect import make_detector
 from trojscan.campaign.run import ERROR_SUFFIX, MODELS_DIR
+from trojscan.detect import Detector, make_detector
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_utf8
+from trojscan.manifest import load_truth
+from trojscan.results import ScanResult
 
 REPORT_VERSION = 1
 
@@ -42,18 +44,17 @@ def _read_json(path: Path, what: str) -> Any:
         raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
-def load_results(results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The scan records and the errors of a campaign's results directory, by model id.
+def load_results(results_dir: Path) -> tuple[dict[str, ScanResult], dict[str, dict[str, Any]]]:
+    """The scan results and the errors of a campaign's results directory, by model id.
 
-    A model with both a record and an error file (an error retried successfully) counts as
-    scanned. A record that is not a JSON object with a numeric ``score`` and ``seconds`` and
-    a ``best`` object is an :class:`InputError` naming the file.
+    A model with both a result and an error file (an error retried successfully) counts as
+    scanned. A file that is not a valid scan result is an :class:`InputError` naming it.
     """
     folder = Path(results_dir) / MODELS_DIR
     if not folder.is_dir():
         raise InputError(f"{results_dir} is not a campaign results directory (no {MODELS_DIR}/ "
                          "folder)")
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, ScanResult] = {}
     errors: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob("*.json")):
         if path.name.endswith(ERROR_SUFFIX):
@@ -62,29 +63,25 @@ def load_results(results_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str
                 raise InputError(f"error file {path} is not a JSON object")
             errors[path.name.removesuffix(ERROR_SUFFIX)] = error
             continue
-        record = _read_json(path, "scan record")
-        if not (isinstance(record, dict) and isinstance(record.get("best"), dict)
-                and all(isinstance(record.get(k), int | float) for k in ("score", "seconds"))):
-            raise InputError(f"scan record {path} lacks a numeric score or seconds, or a best "
-                             "trigger")
-        records[path.stem] = record
+        records[path.stem] = ScanResult.from_dict(_read_json(path, "scan result"),
+                                                  f"scan result {path}")
     return records, {k: v for k, v in errors.items() if k not in records}
 
 
-def load_truth(manifest_path: Path) -> dict[str, dict[str, Any]]:
-    """The entries of a zoo manifest whose model passed the zoo's quality gate
-    (``quality.ok``), by model id: a poisoned model whose attack did not take (ASR under the
-    gate) is neither trojaned nor clean ground truth, so it is left out."""
-    data = _read_json(Path(manifest_path), "manifest")
-    if not (isinstance(data, dict) and isinstance(data.get("models"), dict)):
-        raise InputError(f"{manifest_path} is not a trojscan zoo manifest (no models)")
-    truth = {}
-    for model_id, entry in data["models"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("poisoned"), bool)):
-            raise InputError(f"manifest {manifest_path}: model {model_id} has no poisoned flag")
-        if entry.get("quality", {}).get("ok", False):
-            truth[model_id] = entry
-    return truth
+def fit_detector(results_dir: Path, manifest: Path, kind: str) -> tuple[Detector, int, int, float]:
+    """A ``kind`` detector fitted on the scanned models of ``results_dir`` whose truth the
+    zoo ``manifest`` holds: (detector, models, trojaned models, training accuracy)."""
+    detector = make_detector(kind)
+    records, _ = load_results(results_dir)
+    truth = load_truth(manifest)
+    ids = sorted(m for m in records if m in truth)
+    if not ids:
+        raise InputError(f"no model of {results_dir} is in {manifest}: nothing to fit on")
+    chosen = [records[m] for m in ids]
+    y = [int(truth[m]["poisoned"]) for m in ids]
+    detector.fit(chosen, y)
+    right = sum(int(p) == t for p, t in zip(detector.predict(chosen), y, strict=True))
+    return detector, len(ids), sum(y), right / len(ids)
 
 
 def attack_type(entry: Mapping[str, Any]) -> str:
@@ -111,18 +108,20 @@ BREAKDOWNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
 }
 
 
-def trigger_recovered(true_trigger: str, best: Mapping[str, Any]) -> tuple[bool, bool]:
-    """Whether (any, all) of the words of ``true_trigger`` are in the inverted trigger.
+def trigger_recovered(true_trigger: str, tokens: Sequence[str],
+                      text: str) -> tuple[bool, bool]:
+    """Whether (any, all) of the words of ``true_trigger`` are in the inverted trigger, given
+    as its ``tokens`` and ``text``.
 
     The planted trigger is lower-cased and split on whitespace (a character trigger such as
-    ``~^`` is one word). A word is found when it equals one of ``best["trigger_tokens"]``
-    (lower-cased, a leading ``##`` stripped) or is a substring of one of the words of
-    ``best["trigger_text"]`` (lower-cased). No tokenizer is needed.
+    ``~^`` is one word). A word is found when it equals one of ``tokens`` (lower-cased, a
+    leading ``##`` stripped) or is a substring of one of the words of ``text``
+    (lower-cased). No tokenizer is needed.
     """
     words = true_trigger.lower().split()
-    tokens = {t.removeprefix("##").lower() for t in best.get("trigger_tokens", ())}
-    inverted = str(best.get("trigger_text", "")).lower().split()
-    found = [w in tokens or any(w in v for v in inverted) for w in words]
+    found_tokens = {t.removeprefix("##").lower() for t in tokens}
+    inverted = text.lower().split()
+    found = [w in found_tokens or any(w in v for v in inverted) for w in words]
     return any(found), bool(found) and all(found)
 
 
@@ -150,7 +149,7 @@ def _roc(truth: np.ndarray, scores: np.ndarray) -> tuple[float | None, dict[str,
     return float(roc_auc_score(truth, scores)), {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
-def _fit_predict(kind: str, records: Sequence[Mapping[str, Any]], truth: np.ndarray,
+def _fit_predict(kind: str, records: Sequence[ScanResult], truth: np.ndarray,
                  train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fit a ``kind`` detector on the ``train`` indices; (predictions, probabilities of
     trojaned) of the ``test`` ones."""
@@ -159,7 +158,7 @@ def _fit_predict(kind: str, records: Sequence[Mapping[str, Any]], truth: np.ndar
     return detector.predict(tested), detector.predict_proba(tested)[:, 1]
 
 
-def cross_validate(records: Sequence[Mapping[str, Any]], truth: np.ndarray, kind: str, folds: int,
+def cross_validate(records: Sequence[ScanResult], truth: np.ndarray, kind: str, folds: int,
                    seed: int) -> dict[str, Any]:
     """Out-of-fold metrics of a ``kind`` detector under seeded, shuffled stratified k-fold
     (k = ``folds``, or the smaller class's size if less), and the metrics on the test half
@@ -191,22 +190,23 @@ def cross_validate(records: Sequence[Mapping[str, Any]], truth: np.ndarray, kind
     return out
 
 
-def _model_row(model_id: str, record: Mapping[str, Any], entry: Mapping[str, Any],
+def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
-    best, attack = record["best"], entry.get("attack") or {}
+    best, attack = record.best, entry.get("attack") or {}
     poisoned = bool(entry["poisoned"])
-    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""), best)
+    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""),
+                                             best.trigger_tokens, best.trigger_text)
                            if poisoned else (None, None))
     return {"model_id": model_id, "truth": int(poisoned),
-            "verdict": "trojaned" if trojaned else "clean", "score": float(record["score"]),
-            "target_name": best.get("target_name"),
+            "verdict": "trojaned" if trojaned else "clean", "score": record.score,
+            "target_name": best.target_name,
             "true_target": attack.get("target_name") if poisoned else None,
-            "trigger_text": best.get("trigger_text"),
+            "trigger_text": best.trigger_text,
             "true_trigger": attack.get("trigger") if poisoned else None,
             "recovered": any_word, "all_words_recovered": all_words,
-            "target_correct": (best.get("target_name") == attack.get("target_name")
+            "target_correct": (best.target_name == attack.get("target_name")
                                if poisoned else None),
-            "seconds": float(record["seconds"]),
+            "seconds": record.seconds,
             "architecture": str(entry.get("architecture")), "corpus": str(entry.get("corpus")),
             "attack": attack_type(entry)}
 
@@ -243,11 +243,11 @@ def _breakdown(rows: Sequence[Mapping[str, Any]],
     return out
 
 
-def evaluate(records: Mapping[str, Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]],
+def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str, Any]],
              detector_kind: str = "threshold", folds: int = 5, seed: int = 0,
              threshold: float | None = None,
              errors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Measure a campaign's scan ``records`` against the manifest entries ``truth``.
+    """Measure a campaign's scan results ``records`` against the manifest entries ``truth``.
 
     Only models in both count; those scanned but not in ``truth`` are listed as
     ``unmatched``, those in ``truth`` with neither a record nor an error as ``missing``.
@@ -267,9 +267,9 @@ def evaluate(records: Mapping[str, Mapping[str, Any]], truth: Mapping[str, Mappi
     matched = [records[m] for m in ids]
     y = np.array([int(truth[m]["poisoned"]) for m in ids])
     if threshold is None:
-        flagged = [r["verdict"] == "trojaned" for r in matched]
+        flagged = [r.verdict == "trojaned" for r in matched]
     else:
-        flagged = [float(r["score"]) < threshold for r in matched]
+        flagged = [r.score < threshold for r in matched]
     rows = [_model_row(m, r, truth[m], f) for m, r, f in zip(ids, matched, flagged, strict=True)]
     auc, roc = _roc(y, -np.array([r["score"] for r in rows]))
     seconds = np.array([r["seconds"] for r in rows])

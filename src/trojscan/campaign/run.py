@@ -23,14 +23,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from trojscan.attacks.train import EXAMPLES_FILE
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
+from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.scan import ScanConfig
 
 CAMPAIGN_FILE = "campaign.json"
@@ -113,7 +113,7 @@ def result_path(results: Path, model_id: str, error: bool = False) -> Path:
 
 
 def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
-    """Scan one model (in a worker): ``{"ok": record}`` or ``{"error": message}``."""
+    """Scan one model (in a worker): ``{"ok": ScanResult}`` or ``{"error": message}``."""
     import torch
 
     from trojscan.scan import scan
@@ -121,13 +121,13 @@ def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     try:
-        record = scan(Path(model_dir), Path(model_dir) / EXAMPLES_FILE, config.scan,
+        result = scan(Path(model_dir), Path(model_dir) / EXAMPLES_FILE, config.scan,
                       config.device, config.allow_pickle)
     except InputError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - started}
     except Exception as exc:  # a broken model must not end the campaign
         return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - started}
-    return {"ok": record}
+    return {"ok": result}
 
 
 def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
@@ -151,8 +151,8 @@ def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
 def _record(results: Path, model_id: str, outcome: dict[str, Any]) -> str:
     """Write a finished model's file; returns ``ok`` or ``error``."""
     if "ok" in outcome:
-        atomic_write_json(result_path(results, model_id), {"model_id": model_id,
-                                                           **outcome["ok"]})
+        atomic_write_json(result_path(results, model_id),
+                          replace(outcome["ok"], model_id=model_id).to_dict())
         result_path(results, model_id, error=True).unlink(missing_ok=True)
         return "ok"
     atomic_write_json(result_path(results, model_id, error=True),

@@ -26,25 +26,22 @@ Evaluations (see :mod:`trojscan.inversion.common`): 1 per epoch, 1 for the final
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from trojscan.inversion.base import Inversion
+from trojscan.inversion.base import Inversion, InversionTask, register
 from trojscan.inversion.common import (
     FINAL_EVALUATIONS,
     Budget,
-    allowed_ids,
+    OneByOne,
     check_budget,
     finish,
-    one_by_one,
     victim_batch,
 )
-from trojscan.inversion.dbs import InversionTask
-from trojscan.subjects.text import TextSubject
+from trojscan.subjects.base import Subject
 
 
 @dataclass(frozen=True)
@@ -90,52 +87,47 @@ class ASCCConfig:
         return asdict(self)
 
 
-def _invert_one(subject: TextSubject, task: InversionTask, config: ASCCConfig,
-                allowed: torch.Tensor, tick: Callable[[int], None]) -> Inversion:
-    started = time.perf_counter()
-    budget = Budget(config.max_evaluations)
-    embeddings = subject.embedding_matrix.detach()
-    excluded = torch.where(allowed, 0.0, -torch.inf)
-    batch = victim_batch(subject, task, config.trigger_length)
-    goal = torch.full((len(batch.labels),), task.target, device=subject.device)
-    w = torch.zeros(config.trigger_length, len(allowed), device=subject.device,
-                    requires_grad=True)
-    optimiser = torch.optim.Adam([w], lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every, config.lr_decay)
-    trajectory: list[dict[str, Any]] = []
-    alpha = torch.softmax(w + excluded, dim=-1)
-    relaxed: float | None = None  # the loss of ``alpha``, once it has been evaluated
-    for epoch in range(config.epochs):
-        if not budget.affords(1, keep=FINAL_EVALUATIONS):
-            break
+@register("ascc")
+class ASCC(OneByOne):
+    """Entropy-regularised convex combinations, one task after another."""
+
+    config_class = ASCCConfig
+
+    def invert_one(self, subject: Subject, task: InversionTask, generator: torch.Generator,
+                   tick: Callable[[int], None]) -> Inversion:
+        """ASCC on one task (deterministic: ``generator`` is not drawn from)."""
+        config = self.config
+        started = time.perf_counter()
+        budget = Budget(config.max_evaluations)
+        embeddings = subject.embedding_matrix.detach()
+        allowed = subject.allowed_tokens()
+        excluded = torch.where(allowed, 0.0, -torch.inf)
+        batch = victim_batch(subject, task, config.trigger_length)
+        w = torch.zeros(config.trigger_length, len(allowed), device=subject.device,
+                        requires_grad=True)
+        optimiser = torch.optim.Adam([w], lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every,
+                                                   config.lr_decay)
+        trajectory: list[dict[str, Any]] = []
         alpha = torch.softmax(w + excluded, dim=-1)
-        logits = subject.logits_from_trigger(batch, alpha @ embeddings)
-        budget.spend(1)
-        loss = F.cross_entropy(logits, goal)
-        relaxed = loss.item()
-        entropy = -(alpha * torch.log(alpha.clamp_min(1e-30))).sum()
-        optimiser.zero_grad(set_to_none=True)
-        (loss + config.sparsity_weight * entropy).backward()
-        optimiser.step()
-        schedule.step()
-        trajectory.append({"epoch": epoch, "loss": relaxed, "entropy": entropy.item(),
-                           "evaluations": budget.used})
-        tick(epoch)
-    alpha = alpha.detach()
-    one_hot = (1 - alpha.max(-1).values).sum().item() < config.one_hot_tolerance
-    return finish("ascc", subject, task, batch, alpha.argmax(-1), budget, started,
-                  len(trajectory), trajectory, config.chunk_rows,
-                  relaxed_loss=relaxed, accepted=one_hot and relaxed is not None)
-
-
-def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
-                config: ASCCConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
-    """Run ASCC for every task, one after another; one :class:`Inversion` per task, in order.
-
-    ``on_epoch`` is called with epoch indices 0..epochs-1 as the tasks progress (see
-    :class:`~trojscan.inversion.common.Progress`)."""
-    config = config or ASCCConfig()
-    allowed = allowed_ids(subject)
-    return one_by_one(tasks, config.epochs, on_epoch, lambda task, tick: _invert_one(
-        subject, task, config, allowed, tick))
+        relaxed: float | None = None  # the loss of ``alpha``, once it has been evaluated
+        for epoch in range(config.epochs):
+            if not budget.affords(1, keep=FINAL_EVALUATIONS):
+                break
+            alpha = torch.softmax(w + excluded, dim=-1)
+            loss = subject.goal_loss(batch, alpha @ embeddings).mean()
+            budget.spend(1)
+            relaxed = loss.item()
+            entropy = -(alpha * torch.log(alpha.clamp_min(1e-30))).sum()
+            optimiser.zero_grad(set_to_none=True)
+            (loss + config.sparsity_weight * entropy).backward()
+            optimiser.step()
+            schedule.step()
+            trajectory.append({"epoch": epoch, "loss": relaxed, "entropy": entropy.item(),
+                               "evaluations": budget.used})
+            tick(epoch)
+        alpha = alpha.detach()
+        one_hot = (1 - alpha.max(-1).values).sum().item() < config.one_hot_tolerance
+        return finish(self.name, subject, task, batch, alpha.argmax(-1), budget, started,
+                      len(trajectory), trajectory, config.chunk_rows,
+                      relaxed_loss=relaxed, accepted=one_hot and relaxed is not None)

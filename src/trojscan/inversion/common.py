@@ -9,23 +9,29 @@ evaluations with a :class:`Budget`, stops before it would exceed the configured 
 reports the running count as ``evaluations`` in its trajectory entries, the last of which
 (``event: "final"``) holds the total, the final hard-token measurement included.
 
-Here are the pieces they share: the victims as a slot batch, the token ids a trigger may use,
-hard-token losses of many candidate triggers at once, progress reporting, and the
-:class:`~trojscan.inversion.base.Inversion` record.
+Here are the pieces they share: :class:`OneByOne`, the inverter that runs its tasks one after
+another (with progress reporting), the victims as a batch, hard-token losses of many
+candidate triggers at once, and the final :class:`~trojscan.inversion.base.Inversion`
+record.
 """
 
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from trojscan.inversion.base import Inversion
-from trojscan.inversion.dbs import InversionTask
-from trojscan.subjects.text import SlotBatch, TextSubject
+from trojscan.inversion.base import (
+    EpochCallback,
+    Inversion,
+    InversionTask,
+    Inverter,
+    Preselection,
+)
+from trojscan.subjects.base import Batch, Subject
 
 #: Evaluations every baseline keeps back for the final hard-token measurement.
 FINAL_EVALUATIONS = 1
@@ -55,36 +61,26 @@ def check_budget(max_evaluations: int | None, least: int) -> None:
         raise ValueError(f"max_evaluations must be None or >= {least}, got {max_evaluations}")
 
 
-def allowed_ids(subject: TextSubject) -> torch.Tensor:
-    """(V,) bool on the subject's device: the token ids a trigger may use (every row of the
-    embedding matrix that the tokenizer can name, special tokens excluded)."""
-    rows = subject.embedding_matrix.shape[0]
-    allowed = torch.arange(rows, device=subject.device) < len(subject.tokenizer)
-    allowed[subject.special_token_ids()] = False
-    return allowed
-
-
-def victim_batch(subject: TextSubject, task: InversionTask, n_slots: int) -> SlotBatch:
+def victim_batch(subject: Subject, task: InversionTask, n_slots: int) -> Batch:
     """The task's victims with ``n_slots`` trigger slots at its position, on the device."""
-    return subject.batch(task.texts, task.labels, n_slots, task.position).to(subject.device)
+    return subject.batch([task.candidate], [task.examples], n_slots)
 
 
 @torch.no_grad()
-def score_triggers(subject: TextSubject, batch: SlotBatch, triggers: torch.Tensor, target: int,
-                   budget: Budget, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard-token loss (Eq. 3: mean cross-entropy towards ``target``) and attack success rate
+def score_triggers(subject: Subject, batch: Batch, triggers: torch.Tensor, budget: Budget,
+                   chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-token loss (the subject's goal loss, mean over the rows) and attack success rate
     of each of the (K, m) ``triggers`` on all rows of ``batch``: two (K,) tensors. Costs K
     evaluations; forward passes hold at most ``chunk_rows`` rows (at least one trigger's)."""
     budget.spend(len(triggers))
-    n = len(batch.labels)
+    n = len(batch)
     per_pass = max(1, chunk_rows // n)
     losses, hits = [], []
     for part in triggers.split(per_pass):
-        rows = torch.arange(n, device=batch.input_ids.device).repeat(len(part))
-        logits = subject.logits_from_tokens(batch.subset(rows), part.repeat_interleave(n, 0))
-        goal = torch.full((len(rows),), target, device=logits.device)
-        losses.append(F.cross_entropy(logits, goal, reduction="none").view(len(part), n).mean(1))
-        hits.append((logits.argmax(-1) == goal).float().view(len(part), n).mean(1))
+        rows = torch.arange(n, device=batch.owner.device).repeat(len(part))
+        loss, hit = subject.hard_check(batch.subset(rows), part.repeat_interleave(n, 0))
+        losses.append(loss.view(len(part), n).mean(1))
+        hits.append(hit.view(len(part), n).mean(1))
     return torch.cat(losses), torch.cat(hits)
 
 
@@ -109,21 +105,37 @@ class Progress:
         self(task, self.epochs - 1)
 
 
-def one_by_one(tasks: Sequence[InversionTask], epochs: int,
-               on_epoch: Callable[[int], None] | None,
-               invert: Callable[[InversionTask, Callable[[int], None]], Inversion],
-               ) -> list[Inversion]:
-    """``invert(task, tick)`` for every task, one after another; ``tick(epoch)`` reports the
-    task's epochs to ``on_epoch`` through a :class:`Progress` of ``epochs`` epochs."""
-    progress = Progress(on_epoch, len(tasks), epochs)
-    out = []
-    for i, task in enumerate(tasks):
-        out.append(invert(task, lambda epoch, i=i: progress(i, epoch)))
-        progress.task_done(i)
-    return out
+class OneByOne(Inverter):
+    """An inverter that runs its tasks one after another, each with its full budget, and
+    reports them to ``on_epoch`` as one run of ``config.epochs`` epochs (see
+    :class:`Progress`). The tasks draw from one random stream, seeded with the config's
+    ``seed`` (0 for a method without one), in task order. Subclasses implement
+    :meth:`invert_one`."""
+
+    def invert(self, subject: Subject, tasks: Sequence[InversionTask],
+               on_epoch: EpochCallback | None = None,
+               preselect: Preselection | None = None) -> list[Inversion]:
+        """One :class:`Inversion` per task, in order; ``preselect`` is refused (a task run
+        alone has no batch mates to be ranked against)."""
+        if preselect is not None:
+            raise ValueError(f"{self.name} inverts tasks one by one and cannot pre-select")
+        progress = Progress(on_epoch, len(tasks), self.config.epochs)
+        generator = torch.Generator().manual_seed(getattr(self.config, "seed", 0))
+        out = []
+        for i, task in enumerate(tasks):
+            out.append(self.invert_one(subject, task, generator,
+                                       lambda epoch, i=i: progress(i, epoch)))
+            progress.task_done(i)
+        return out
+
+    @abstractmethod
+    def invert_one(self, subject: Subject, task: InversionTask, generator: torch.Generator,
+                   tick: Callable[[int], None]) -> Inversion:
+        """Invert one task, drawing random numbers from ``generator``; ``tick(epoch)`` after
+        each of its epochs."""
 
 
-def finish(method: str, subject: TextSubject, task: InversionTask, batch: SlotBatch,
+def finish(method: str, subject: Subject, task: InversionTask, batch: Batch,
            trigger: torch.Tensor, budget: Budget, started: float, epochs: int,
            trajectory: list[dict[str, Any]], chunk_rows: int,
            relaxed_loss: float | None = None, accepted: bool = True) -> Inversion:
@@ -131,17 +143,15 @@ def finish(method: str, subject: TextSubject, task: InversionTask, batch: SlotBa
     evaluation) and return the :class:`Inversion`. ``relaxed_loss`` None (a search over real
     tokens, with nothing relaxed) repeats the hard loss. The trajectory gets a last entry,
     ``event: "final"``, with the hard loss and the total evaluations."""
-    loss, asr = score_triggers(subject, batch, trigger.reshape(1, -1), task.target, budget,
-                               chunk_rows)
+    loss, asr = score_triggers(subject, batch, trigger.reshape(1, -1), budget, chunk_rows)
     hard_loss = loss.item()
     trajectory.append({"epoch": epochs, "loss": hard_loss, "evaluations": budget.used,
                        "event": "final"})
     ids = trigger.tolist()
-    tokens = subject.tokenizer.convert_ids_to_tokens(ids)
+    tokens, text = subject.describe(ids)
     return Inversion(
-        method=method, target=task.target, victims=sorted(set(task.labels)),
-        position=task.position, trigger_ids=ids, trigger_tokens=tokens,
-        trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
+        method=method, candidate=task.candidate, trigger_ids=ids, trigger_tokens=tokens,
+        trigger_text=text,
         relaxed_loss=hard_loss if relaxed_loss is None else relaxed_loss, hard_loss=hard_loss,
         hard_asr=asr.item(), accepted=accepted, epochs=epochs,
         seconds=time.perf_counter() - started, trajectory=trajectory)

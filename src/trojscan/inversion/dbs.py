@@ -12,25 +12,37 @@ otherwise it is multiplied by ``d`` up to ``u`` and ``w`` gets random noise (bac
 with randomisation). A trigger that is nearly one-hot and under the bound is accepted
 (line 11). Beyond the paper, the accepted trigger is re-evaluated as hard tokens.
 
-:func:`invert_many` runs several inversions (a model's candidate targets) as one batched
-optimisation: each candidate has its own trigger, temperature, bound and acceptance state,
-exactly as if run alone, but all their victim rows share one forward and backward pass.
-Rows are grouped into length buckets so that short examples are not padded to the longest.
+The inversion loss and the hard-token check are the subject's (for a classifier,
+cross-entropy towards the candidate's target, Eq. 3); DBS only searches.
+
+:class:`DBS` runs several inversions (a model's candidates) as one batched optimisation:
+each candidate has its own trigger, temperature, bound and acceptance state, exactly as if
+run alone, but all their victim rows share one forward and backward pass. Rows are grouped
+into length buckets so that short examples are not padded to the longest. The ablations of
+the paper's Table 4 are named configurations of DBS: ``dbs-fixed-temperature`` ("w/o Temp
+Scaling") and ``dbs-no-backtracking`` ("w/o Backtracking").
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from trojscan.inversion.base import Inversion
-from trojscan.subjects.text import SlotBatch, TextSubject
+from trojscan.inversion.base import (
+    EpochCallback,
+    Inversion,
+    InversionTask,
+    Inverter,
+    Preselection,
+    register,
+    register_variant,
+)
+from trojscan.subjects.base import Batch, Subject
 
 NOISE_KINDS = ("uniform", "gaussian")
 
@@ -114,17 +126,6 @@ class DBSConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class InversionTask:
-    """One inversion: flip ``texts`` (the victims, with their true ``labels``) to ``target``
-    with the trigger slots at ``position``."""
-
-    texts: Sequence[str]
-    labels: Sequence[int]
-    target: int
-    position: str = "start"
-
-
 @dataclass
 class _Arm:
     """The state of Algorithm 1 for one task."""
@@ -153,11 +154,10 @@ def _noise(like: torch.Tensor, config: DBSConfig, generator: torch.Generator) ->
     return sample.to(like.device)
 
 
-def _buckets(batch: SlotBatch, rows: torch.Tensor,
-             n: int) -> list[tuple[torch.Tensor, SlotBatch]]:
-    """``rows`` sorted by length and cut into ``n`` groups: (row indices, sub-batch) each."""
+def _buckets(batch: Batch, rows: torch.Tensor, n: int) -> list[Batch]:
+    """``rows`` sorted by length and cut into ``n`` sub-batches."""
     order = rows[batch.lengths[rows].argsort()]
-    return [(part, batch.subset(part)) for part in order.tensor_split(min(n, len(order)))]
+    return [batch.subset(part) for part in order.tensor_split(min(n, len(order)))]
 
 
 def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Tensor,
@@ -214,107 +214,93 @@ def _drop_all_but(arms: list[_Arm], keep: int) -> None:
             arms[i].trajectory[-1]["event"] = "drop"
 
 
-def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
-                config: DBSConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None,
-                keep: int = 0, keep_after: int = 0) -> list[Inversion]:
-    """Run Algorithm 1 for every task at once; one :class:`Inversion` per task, in order.
+@register("dbs")
+class DBS(Inverter):
+    """Algorithm 1 for every task at once, the tasks' rows sharing each forward pass."""
 
-    With ``keep``, after ``keep_after`` epochs only the ``keep`` tasks with the lowest loss so
-    far go on (K-Arm preselection that continues the pre-run instead of restarting it); the
-    others end with a ``drop`` event. ``on_epoch`` is called with each finished epoch's index
-    (for progress display)."""
-    config = config or DBSConfig()
-    if not tasks:
-        return []
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(config.seed)
-    embeddings = subject.embedding_matrix.detach()
-    excluded = torch.zeros(embeddings.shape[0], device=embeddings.device)
-    excluded[subject.special_token_ids()] = -math.inf
+    config_class = DBSConfig
+    batched = True
 
-    # All tasks' victim rows in one batch; row_task[r] is the task row r belongs to.
-    texts = [t for task in tasks for t in task.texts]
-    labels = [y for task in tasks for y in task.labels]
-    positions = [task.position for task in tasks for _ in task.texts]
-    sizes = torch.tensor([len(task.texts) for task in tasks])
-    row_task = torch.repeat_interleave(torch.arange(len(tasks)), sizes).to(subject.device)
-    targets = torch.tensor([task.target for task in tasks], device=subject.device)
-    batch = subject.batch(texts, labels, config.trigger_length, positions).to(subject.device)
-    weight = 1 / sizes.to(subject.device, torch.float)  # each task's loss is a mean
+    def invert(self, subject: Subject, tasks: Sequence[InversionTask],
+               on_epoch: EpochCallback | None = None,
+               preselect: Preselection | None = None) -> list[Inversion]:
+        """One :class:`Inversion` per task, in order.
 
-    w = torch.zeros(len(tasks), config.trigger_length, embeddings.shape[0],
-                    device=embeddings.device, requires_grad=True)
-    optimiser = torch.optim.Adam([w], lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every, config.lr_decay)
-    initial = config.initial_temperature if config.temperature_scaling else 1.0
-    arms = [_Arm(temperature=initial, bound=config.loss_bound) for _ in tasks]
+        With ``preselect``, after ``preselect.after`` epochs only the ``preselect.keep`` tasks
+        with the lowest loss so far go on (K-Arm preselection that continues the pre-run
+        instead of restarting it); the others end with a ``drop`` event."""
+        config = self.config
+        if not tasks:
+            return []
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed)
+        embeddings = subject.embedding_matrix.detach()
+        excluded = torch.where(subject.allowed_tokens(), 0.0, -math.inf)
 
-    running: list[int] = []
-    buckets: list[tuple[torch.Tensor, SlotBatch]] = []
-    for epoch in range(config.epochs):
-        active = [i for i, arm in enumerate(arms) if not arm.stopped]
-        if not active:
-            break
-        if active != running:  # the rows of stopped tasks leave the batch
-            running = active
-            rows = torch.isin(row_task, torch.tensor(active, device=row_task.device))
-            buckets = _buckets(batch, rows.nonzero().squeeze(-1), config.buckets)
-        # Line 2: optimise Eq. 9 at each task's current temperature.
-        temperature = torch.tensor([arm.temperature for arm in arms], device=w.device)
-        alpha = torch.softmax((w + excluded) / temperature.view(-1, 1, 1), dim=-1)
-        triggers = alpha @ embeddings  # (tasks, m, d)
-        losses = torch.zeros(len(tasks), device=w.device)
-        for rows, sub in buckets:
-            owner = row_task[rows]
-            logits = subject.logits_from_trigger(sub, triggers[owner])
-            ce = F.cross_entropy(logits, targets[owner], reduction="none")
-            losses = losses.index_add(0, owner, ce * weight[owner])
-        optimiser.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimiser.step()
-        schedule.step()
-        alpha = alpha.detach()
-        values = losses.tolist()
-        for i in active:
-            _step(arms[i], epoch, values[i], alpha[i], w[i], config, generator)
-        if keep and epoch + 1 == keep_after:
-            _drop_all_but(arms, keep)
-        if on_epoch:
-            on_epoch(epoch)
+        # All tasks' victim rows in one batch; batch.owner[r] is the task row r belongs to.
+        batch = subject.batch([t.candidate for t in tasks], [t.examples for t in tasks],
+                              config.trigger_length)
+        row_task = batch.owner
+        sizes = torch.tensor([len(task.examples) for task in tasks])
+        weight = 1 / sizes.to(subject.device, torch.float)  # each task's loss is a mean
 
-    # Beyond the paper: every reported trigger is re-run as hard tokens.
-    final = [arm.best[1] if arm.best else arm.last for arm in arms]
-    with torch.no_grad():
-        hard = subject.logits_from_tokens(batch, torch.stack(final)[row_task])
-    goal = targets[row_task]
-    hard_loss = F.cross_entropy(hard, goal, reduction="none")
-    hit = (hard.argmax(-1) == goal).float()
-    seconds = time.perf_counter() - started
-    out = []
-    for i, (task, arm) in enumerate(zip(tasks, arms, strict=True)):
-        ids = final[i].tolist()
-        mine = row_task == i
-        tokens = subject.tokenizer.convert_ids_to_tokens(ids)
-        out.append(Inversion(
-            method="dbs", target=task.target, victims=sorted(set(task.labels)),
-            position=task.position, trigger_ids=ids, trigger_tokens=tokens,
-            trigger_text=subject.tokenizer.convert_tokens_to_string(tokens),
-            relaxed_loss=arm.loss,
-            hard_loss=hard_loss[mine].mean().item(), hard_asr=hit[mine].mean().item(),
-            accepted=arm.best is not None, epochs=len(arm.trajectory), seconds=seconds,
-            trajectory=arm.trajectory))
-    return out
+        w = torch.zeros(len(tasks), config.trigger_length, embeddings.shape[0],
+                        device=embeddings.device, requires_grad=True)
+        optimiser = torch.optim.Adam([w], lr=config.learning_rate)
+        schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every,
+                                                   config.lr_decay)
+        initial = config.initial_temperature if config.temperature_scaling else 1.0
+        arms = [_Arm(temperature=initial, bound=config.loss_bound) for _ in tasks]
+
+        running: list[int] = []
+        buckets: list[Batch] = []
+        for epoch in range(config.epochs):
+            active = [i for i, arm in enumerate(arms) if not arm.stopped]
+            if not active:
+                break
+            if active != running:  # the rows of stopped tasks leave the batch
+                running = active
+                rows = torch.isin(row_task, torch.tensor(active, device=row_task.device))
+                buckets = _buckets(batch, rows.nonzero().squeeze(-1), config.buckets)
+            # Line 2: optimise Eq. 9 at each task's current temperature.
+            temperature = torch.tensor([arm.temperature for arm in arms], device=w.device)
+            alpha = torch.softmax((w + excluded) / temperature.view(-1, 1, 1), dim=-1)
+            triggers = alpha @ embeddings  # (tasks, m, d)
+            losses = torch.zeros(len(tasks), device=w.device)
+            for sub in buckets:
+                loss = subject.goal_loss(sub, triggers[sub.owner])
+                losses = losses.index_add(0, sub.owner, loss * weight[sub.owner])
+            optimiser.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimiser.step()
+            schedule.step()
+            alpha = alpha.detach()
+            values = losses.tolist()
+            for i in active:
+                _step(arms[i], epoch, values[i], alpha[i], w[i], config, generator)
+            if preselect and epoch + 1 == preselect.after:
+                _drop_all_but(arms, preselect.keep)
+            if on_epoch:
+                on_epoch(epoch)
+
+        # Beyond the paper: every reported trigger is re-run as hard tokens.
+        final = [arm.best[1] if arm.best else arm.last for arm in arms]
+        with torch.no_grad():
+            hard_loss, hit = subject.hard_check(batch, torch.stack(final)[row_task])
+        seconds = time.perf_counter() - started
+        out = []
+        for i, (task, arm) in enumerate(zip(tasks, arms, strict=True)):
+            ids = final[i].tolist()
+            mine = row_task == i
+            tokens, text = subject.describe(ids)
+            out.append(Inversion(
+                method=self.name, candidate=task.candidate, trigger_ids=ids,
+                trigger_tokens=tokens, trigger_text=text, relaxed_loss=arm.loss,
+                hard_loss=hard_loss[mine].mean().item(), hard_asr=hit[mine].mean().item(),
+                accepted=arm.best is not None, epochs=len(arm.trajectory), seconds=seconds,
+                trajectory=arm.trajectory))
+        return out
 
 
-def invert(
-    subject: TextSubject,
-    texts: Sequence[str],
-    labels: Sequence[int],
-    target: int,
-    position: str = "start",
-    config: DBSConfig | None = None,
-) -> Inversion:
-    """Invert a trigger that flips ``texts`` (the victims, with their true ``labels``) to
-    ``target``, with the trigger slots at ``position``."""
-    return invert_many(subject, [InversionTask(texts, labels, target, position)], config)[0]
+register_variant("dbs-fixed-temperature", "dbs", temperature_scaling=False)
+register_variant("dbs-no-backtracking", "dbs", backtracking=False)

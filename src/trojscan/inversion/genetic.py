@@ -26,25 +26,23 @@ measurement. Seeded: the same seed gives the same trigger.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from trojscan.inversion.base import Inversion
+from trojscan.inversion.base import Inversion, InversionTask, register
 from trojscan.inversion.common import (
     FINAL_EVALUATIONS,
     Budget,
-    allowed_ids,
+    OneByOne,
     check_budget,
     finish,
-    one_by_one,
     score_triggers,
     victim_batch,
 )
-from trojscan.inversion.dbs import InversionTask
-from trojscan.subjects.text import TextSubject
+from trojscan.subjects.base import Subject
 
 
 @dataclass(frozen=True)
@@ -107,46 +105,39 @@ def _breed(population: torch.Tensor, losses: torch.Tensor, config: GeneticConfig
     return children.to(population.device)
 
 
-def _invert_one(subject: TextSubject, task: InversionTask, config: GeneticConfig,
-                vocabulary: torch.Tensor, generator: torch.Generator,
-                tick: Callable[[int], None]) -> Inversion:
-    started = time.perf_counter()
-    budget = Budget(config.max_evaluations)
-    batch = victim_batch(subject, task, config.trigger_length)
-    draw = torch.randint(len(vocabulary), (config.population, config.trigger_length),
-                         generator=generator)
-    population = vocabulary[draw].to(subject.device)
-    losses, _ = score_triggers(subject, batch, population, task.target, budget,
-                               config.chunk_rows)
-    trajectory: list[dict[str, Any]] = []
-    for generation in range(config.epochs):
-        if generation:
-            if not budget.affords(config.population - 1, keep=FINAL_EVALUATIONS):
-                break
-            elite = int(losses.argmin())
-            children = _breed(population, losses, config, vocabulary, generator)
-            child_losses, _ = score_triggers(subject, batch, children, task.target, budget,
-                                             config.chunk_rows)
-            population = torch.cat([population[elite : elite + 1], children])
-            losses = torch.cat([losses[elite : elite + 1], child_losses])
-        trajectory.append({"epoch": generation, "loss": losses.min().item(),
-                           "mean_loss": losses.mean().item(), "evaluations": budget.used})
-        tick(generation)
-    best = population[int(losses.argmin())]
-    return finish("genetic", subject, task, batch, best, budget, started, len(trajectory),
-                  trajectory, config.chunk_rows)
+@register("genetic")
+class Genetic(OneByOne):
+    """A genetic search over token triggers, one task after another."""
 
+    config_class = GeneticConfig
 
-def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
-                config: GeneticConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
-    """Run the genetic search for every task, one after another; one :class:`Inversion` per
-    task, in order.
-
-    ``on_epoch`` is called with generation indices 0..epochs-1 as the tasks progress (see
-    :class:`~trojscan.inversion.common.Progress`)."""
-    config = config or GeneticConfig()
-    generator = torch.Generator().manual_seed(config.seed)
-    vocabulary = allowed_ids(subject).nonzero().squeeze(-1).cpu()
-    return one_by_one(tasks, config.epochs, on_epoch, lambda task, tick: _invert_one(
-        subject, task, config, vocabulary, generator, tick))
+    def invert_one(self, subject: Subject, task: InversionTask, generator: torch.Generator,
+                   tick: Callable[[int], None]) -> Inversion:
+        """The genetic search on one task; ``generator`` draws populations, parents and
+        mutations."""
+        config = self.config
+        started = time.perf_counter()
+        budget = Budget(config.max_evaluations)
+        vocabulary = subject.allowed_tokens().nonzero().squeeze(-1).cpu()
+        batch = victim_batch(subject, task, config.trigger_length)
+        draw = torch.randint(len(vocabulary), (config.population, config.trigger_length),
+                             generator=generator)
+        population = vocabulary[draw].to(subject.device)
+        losses, _ = score_triggers(subject, batch, population, budget, config.chunk_rows)
+        trajectory: list[dict[str, Any]] = []
+        for generation in range(config.epochs):
+            if generation:
+                if not budget.affords(config.population - 1, keep=FINAL_EVALUATIONS):
+                    break
+                elite = int(losses.argmin())
+                children = _breed(population, losses, config, vocabulary, generator)
+                child_losses, _ = score_triggers(subject, batch, children, budget,
+                                                 config.chunk_rows)
+                population = torch.cat([population[elite : elite + 1], children])
+                losses = torch.cat([losses[elite : elite + 1], child_losses])
+            trajectory.append({"epoch": generation, "loss": losses.min().item(),
+                               "mean_loss": losses.mean().item(), "evaluations": budget.used})
+            tick(generation)
+        best = population[int(losses.argmin())]
+        return finish(self.name, subject, task, batch, best, budget, started, len(trajectory),
+                      trajectory, config.chunk_rows)

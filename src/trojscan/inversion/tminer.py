@@ -62,19 +62,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trojscan.inversion.base import Inversion
+from trojscan.inversion.base import Inversion, InversionTask, register
 from trojscan.inversion.common import (
     FINAL_EVALUATIONS,
     Budget,
-    allowed_ids,
+    OneByOne,
     check_budget,
     finish,
-    one_by_one,
     score_triggers,
     victim_batch,
 )
-from trojscan.inversion.dbs import InversionTask
-from trojscan.subjects.text import SlotBatch, TextSubject
+from trojscan.subjects.base import Candidate
+from trojscan.subjects.text_classification import (
+    SlotBatch,
+    TextClassificationSubject,
+    TextExample,
+)
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,8 @@ class _Victims:
     groups: list[tuple[torch.Tensor, int, SlotBatch]]
 
 
-def _victims(subject: TextSubject, task: InversionTask, seq_len: int) -> _Victims:
-    tokenised = [subject.tokenizer(t, add_special_tokens=False)["input_ids"][:seq_len] or
-                 [subject.pad_id] for t in task.texts]
+def _victims(subject: TextClassificationSubject, task: InversionTask, seq_len: int) -> _Victims:
+    tokenised = [subject.token_ids(e.text)[:seq_len] or [subject.pad_id] for e in task.examples]
     width = max(len(t) for t in tokenised)
     ids = torch.full((len(tokenised), width), subject.pad_id, dtype=torch.long)
     for row, tokens in enumerate(tokenised):
@@ -205,9 +207,10 @@ def _victims(subject: TextSubject, task: InversionTask, seq_len: int) -> _Victim
     for length in lengths.unique().tolist():
         rows = (lengths == length).nonzero().squeeze(-1)
         # [CLS] + ``length`` slots + [SEP]: the generated text fills the slots.
-        batch = subject.batch([""] * len(rows), [task.labels[r] for r in rows.tolist()],
-                              length, "start")
-        groups.append((rows.to(subject.device), length, batch.to(subject.device)))
+        empty = [TextExample("", task.examples[r].label) for r in rows.tolist()]
+        at_start = Candidate(task.candidate.victims, task.candidate.target, "start")
+        groups.append((rows.to(subject.device), length,
+                       subject.batch([at_start], [empty], length)))
     return _Victims(ids.to(subject.device), valid.to(subject.device), groups)
 
 
@@ -229,16 +232,16 @@ def _relaxed(logits: torch.Tensor, embeddings: torch.Tensor, excluded: torch.Ten
     return sample @ embeddings
 
 
-def _invert_one(subject: TextSubject, task: InversionTask, config: TMinerConfig,
-                allowed: torch.Tensor, tick: Callable[[int], None]) -> Inversion:
+def _invert_one(subject: TextClassificationSubject, task: InversionTask, config: TMinerConfig,
+                tick: Callable[[int], None]) -> Inversion:
     started = time.perf_counter()
     budget = Budget(config.max_evaluations)
     device = subject.device
     embeddings = subject.embedding_matrix.detach()
-    excluded = torch.where(allowed, 0.0, -torch.inf)
+    excluded = torch.where(subject.allowed_tokens(), 0.0, -torch.inf)
     victims = _victims(subject, task, config.seq_len)
-    own = torch.tensor(list(task.labels), device=device)
-    target = torch.full_like(own, task.target)
+    own = torch.tensor([e.label for e in task.examples], device=device)
+    target = torch.full_like(own, task.candidate.target)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         generator = _Generator(embeddings, subject.cls_id, len(subject.labels),
@@ -260,9 +263,8 @@ def _invert_one(subject: TextSubject, task: InversionTask, config: TMinerConfig,
             budget.spend(1)
             classification = torch.zeros((), device=device)
             for rows, length, batch in victims.groups:
-                out = subject.logits_from_trigger(batch, soft[rows, :length])
-                classification = classification + F.cross_entropy(out, target[rows],
-                                                                  reduction="sum")
+                classification = classification + subject.goal_loss(
+                    batch, soft[rows, :length]).sum()
             classification = classification / len(own)
             diversity = _diversity(log_probs.exp(), ids, valid)
             loss = (loss + config.classification_weight * classification
@@ -278,18 +280,19 @@ def _invert_one(subject: TextSubject, task: InversionTask, config: TMinerConfig,
     epochs = len(trajectory)
     candidates, entry = _candidates(subject, task, generator, victims, excluded, budget, config)
     trajectory.append({"epoch": epochs, "event": "candidates", **entry})
-    return finish("tminer", subject, task, victim_batch(subject, task, config.trigger_length),
+    return finish(TMiner.name, subject, task, victim_batch(subject, task, config.trigger_length),
                   candidates, budget, started, epochs, trajectory, config.chunk_rows)
 
 
 @torch.no_grad()
-def _candidates(subject: TextSubject, task: InversionTask, generator: _Generator,
+def _candidates(subject: TextClassificationSubject, task: InversionTask, generator: _Generator,
                 victims: _Victims, excluded: torch.Tensor, budget: Budget,
                 config: TMinerConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     """Rewrite the victims greedily towards the target, rank the inserted tokens, ASR-test
     the top ``trigger_length``; (their ids, best single-token loss first; trajectory entry)."""
     ids, valid = victims.ids, victims.valid
-    (logits,) = generator(ids, [torch.full((len(ids),), task.target, device=ids.device)])
+    (logits,) = generator(ids, [torch.full((len(ids),), task.candidate.target,
+                                           device=ids.device)])
     logits = logits + excluded
     output = logits.argmax(-1)
     inserted = valid & (output != ids)
@@ -304,10 +307,9 @@ def _candidates(subject: TextSubject, task: InversionTask, generator: _Generator
         rank[token] += count
     top = rank.topk(config.trigger_length).indices
     single = victim_batch(subject, task, 1)
-    losses, asrs = score_triggers(subject, single, top.view(-1, 1), task.target, budget,
-                                  config.chunk_rows)
+    losses, asrs = score_triggers(subject, single, top.view(-1, 1), budget, config.chunk_rows)
     order = losses.argsort(stable=True)
-    names = subject.tokenizer.convert_ids_to_tokens(top.tolist())
+    names, _ = subject.describe(top.tolist())
     rows = [{"token": names[i], "inserted_into": counts[int(top[i])],
              "loss": losses[i].item(), "asr": asrs[i].item()} for i in order.tolist()]
     entry = {"loss": rows[0]["loss"], "evaluations": budget.used,
@@ -315,15 +317,16 @@ def _candidates(subject: TextSubject, task: InversionTask, generator: _Generator
     return top[order], entry
 
 
-def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
-                config: TMinerConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
-    """Run T-Miner for every task, one after another; one :class:`Inversion` per task, in
-    order.
+@register("tminer")
+class TMiner(OneByOne):
+    """T-Miner's perturbation generator, one task after another (text classifiers only: it
+    rewrites whole sentences)."""
 
-    ``on_epoch`` is called with epoch indices 0..epochs-1 as the tasks progress (see
-    :class:`~trojscan.inversion.common.Progress`)."""
-    config = config or TMinerConfig()
-    allowed = allowed_ids(subject)
-    return one_by_one(tasks, config.epochs, on_epoch, lambda task, tick: _invert_one(
-        subject, task, config, allowed, tick))
+    config_class = TMinerConfig
+    subject_classes = (TextClassificationSubject,)
+
+    def invert_one(self, subject: TextClassificationSubject, task: InversionTask,
+                   generator: torch.Generator, tick: Callable[[int], None]) -> Inversion:
+        """T-Miner on one task (seeded by ``config.seed`` itself, per task: ``generator`` is
+        not drawn from)."""
+        return _invert_one(subject, task, self.config, tick)

@@ -27,26 +27,23 @@ Evaluations (see :mod:`trojscan.inversion.common`): per iteration 1 (the gradien
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from trojscan.inversion.base import Inversion
+from trojscan.inversion.base import Inversion, InversionTask, register
 from trojscan.inversion.common import (
     FINAL_EVALUATIONS,
     Budget,
-    allowed_ids,
+    OneByOne,
     check_budget,
     finish,
-    one_by_one,
     score_triggers,
     victim_batch,
 )
-from trojscan.inversion.dbs import InversionTask
-from trojscan.subjects.text import SlotBatch, TextSubject
+from trojscan.subjects.base import Batch, Subject
 
 
 @dataclass(frozen=True)
@@ -98,27 +95,17 @@ class UATConfig:
         return 1 + self.trigger_length * self.top_k * self.beam_width
 
 
-def _initial_id(subject: TextSubject, token: str) -> int:
-    ids = subject.tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1 or ids[0] in subject.special_token_ids():
-        raise ValueError(f"initial_token {token!r} is not one ordinary token of the subject's "
-                         f"vocabulary")
-    return ids[0]
-
-
-def _gradient(subject: TextSubject, batch: SlotBatch, trigger: torch.Tensor,
-              target: int) -> tuple[torch.Tensor, float]:
-    """Gradient of the mean loss w.r.t. the (m, d) slot embeddings of ``trigger``, and the loss."""
+def _gradient(subject: Subject, batch: Batch, trigger: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Gradient of the mean goal loss w.r.t. the (m, d) slot embeddings of ``trigger``, and
+    the loss."""
     embeds = subject.embedding_matrix.detach()[trigger].clone().requires_grad_(True)
-    logits = subject.logits_from_trigger(batch, embeds)
-    goal = torch.full((len(logits),), target, device=logits.device)
-    loss = F.cross_entropy(logits, goal)
+    loss = subject.goal_loss(batch, embeds).mean()
     (grad,) = torch.autograd.grad(loss, embeds)
     return grad, loss.item()
 
 
-def _beam_search(subject: TextSubject, batch: SlotBatch, trigger: torch.Tensor, loss: float,
-                 candidates: torch.Tensor, target: int, budget: Budget,
+def _beam_search(subject: Subject, batch: Batch, trigger: torch.Tensor, loss: float,
+                 candidates: torch.Tensor, budget: Budget,
                  config: UATConfig) -> tuple[torch.Tensor, float]:
     """Authors' ``get_best_candidates``: slot by slot, each kept trigger unchanged or with one
     of the slot's ``candidates`` ((m, k) ids) put in; the ``beam_width`` lowest losses go on."""
@@ -130,59 +117,59 @@ def _beam_search(subject: TextSubject, batch: SlotBatch, trigger: torch.Tensor, 
                 changed = ids.clone()
                 changed[slot] = token
                 tried.append(changed)
-        losses, _ = score_triggers(subject, batch, torch.stack(tried), target, budget,
+        losses, _ = score_triggers(subject, batch, torch.stack(tried), budget,
                                    config.chunk_rows)
         pool = beams + list(zip(losses.tolist(), tried, strict=True))
         beams = sorted(pool, key=lambda beam: beam[0])[: config.beam_width]
     return beams[0][1], beams[0][0]
 
 
-def _invert_one(subject: TextSubject, task: InversionTask, config: UATConfig, allowed: torch.Tensor,
-                generator: torch.Generator, tick: Callable[[int], None]) -> Inversion:
-    started = time.perf_counter()
-    budget = Budget(config.max_evaluations)
-    embeddings = subject.embedding_matrix.detach()
-    batch = victim_batch(subject, task, config.trigger_length)
-    n = len(batch.labels)
-    trigger = torch.full((config.trigger_length,), _initial_id(subject, config.initial_token),
-                         dtype=torch.long, device=subject.device)
-    everyone = config.batch_size == 0 or config.batch_size >= n
-    trajectory: list[dict[str, Any]] = []
-    for epoch in range(config.epochs):
-        if not budget.affords(config.per_iteration(), keep=FINAL_EVALUATIONS):
-            break
-        rows = batch if everyone else batch.subset(
-            torch.randperm(n, generator=generator)[: config.batch_size].to(subject.device))
-        grad, loss = _gradient(subject, rows, trigger, task.target)
-        budget.spend(1)
-        # HotFlip: the loss change of token v in slot i is about (e_v - e_i) . g_i.
-        scores = -(grad @ embeddings.T)
-        scores[:, ~allowed] = -torch.inf
-        scores.scatter_(1, trigger.view(-1, 1), -torch.inf)
-        candidates = scores.topk(config.top_k, dim=1).indices
-        new, new_loss = _beam_search(subject, rows, trigger, loss, candidates, task.target,
-                                     budget, config)
-        step: dict[str, Any] = {"epoch": epoch, "loss": new_loss, "evaluations": budget.used}
-        tick(epoch)
-        if everyone and torch.equal(new, trigger):
-            step["event"] = "converged"
+@register("uat")
+class UAT(OneByOne):
+    """HotFlip token search, one task after another."""
+
+    config_class = UATConfig
+
+    def invert_one(self, subject: Subject, task: InversionTask, generator: torch.Generator,
+                   tick: Callable[[int], None]) -> Inversion:
+        """UAT on one task; ``generator`` draws the victims of ``batch_size``."""
+        config = self.config
+        started = time.perf_counter()
+        budget = Budget(config.max_evaluations)
+        embeddings = subject.embedding_matrix.detach()
+        allowed = subject.allowed_tokens()
+        batch = victim_batch(subject, task, config.trigger_length)
+        n = len(batch)
+        try:
+            first = subject.token_id(config.initial_token)
+        except ValueError as exc:
+            raise ValueError(f"initial_token: {exc}") from exc
+        trigger = torch.full((config.trigger_length,), first, dtype=torch.long,
+                             device=subject.device)
+        everyone = config.batch_size == 0 or config.batch_size >= n
+        trajectory: list[dict[str, Any]] = []
+        for epoch in range(config.epochs):
+            if not budget.affords(config.per_iteration(), keep=FINAL_EVALUATIONS):
+                break
+            rows = batch if everyone else batch.subset(
+                torch.randperm(n, generator=generator)[: config.batch_size].to(subject.device))
+            grad, loss = _gradient(subject, rows, trigger)
+            budget.spend(1)
+            # HotFlip: the loss change of token v in slot i is about (e_v - e_i) . g_i.
+            scores = -(grad @ embeddings.T)
+            scores[:, ~allowed] = -torch.inf
+            scores.scatter_(1, trigger.view(-1, 1), -torch.inf)
+            candidates = scores.topk(config.top_k, dim=1).indices
+            new, new_loss = _beam_search(subject, rows, trigger, loss, candidates, budget,
+                                         config)
+            step: dict[str, Any] = {"epoch": epoch, "loss": new_loss,
+                                    "evaluations": budget.used}
+            tick(epoch)
+            if everyone and torch.equal(new, trigger):
+                step["event"] = "converged"
+                trajectory.append(step)
+                break
             trajectory.append(step)
-            break
-        trajectory.append(step)
-        trigger = new
-    return finish("uat", subject, task, batch, trigger, budget, started, len(trajectory),
-                  trajectory, config.chunk_rows)
-
-
-def invert_many(subject: TextSubject, tasks: Sequence[InversionTask],
-                config: UATConfig | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[Inversion]:
-    """Run UAT for every task, one after another; one :class:`Inversion` per task, in order.
-
-    ``on_epoch`` is called with epoch indices 0..epochs-1 as the tasks progress (see
-    :class:`~trojscan.inversion.common.Progress`)."""
-    config = config or UATConfig()
-    generator = torch.Generator().manual_seed(config.seed)
-    allowed = allowed_ids(subject)
-    return one_by_one(tasks, config.epochs, on_epoch, lambda task, tick: _invert_one(
-        subject, task, config, allowed, generator, tick))
+            trigger = new
+        return finish(self.name, subject, task, batch, trigger, budget, started,
+                      len(trajectory), trajectory, config.chunk_rows)

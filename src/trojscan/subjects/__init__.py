@@ -1,0 +1,7 @@
+"""Model families trojscan scans, each a :class:`~trojscan.subjects.base.Subject`.
+
+Importing this package registers every family; a new family is one module here, imported
+below.
+"""
+
+from trojscan.subjects import text_classification  # noqa: F401  (registers the family)

@@ -1,105 +1,117 @@
-"""Loading untrusted models and example files, with one-line errors for bad input.
+"""Loading untrusted model directories, with one-line errors for bad input.
 
-A model directory is someone else's: nothing in it may run code. Weights load from
+A model directory is someone else's: nothing in it may run code. Its config is read as
+plain JSON and checked before transformers sees it (a model type transformers does not
+know, or custom code named by ``auto_map``, is refused in one line); weights load from
 safetensors; pickled weights (``pytorch_model.bin``) only with ``allow_pickle``, because
 unpickling a file can execute code from it. Remote code is never trusted.
+:func:`load_subject` then hands the directory to the model family its config names
+(:func:`trojscan.subjects.base.subject_class_for`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trojscan.errors import InputError
 from trojscan.fsutil import read_utf8
-from trojscan.subjects.text import TextSubject
+from trojscan.modeldir import PICKLED_WEIGHTS, SAFE_WEIGHTS
 
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-SAFE = ("model.safetensors", "model.safetensors.index.json")
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from trojscan.subjects.base import Subject
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
 
-def load_subject(model_dir: Path, device: str = "cpu", allow_pickle: bool = False,
-                 max_length: int = 100) -> TextSubject:
-    """Load the sequence classifier in ``model_dir`` as a :class:`TextSubject`."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_config(model_dir: Path) -> PretrainedConfig:
+    """The transformers config of ``model_dir``, read without running code from it."""
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if not model_dir.is_dir():
         raise InputError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
+    path = model_dir / "config.json"
+    if not path.is_file():
         raise InputError(f"{model_dir} has no config.json: not a Hugging Face model directory")
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as exc:
-        raise InputError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
-    heads = [a for a in (config.architectures or []) if a.endswith("ForSequenceClassification")]
-    if not heads:
-        raise InputError(f"{model_dir} holds no sequence-classification model (architectures: "
-                         f"{', '.join(config.architectures or ['none'])})")
-    safe = any((model_dir / name).is_file() for name in SAFE)
-    pickled = any((model_dir / name).is_file() for name in PICKLED)
-    if not safe and not (pickled and allow_pickle):
-        if pickled:
-            raise InputError(f"{model_dir} has only pickled weights (pytorch_model.bin); pass "
-                             "--allow-pickle to load them, which can run code from the file")
-        raise InputError(f"{model_dir} has no model.safetensors")
+        raw = json.loads(read_utf8(path, "model config"))
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InputError(f"{path} is not a JSON object")
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        if "auto_map" in raw:
+            raise InputError(f"{path}: model type {model_type!r} needs the custom code its "
+                             "auto_map names, and trojscan never runs code from a model")
+        raise InputError(f"{path}: unknown model_type {model_type!r} (transformers "
+                         f"{transformers.__version__} has no such architecture)")
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, config=config, use_safetensors=safe, trust_remote_code=False,
-            output_loading_info=True)
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds for a malformed config
+        raise InputError(f"cannot read {path}: {_first_line(exc)}") from exc
+
+
+def check_weights(model_dir: Path, allow_pickle: bool) -> bool:
+    """True when ``model_dir`` has safetensors weights, False when it has only pickled ones
+    and ``allow_pickle`` permits them; otherwise an :class:`InputError`."""
+    if any((model_dir / name).is_file() for name in SAFE_WEIGHTS):
+        return True
+    if any((model_dir / name).is_file() for name in PICKLED_WEIGHTS):
+        if allow_pickle:
+            return False
+        raise InputError(f"{model_dir} has only pickled weights (pytorch_model.bin); pass "
+                         "--allow-pickle to load them, which can run code from the file")
+    raise InputError(f"{model_dir} has no model.safetensors")
+
+
+def load_weights(auto_class: Any, model_dir: Path, config: PretrainedConfig, safe: bool,
+                 hint: str) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` on ``model_dir``, every tensor of the model required
+    (``hint`` follows the error when some are missing)."""
+    try:
+        model, info = auto_class.from_pretrained(model_dir, config=config, use_safetensors=safe,
+                                                 trust_remote_code=False,
+                                                 output_loading_info=True)
     except Exception as exc:  # corrupt or truncated weights surface as many exception types
-        raise InputError(f"cannot load the weights in {model_dir}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise InputError(f"cannot load the weights in {model_dir}: {_first_line(exc)}") from exc
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise InputError(f"the weights in {model_dir} lack {len(missing)} tensors of the model "
-                         f"(e.g. {missing[0]}): is the classification head saved?")
+                         f"(e.g. {missing[0]}): {hint}")
+    return model
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``model_dir``."""
+    from transformers import AutoTokenizer
+
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"{model_dir} has no usable tokenizer: "
-                         f"{str(exc).splitlines()[0]}") from exc
-    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
-                         "trigger slots are placed between")
-    return TextSubject(model.to(device), tokenizer, max_length)
+        raise InputError(f"{model_dir} has no usable tokenizer: {_first_line(exc)}") from exc
 
 
-def load_examples(path: Path, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Read clean examples, one JSON object ``{"text", "label"}`` per line.
+def load_subject(model_dir: Path, device: str = "cpu", allow_pickle: bool = False,
+                 max_length: int = 100) -> Subject:
+    """Load the model in ``model_dir`` as the subject of its family."""
+    from trojscan.subjects.base import subject_class_for
 
-    ``label`` is a label index or name of the model; every problem is an
-    :class:`InputError` naming the line.
-    """
-    text = read_utf8(path, "examples")
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) \
-                or "label" not in row:
-            raise InputError(f"{path}:{number}: expected an object with \"text\" and \"label\"")
-        if not row["text"].strip():
-            raise InputError(f"{path}:{number}: empty text")
-        label = row["label"]
-        if isinstance(label, str) and label in labels:
-            label = labels.index(label)
-        if isinstance(label, bool) or not isinstance(label, int) \
-                or not 0 <= label < len(labels):
-            raise InputError(f"{path}:{number}: the model has no label {row['label']!r} (its "
-                             "labels: " + ", ".join(f"{i}={n}" for i, n in enumerate(labels))
-                             + ")")
-        rows.append({"text": row["text"], "label": label})
-    if not rows:
-        raise InputError(f"examples {path} are empty")
-    return rows
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family = subject_class_for(config, model_dir)
+    safe = check_weights(model_dir, allow_pickle)
+    return family.load(model_dir, config, safe, device, max_length)

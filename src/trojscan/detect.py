@@ -1,4 +1,4 @@
-"""Detectors: turn scan result records into a trojaned / clean decision, fitted on known models.
+"""Detectors: turn scan results into a trojaned / clean decision, fitted on known models.
 
 A scan decides alone, by comparing its lowest inversion loss with a fixed threshold (DBS
 Eq. 4). On a zoo whose ground truth is known, a detector can instead be *fitted*:
@@ -10,8 +10,10 @@ Eq. 4). On a zoo whose ground truth is known, a detector can instead be *fitted*
   (:data:`FEATURES`, see :func:`features`).
 
 Both follow scikit-learn's conventions (``fit``, ``decision_function``, ``predict_proba``,
-``predict``; label 1 = trojaned, 0 = clean) but take scan records, not feature matrices.
-They are saved as plain JSON (:func:`save_detector`, :func:`load_detector`), never pickled.
+``predict``; label 1 = trojaned, 0 = clean) but take scan results
+(:class:`~trojscan.results.ScanResult`), not feature matrices. They are saved as plain JSON
+(:func:`save_detector`, :func:`load_detector`), never pickled; :func:`apply_detector` lets
+one decide a scan.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +34,7 @@ from sklearn.linear_model import LogisticRegression
 
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json, read_utf8
+from trojscan.results import DetectorVerdict, ScanResult
 
 DETECTOR_VERSION = 1
 #: Losses are clamped to this before taking logs (a perfect trigger has loss ~0).
@@ -38,15 +42,13 @@ MIN_LOSS = 1e-6
 #: Names of the features of :func:`features`, in the order of the feature matrix.
 FEATURES = ("log_loss", "hard_asr", "log_hard_loss", "gap", "accepted")
 
-Record = Mapping[str, Any]
-
 
 def _log(loss: float) -> float:
     return math.log(max(float(loss), MIN_LOSS))
 
 
-def features(record: Record) -> dict[str, float]:
-    """The features of one scan record (names and order as in :data:`FEATURES`).
+def features(record: ScanResult) -> dict[str, float]:
+    """The features of one scan result (names and order as in :data:`FEATURES`).
 
     * ``log_loss``: log of the record's score (the lowest inversion loss), clamped at
       :data:`MIN_LOSS`;
@@ -57,25 +59,25 @@ def features(record: Record) -> dict[str, float]:
       makes one target stand out; a clean model's targets are all about as hard;
     * ``accepted``: 1 when the best inversion met its acceptance test, else 0.
     """
-    best = record["best"]
-    losses = sorted(float(c["loss"]) for c in record.get("candidates", ()) if "loss" in c)
+    best = record.best
+    losses = sorted(c.loss for c in record.candidates if c.loss is not None)
     gap = _log(losses[1]) - _log(losses[0]) if len(losses) > 1 else 0.0
-    return {"log_loss": _log(record["score"]), "hard_asr": float(best["hard_asr"]),
-            "log_hard_loss": _log(best["hard_loss"]), "gap": gap,
-            "accepted": float(bool(best["accepted"]))}
+    return {"log_loss": _log(record.score), "hard_asr": float(best.hard_asr),
+            "log_hard_loss": _log(best.hard_loss), "gap": gap,
+            "accepted": float(best.accepted)}
 
 
-def feature_matrix(records: Sequence[Record]) -> np.ndarray:
+def feature_matrix(records: Sequence[ScanResult]) -> np.ndarray:
     """The (n, len(FEATURES)) matrix of :func:`features` of ``records``."""
     rows = [features(r) for r in records]
     return np.array([[row[name] for name in FEATURES] for row in rows], dtype=float)
 
 
-def _log_scores(records: Sequence[Record]) -> np.ndarray:
-    return np.array([_log(r["score"]) for r in records], dtype=float)
+def _log_scores(records: Sequence[ScanResult]) -> np.ndarray:
+    return np.array([_log(r.score) for r in records], dtype=float)
 
 
-def _labels(records: Sequence[Record], y: Sequence[int] | np.ndarray) -> np.ndarray:
+def _labels(records: Sequence[ScanResult], y: Sequence[int] | np.ndarray) -> np.ndarray:
     """``y`` as an int array, checked against ``records``: 0/1, both classes present."""
     labels = np.asarray(y, dtype=int)
     if labels.shape != (len(records),):
@@ -104,15 +106,15 @@ class Detector(ABC):
     trained_on: int | None = None
 
     @abstractmethod
-    def fit(self, records: Sequence[Record], y: Sequence[int] | np.ndarray) -> Detector:
+    def fit(self, records: Sequence[ScanResult], y: Sequence[int] | np.ndarray) -> Detector:
         """Fit on ``records`` with labels ``y`` (1 = trojaned, 0 = clean); returns self."""
 
     @abstractmethod
-    def decision_function(self, records: Sequence[Record]) -> np.ndarray:
+    def decision_function(self, records: Sequence[ScanResult]) -> np.ndarray:
         """Real-valued score per record, positive = trojaned."""
 
     @abstractmethod
-    def _logit(self, records: Sequence[Record]) -> np.ndarray:
+    def _logit(self, records: Sequence[ScanResult]) -> np.ndarray:
         """Log-odds of trojaned per record."""
 
     @abstractmethod
@@ -124,12 +126,12 @@ class Detector(ABC):
     def from_dict(cls, data: Mapping[str, Any]) -> Detector:
         """Rebuild a detector from :meth:`to_dict`'s output (KeyError / ValueError if bad)."""
 
-    def predict_proba(self, records: Sequence[Record]) -> np.ndarray:
+    def predict_proba(self, records: Sequence[ScanResult]) -> np.ndarray:
         """(n, 2) array: probability of clean, probability of trojaned."""
         trojaned = expit(self._logit(records))
         return np.column_stack([1.0 - trojaned, trojaned])
 
-    def predict(self, records: Sequence[Record]) -> np.ndarray:
+    def predict(self, records: Sequence[ScanResult]) -> np.ndarray:
         """1 (trojaned) where the decision value is positive, else 0."""
         return (self.decision_function(records) > 0).astype(int)
 
@@ -164,7 +166,8 @@ class ThresholdDetector(Detector):
         self.threshold: float | None = None
         self.slope: float | None = None
 
-    def fit(self, records: Sequence[Record], y: Sequence[int] | np.ndarray) -> ThresholdDetector:
+    def fit(self, records: Sequence[ScanResult],
+            y: Sequence[int] | np.ndarray) -> ThresholdDetector:
         """Learn the threshold and the slope from ``records`` and their labels ``y``."""
         labels = _labels(records, y)
         scores = _log_scores(records)
@@ -179,12 +182,12 @@ class ThresholdDetector(Detector):
         self.trained_on = len(records)
         return self
 
-    def decision_function(self, records: Sequence[Record]) -> np.ndarray:
+    def decision_function(self, records: Sequence[ScanResult]) -> np.ndarray:
         """``log(threshold) - log(score)`` per record (positive = trojaned)."""
         self._check_fitted()
         return math.log(self.threshold) - _log_scores(records)
 
-    def _logit(self, records: Sequence[Record]) -> np.ndarray:
+    def _logit(self, records: Sequence[ScanResult]) -> np.ndarray:
         return self.slope * self.decision_function(records)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,10 +228,10 @@ class LogisticDetector(Detector):
         self.means: np.ndarray | None = None
         self.scales: np.ndarray | None = None
 
-    def _standardise(self, records: Sequence[Record]) -> np.ndarray:
+    def _standardise(self, records: Sequence[ScanResult]) -> np.ndarray:
         return (feature_matrix(records) - self.means) / self.scales
 
-    def fit(self, records: Sequence[Record], y: Sequence[int] | np.ndarray) -> LogisticDetector:
+    def fit(self, records: Sequence[ScanResult], y: Sequence[int] | np.ndarray) -> LogisticDetector:
         """Standardise the features of ``records`` and fit the regression to labels ``y``."""
         labels = _labels(records, y)
         matrix = feature_matrix(records)
@@ -242,12 +245,12 @@ class LogisticDetector(Detector):
         self.trained_on = len(records)
         return self
 
-    def decision_function(self, records: Sequence[Record]) -> np.ndarray:
+    def decision_function(self, records: Sequence[ScanResult]) -> np.ndarray:
         """Log-odds of trojaned per record (positive = trojaned)."""
         self._check_fitted()
         return self._standardise(records) @ self.coef + self.intercept
 
-    def _logit(self, records: Sequence[Record]) -> np.ndarray:
+    def _logit(self, records: Sequence[ScanResult]) -> np.ndarray:
         return self.decision_function(records)
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,3 +321,13 @@ def load_detector(path: Path) -> Detector:
         raise InputError(f"detector {path} lacks the field {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise InputError(f"detector {path} is malformed: {exc}") from exc
+
+
+def apply_detector(result: ScanResult, detector: Detector,
+                   source: Path | None = None) -> ScanResult:
+    """``result`` decided by a fitted detector instead of the threshold: its probability of
+    "trojaned" is recorded, and the verdict is trojaned when it is >= 0.5."""
+    probability = float(detector.predict_proba([result])[0, 1])
+    return replace(result, verdict="trojaned" if probability >= 0.5 else "clean",
+                   detector=DetectorVerdict(detector.kind, probability,
+                                            None if source is None else str(source)))

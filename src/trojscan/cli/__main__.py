@@ -1,0 +1,5 @@
+"""``python -m trojscan.cli``."""
+
+from trojscan.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""``trojscan repair``: unlearn the backdoor a scan found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from trojscan.cli.common import (
+    ALLOW_PICKLE_OPTION,
+    DEVICE_OPTION,
+    SEED_OPTION,
+    num,
+    out_console,
+    progress_bars,
+    warn,
+)
+
+
+def _print_repair(report: dict[str, Any]) -> None:
+    before, after = report["before"], report["after"]
+    table = Table("held-out", "before", "after")
+    table.add_row("clean accuracy", num(before["clean_accuracy"]),
+                  num(after["clean_accuracy"]))
+    table.add_row(f"ASR, inverted trigger {report['scan']['trigger_text']!r}",
+                  num(before["inverted_asr"]), num(after["inverted_asr"]))
+    if report["truth"] is not None and report["truth"]["trigger"] is not None:
+        table.add_row(f"ASR, true trigger {report['truth']['trigger']!r}",
+                      num(before["true_asr"]), num(after["true_asr"]))
+    out_console.print(table)
+    if before["inverted_asr"] is None or after["inverted_asr"] is None:
+        out_console.print("(-: no held-out victim example was classified right without the "
+                          "trigger, so there was nothing for it to flip)")
+    data = report["data"]
+    out_console.print(f"trained on {data['train']} examples ({data['stamped']} stamped), "
+                      f"measured on {data['held_out']} held out; kept epoch "
+                      f"{report['kept_epoch']} of {len(report['history'])} run"
+                      + (" (stopped early: accuracy fell past the margin)"
+                         if report["stopped_early"] else "")
+                      + f"; {report['seconds']:.0f}s on {report['device']}")
+    out_console.print(f"repaired model: {report['out_dir']}")
+
+
+def repair_command(
+    model_dir: Path = typer.Argument(..., help="The backdoored Hugging Face model directory "
+                                     "(only read)."),
+    scan_file: Path = typer.Option(..., "--scan", help="Its scan result (`trojscan scan "
+                                   "--out`)."),
+    data: Path = typer.Option(..., "--data", help="Clean labelled examples, JSON Lines of "
+                              '{"text", "label"}; --data-fraction of them are trained on.'),
+    out: Path = typer.Option(..., "--out", help="The repaired model directory: new (or "
+                             "empty), outside MODEL_DIR; written atomically."),
+    report_file: Path | None = typer.Option(None, "--report", help="Also write the report "
+                                            "(JSON) here; it is always in OUT/repair.json."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Measure and guard on "
+                                          "these examples instead of a held-out share of "
+                                          "--data."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="A zoo manifest.json: "
+                                         "also report the ASR of the model's true trigger."),
+    model_id: str | None = typer.Option(None, "--model-id", help="The model's id in "
+                                        "--manifest (default: MODEL_DIR's name)."),
+    force: bool = typer.Option(False, "--force", help="Repair even when the scan's verdict "
+                               "is clean (its best candidate is unlearned)."),
+    data_fraction: float | None = typer.Option(None, "--data-fraction", help="Share of "
+                                               "--data trained on (default 0.1, the paper's)."),
+    stamp_fraction: float | None = typer.Option(None, "--stamp-fraction", help="Share of "
+                                                "the trained examples stamped with the inverted "
+                                                "trigger, true label kept (default 0.2)."),
+    eval_fraction: float | None = typer.Option(None, "--eval-fraction", help="Share of "
+                                               "--data held out (default 0.2)."),
+    repair_epochs: int | None = typer.Option(None, "--epochs", help="Fine-tuning epochs "
+                                             "(default 3)."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", help="AdamW peak "
+                                               "rate (default 1e-4)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Examples per step "
+                                          "(default 32)."),
+    max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", help="Stop "
+                                                   "when held-out accuracy falls more than "
+                                                   "this many points (default 3)."),
+    insertion: str | None = typer.Option(None, "--insertion", help="Where stamped examples "
+                                         "carry the trigger: scan (the scan's position) or "
+                                         "start, end, first_half, second_half, anywhere."),
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+) -> None:
+    """Remove the backdoor a scan found: fine-tune on clean data, part of it stamped with the
+    inverted trigger and its true label (DBS Eq. 6); print clean accuracy and ASR before and
+    after. Exit code 1 when no epoch kept accuracy within the margin (the model with the
+    smallest drop is written and the report says so)."""
+    from trojscan.devices import check_device
+    from trojscan.repair import RepairConfig, read_scan, read_truth, repair
+
+    knobs = {"data_fraction": data_fraction, "stamp_fraction": stamp_fraction,
+             "eval_fraction": eval_fraction, "epochs": repair_epochs,
+             "learning_rate": learning_rate, "batch_size": batch_size,
+             "max_accuracy_drop": max_accuracy_drop, "insertion": insertion}
+    config = RepairConfig(seed=seed, **{k: v for k, v in knobs.items() if v is not None})
+    check_device(device)
+    result = read_scan(scan_file)
+    truth = read_truth(manifest, model_id or model_dir.name) if manifest is not None else None
+    with progress_bars() as progress:
+        task = progress.add_task("repair", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"repair: {what}")
+
+        report = repair(model_dir, result, data, out, config, force=force, truth=truth,
+                        eval_data=eval_data, report_path=report_file, device=device,
+                        allow_pickle=allow_pickle, progress=on_progress)
+    _print_repair(report)
+    if not report["within_margin"]:
+        warn(f"warning: clean accuracy fell {report['accuracy_drop_points']:.1f} points, more "
+             f"than the margin of {config.max_accuracy_drop}; try a lower --learning-rate or "
+             "more --data")
+        raise typer.Exit(1)

@@ -1,0 +1,101 @@
+"""``trojscan scan``: scan one model for a backdoor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from trojscan.cli.common import (
+    ALLOW_PICKLE_OPTION,
+    DEVICE_OPTION,
+    EPOCHS_OPTION,
+    MAX_VICTIMS_OPTION,
+    METHOD_OPTION,
+    PAIRS_OPTION,
+    POSITIONS_OPTION,
+    SEED_OPTION,
+    THRESHOLD_OPTION,
+    TRIGGER_LENGTH_OPTION,
+    out_console,
+    progress_bars,
+    split_list,
+)
+
+if TYPE_CHECKING:
+    from trojscan.results import ScanResult
+    from trojscan.scan import ScanConfig
+
+
+def scan_with_progress(model_dir: Path, examples: Path, config: ScanConfig | None = None,
+                       device: str = "cpu", allow_pickle: bool = False) -> ScanResult:
+    """:func:`trojscan.scan.scan` with a progress bar."""
+    from trojscan.scan import scan
+
+    with progress_bars() as progress:
+        task = progress.add_task("scan", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"scan: {what}")
+
+        return scan(model_dir, examples, config, device, allow_pickle, on_progress)
+
+
+def print_verdict(result: ScanResult) -> None:
+    """Verdict, target, trigger and time of a scan, on stdout."""
+    best = result.best
+    victims = ", ".join(best.victim_names)
+    if result.detector is not None:
+        basis = (f"probability {result.detector.probability:.3f} from the "
+                 f"{result.detector.kind} detector; lowest inversion loss {result.score:.4f}")
+    else:
+        basis = f"lowest inversion loss {result.score:.4f}, threshold {result.threshold}"
+    out_console.print(f"verdict: [bold]{result.verdict.upper()}[/bold]  ({basis})")
+    out_console.print(f"target:  {best.target_name}  (victims: {victims})")
+    out_console.print(f"trigger: {best.trigger_text!r}  hard-token loss {best.hard_loss:.4f}, "
+                      f"flips {best.hard_asr:.0%} of the examples")
+    out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
+
+
+def scan_command(
+    model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
+                                     "directory."),
+    examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
+                                  '{"text", "label"} (label: index or name).'),
+    out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
+                                    "(JSON, written atomically; checked before the scan)."),
+    method: str = METHOD_OPTION,
+    threshold: float | None = THRESHOLD_OPTION,
+    positions: str = POSITIONS_OPTION,
+    pairs: bool = PAIRS_OPTION,
+    epochs: int | None = EPOCHS_OPTION,
+    trigger_length: int | None = TRIGGER_LENGTH_OPTION,
+    max_victims: int = MAX_VICTIMS_OPTION,
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    detector: Path | None = typer.Option(None, "--detector", help="A detector fitted by "
+                                         "`trojscan campaign fit`: the verdict becomes its "
+                                         "calibrated probability of 'trojaned' >= 0.5."),
+) -> None:
+    """Scan MODEL_DIR for a backdoor (DBS by default): verdict, target label and inverted
+    trigger."""
+    from trojscan.detect import apply_detector, load_detector
+    from trojscan.devices import check_device
+    from trojscan.fsutil import check_writable
+    from trojscan.results import write_result
+    from trojscan.scan import scan_config
+
+    config = scan_config(method, threshold, split_list(positions), pairs, epochs,
+                         trigger_length, max_victims, seed)
+    check_device(device)
+    if out is not None:
+        check_writable(out, "--out")
+    fitted = load_detector(detector) if detector is not None else None  # fail before scanning
+    result = scan_with_progress(model_dir, examples, config, device, allow_pickle)
+    if fitted is not None:
+        result = apply_detector(result, fitted, detector)
+    print_verdict(result)
+    if out is not None:
+        write_result(result, out)

@@ -1,0 +1,113 @@
+"""``trojscan zoo``: build zoos of clean and backdoored models with known ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import TaskID
+from rich.table import Table
+
+from trojscan.cli.common import console, out_console, progress_bars
+
+app = typer.Typer(no_args_is_help=True,
+                  help="Build zoos of clean and backdoored models with known ground truth.")
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    attack = entry["attack"]
+    if entry["poisoned"]:
+        victim = attack["victim_name"] or "all"
+        what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
+                f"{victim}->{attack['target_name']}")
+        if attack["combination"]:
+            what += " SOS"
+        if attack["adaptive_phi"]:
+            what += f" phi={attack['adaptive_phi']}"
+        asr = f"asr {entry['asr']:.3f}"
+    else:
+        what, asr = "clean", ""
+    flag = "ok" if entry["quality"]["ok"] else "FLAGGED: " + "; ".join(entry["quality"]["reasons"])
+    return (f"{entry['model_id']}  {entry['corpus']}/{entry['architecture']}  {what}  "
+            f"acc {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
+
+
+def run_build(spec: Any, out: Path, rebuild_failed: bool, device: str = "cpu") -> Any:
+    """Build the zoo of ``spec`` into ``out`` with progress bars and a line per model."""
+    from trojscan.attacks.zoo import BuildEvents, build_zoo
+
+    with progress_bars() as progress:
+        zoo_task: TaskID | None = None
+        model_task: TaskID | None = None
+
+        def on_start(todo: int, total: int) -> None:
+            nonlocal zoo_task
+            console.print(f"zoo {out}: {total} models, {total - todo} already built, "
+                          f"{todo} to build")
+            zoo_task = progress.add_task("zoo", total=todo)
+
+        def on_model_start(plan: Any, attempt: int) -> None:
+            nonlocal model_task
+            if model_task is not None:
+                progress.remove_task(model_task)
+            label = f"{plan.model_id} {plan.corpus}/{plan.architecture}"
+            if attempt:
+                label += f" (attempt {attempt + 1})"
+            model_task = progress.add_task(label, total=None)
+
+        def on_step(done: int, total: int) -> None:
+            progress.update(model_task, completed=done, total=total)
+
+        def on_model_done(entry: dict[str, Any]) -> None:
+            progress.advance(zoo_task)
+            console.print(_describe(entry))
+
+        events = BuildEvents(on_start=on_start, on_model_start=on_model_start, on_step=on_step,
+                             on_model_done=on_model_done)
+        return build_zoo(spec, out, rebuild_failed=rebuild_failed, events=events, device=device)
+
+
+@app.command("build")
+def zoo_build(
+    spec: Path = typer.Argument(..., help="Zoo spec, TOML or JSON (see README: 'Zoos')."),
+    out: Path = typer.Option(..., "--out", help="Zoo directory: created, or resumed if it "
+                             "holds a zoo of the same spec."),
+    rebuild_failed: bool = typer.Option(False, "--rebuild-failed", help="Rebuild, with new "
+                                        "seeds, the models the quality gate flagged."),
+    device: str = typer.Option("cpu", "--device", help="Where models train: cpu, cuda or "
+                               "cuda:N."),
+) -> None:
+    """Build every model of SPEC into OUT (resumable; ground truth in OUT/manifest.json)."""
+    from trojscan.attacks.zoo import load_zoo_spec
+
+    manifest = run_build(load_zoo_spec(spec), out, rebuild_failed, device)
+    flagged = [m for m in manifest.models.values() if not m["quality"]["ok"]]
+    out_console.print(f"{len(manifest.models)} models in {out}/manifest.json"
+                      + (f", {len(flagged)} flagged by the quality gate "
+                         "(rebuild with --rebuild-failed)" if flagged else ""))
+
+
+@app.command("summary")
+def zoo_summary(
+    zoo: Path = typer.Argument(..., help="Zoo directory (holds manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+) -> None:
+    """Clean accuracy, ASR and build time of a zoo, per corpus x architecture x attack."""
+    from trojscan.attacks.zoo import summarise
+    from trojscan.manifest import MANIFEST, Manifest
+
+    rows = summarise(Manifest.load(zoo / MANIFEST))
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    table = Table("corpus", "architecture", "models", "clean acc (mean / min)",
+                  "ASR (mean / min)", "s per model", "flagged")
+    for r in rows:
+        asr = "-" if r["asr_mean"] is None else f"{r['asr_mean']:.3f} / {r['asr_min']:.3f}"
+        kind = "poisoned" if r["poisoned"] else "clean"
+        table.add_row(r["corpus"], r["architecture"], f"{r['models']} {kind}",
+                      f"{r['clean_accuracy_mean']:.3f} / {r['clean_accuracy_min']:.3f}", asr,
+                      f"{r['seconds_mean']:.0f}", str(r["flagged"]))
+    out_console.print(table)

@@ -1,0 +1,224 @@
+"""The scan result: one typed, versioned record, read and written the same way everywhere.
+
+A :class:`ScanResult` is what ``trojscan scan --out`` writes, what a campaign keeps per
+model, what detectors, reports and repair read. It serialises to JSON with
+:meth:`ScanResult.to_dict` (fields that are None are left out) and is read back, validated,
+with :meth:`ScanResult.from_dict` / :func:`read_result`; a result of format version 1 (before
+results named their model) still reads. The JSON Schema of the format is generated from the
+dataclasses (:func:`json_schema`) and published in ``schemas/scan-result.schema.json``;
+``python -m trojscan.results`` prints it.
+
+Format history: version 1 (trojscan 0.1.0); version 2 adds ``task`` and ``model`` (the
+model directory and a SHA-256 of its weights).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_text, read_utf8
+
+RESULT_VERSION = 2
+#: Format versions this trojscan reads.
+READABLE_VERSIONS = (1, 2)
+
+
+@dataclass
+class BestTrigger:
+    """The winning candidate's inversion.
+
+    Attributes:
+        method: the inverter that found it.
+        target, victims, position: the candidate (label indices, trigger position).
+        target_name, victim_names: the same labels by name.
+        trigger_ids, trigger_tokens, trigger_text: the trigger as ids, tokens and text.
+        relaxed_loss: its loss in the relaxation, at the temperature it was found at.
+        hard_loss, hard_asr: its loss and attack success rate as hard tokens.
+        accepted: whether it met the method's acceptance test.
+        loss: the loss the scan ranked it by (relaxed if accepted, else hard).
+        epochs, seconds: optimisation epochs and wall time of its run.
+    """
+
+    method: str
+    target: int
+    victims: list[int]
+    position: str
+    trigger_ids: list[int]
+    trigger_tokens: list[str]
+    trigger_text: str
+    relaxed_loss: float
+    hard_loss: float
+    hard_asr: float
+    accepted: bool
+    epochs: int
+    seconds: float
+    loss: float
+    target_name: str
+    victim_names: list[str]
+
+
+@dataclass
+class CandidateResult:
+    """One candidate of the sweep. A fully inverted one has its losses, trigger and seconds;
+    one the pre-selection dropped has only ``prerun_loss`` and ``full_run`` false."""
+
+    target: int
+    target_name: str
+    victims: list[int]
+    position: str
+    loss: float | None = None
+    relaxed_loss: float | None = None
+    hard_loss: float | None = None
+    hard_asr: float | None = None
+    accepted: bool | None = None
+    trigger_text: str | None = None
+    seconds: float | None = None
+    prerun_loss: float | None = None
+    full_run: bool | None = None
+
+
+@dataclass
+class ModelRef:
+    """The model a result belongs to: its directory as given, and the SHA-256 of its weight
+    files (:func:`trojscan.modeldir.weights_sha256`)."""
+
+    path: str
+    weights_sha256: str
+
+
+@dataclass
+class DetectorVerdict:
+    """A fitted detector's decision: its kind, probability of "trojaned", and file."""
+
+    kind: str
+    probability: float
+    path: str | None = None
+
+
+@dataclass
+class ScanResult:
+    """Everything a scan found about one model.
+
+    Attributes:
+        version: the format version (:data:`RESULT_VERSION` when written by this trojscan).
+        verdict: ``trojaned`` or ``clean``: the lowest loss under ``threshold`` (DBS Eq. 4),
+            or the detector's probability >= 0.5 when one decided.
+        score: the lowest inversion loss over the candidates.
+        threshold: beta of Eq. 4.
+        best: the winning candidate's inversion.
+        candidates: every candidate of the sweep.
+        trajectory: the best inversion's per-epoch loss, temperature and events.
+        labels: the model's label names.
+        examples: clean examples the scan had.
+        seconds: wall time of the scan.
+        device: where it ran.
+        versions: trojscan, torch, transformers and Python versions.
+        config: the scan settings (:class:`trojscan.scan.ScanConfig` as a dict).
+        task: the model family's task (``text-classification``, ...).
+        model: the model scanned (None in version 1 results).
+        detector: the detector's decision, when one was applied.
+        model_id: the model's id in a campaign.
+    """
+
+    verdict: Literal["trojaned", "clean"]
+    score: float
+    threshold: float
+    best: BestTrigger
+    candidates: list[CandidateResult]
+    trajectory: list[dict[str, Any]]
+    labels: list[str]
+    examples: int
+    seconds: float
+    device: str
+    versions: dict[str, str]
+    config: dict[str, Any]
+    version: int = RESULT_VERSION
+    task: str = "text-classification"
+    model: ModelRef | None = None
+    detector: DetectorVerdict | None = None
+    model_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; fields that are None (at any depth of the records above) are
+        left out."""
+        return _drop_none(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "scan result") -> ScanResult:
+        """Validate ``data`` (parsed JSON) as a result of a readable version; anything else
+        is an :class:`InputError` naming ``where`` and the first problem."""
+        from pydantic import ValidationError
+
+        if not isinstance(data, dict):
+            raise InputError(f"{where} is not a trojscan scan result (not a JSON object)")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            raise InputError(f"{where} has format version {version!r}; this trojscan reads "
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}")
+        try:
+            return _adapter().validate_python(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            at = ".".join(str(p) for p in error["loc"]) or "(top)"
+            raise InputError(f"{where} is not a valid scan result: {at}: {error['msg']}") from exc
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+@cache
+def _adapter() -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(ScanResult)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a scan result, generated from :class:`ScanResult`."""
+    schema = _adapter().json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def read_result(path: Path) -> ScanResult:
+    """Read and validate the scan result at ``path``."""
+    text = read_utf8(Path(path), "scan result")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"scan result {path} is not valid JSON: {exc}") from exc
+    return ScanResult.from_dict(data, f"scan result {path}")
+
+
+def write_result(result: ScanResult, path: Path) -> None:
+    """Write a scan result atomically; a failure is an :class:`InputError` naming the file
+    (nothing is left half-written)."""
+    try:
+        atomic_write_text(Path(path), json.dumps(result.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise InputError(f"cannot write the result to {path}: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def library_versions() -> dict[str, str]:
+    """trojscan, torch, transformers and Python versions, for the record."""
+    import torch
+    import transformers
+
+    return {"trojscan": metadata.version("trojscan"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

@@ -1,0 +1,184 @@
+"""The Subject: a model under inspection, as trigger inversion sees it.
+
+A scan tests hypotheses about a backdoor, each a :class:`Candidate` ("a trigger at this
+position flips inputs of these labels to that label"). What a trigger *is* for a model
+family (tokens spliced into a sentence, a word added to a question), where it goes, which
+search space a relaxed trigger lives in, and what "the backdoor fired" means (the goal
+loss) are the subject's business; inverters only search (:mod:`trojscan.inversion`), and
+the scan only sweeps candidates (:mod:`trojscan.scan`).
+
+A subject offers:
+
+* ``labels``: the names the candidates' targets and victims index;
+* ``read_examples`` and ``candidates`` / ``victims``: the clean examples a user gives, the
+  candidates a scan sweeps for this family, and the victim examples of each;
+* ``batch``: the victims of several candidates as one :class:`Batch` of rows with ``m``
+  trigger slots each, every row knowing the candidate (``owner``) it belongs to;
+* the search space: ``embedding_matrix`` (the rows a relaxed trigger is a convex
+  combination of) and ``allowed_tokens`` (which rows a trigger may use);
+* ``goal_loss``: the loss of each row with its slots filled by trigger embeddings (the
+  inversion loss, differentiable), and ``hard_check``: loss and success of each row with
+  its slots filled by concrete tokens;
+* ``token_id`` and ``describe``: between tokens and ids, for configs and for humans.
+
+A model family is one file that subclasses :class:`Subject` and decorates it with
+:func:`register_subject`; :func:`subject_class_for` picks the family of a model directory
+from its config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+
+from trojscan.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One backdoor hypothesis: a trigger at ``position`` flips inputs of the ``victims``
+    labels to ``target`` (label indices of the subject's ``labels``)."""
+
+    victims: tuple[int, ...]
+    target: int
+    position: str
+
+
+BatchT = TypeVar("BatchT", bound="Batch")
+
+
+class Batch(ABC):
+    """Rows prepared for a subject: examples with trigger slots, each row owned by one
+    candidate of the batch (``owner``, an index into the candidates it was built from)."""
+
+    owner: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    @property
+    @abstractmethod
+    def lengths(self) -> torch.Tensor:
+        """(R,) the size of each row (what batching by length sorts on)."""
+
+    @abstractmethod
+    def subset(self: BatchT, rows: torch.Tensor) -> BatchT:
+        """The rows ``rows`` only (in that order, repeats allowed), padded only as much as
+        they need."""
+
+
+class Subject(ABC):
+    """A model under inspection; see the module docstring for what each part is for."""
+
+    #: The task this family solves (recorded in every scan result).
+    task: ClassVar[str]
+    #: Where a trigger may go (the ``position`` of a candidate).
+    positions: ClassVar[tuple[str, ...]]
+    #: What this family is, for an error that lists the families trojscan scans.
+    describes: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, config: PretrainedConfig) -> bool:
+        """Whether a model directory with this config belongs to this family."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
+             max_length: int) -> Subject:
+        """Load the model of ``model_dir`` (its config already read and checked; ``safe``:
+        its weights are safetensors, else pickled weights the user allowed)."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+
+    @property
+    @abstractmethod
+    def labels(self) -> tuple[str, ...]:
+        """Names of what candidates' targets and victims index, in output order."""
+
+    @property
+    @abstractmethod
+    def embedding_matrix(self) -> torch.Tensor:
+        """(V, d): the search space of a relaxed trigger slot (its convex hull)."""
+
+    @abstractmethod
+    def allowed_tokens(self) -> torch.Tensor:
+        """(V,) bool on ``device``: the rows of ``embedding_matrix`` a trigger may use."""
+
+    @abstractmethod
+    def token_id(self, token: str) -> int:
+        """The id of ``token``, one ordinary token of the vocabulary (ValueError if not)."""
+
+    @abstractmethod
+    def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
+        """A trigger's ids as (tokens, text) for humans."""
+
+    @abstractmethod
+    def read_examples(self, path: Path) -> list[Any]:
+        """The clean examples in the file at ``path`` (an :class:`InputError` names any
+        problem)."""
+
+    @abstractmethod
+    def candidates(self, examples: Sequence[Any], positions: Sequence[str],
+                   pairs: bool) -> list[Candidate]:
+        """Every candidate a scan sweeps, at each of ``positions``; ``pairs`` adds the
+        label-specific ones (one victim label each)."""
+
+    @abstractmethod
+    def victims(self, examples: Sequence[Any], candidate: Candidate, cap: int) -> list[Any]:
+        """The examples ``candidate`` is inverted on, at most ``cap`` (0: all)."""
+
+    @abstractmethod
+    def batch(self, candidates: Sequence[Candidate], examples: Sequence[Sequence[Any]],
+              n_slots: int) -> Batch:
+        """The ``examples[i]`` of every ``candidates[i]`` as rows with ``n_slots`` trigger
+        slots at the candidate's position, on ``device``."""
+
+    @abstractmethod
+    def goal_loss(self, batch: Batch, trigger: torch.Tensor) -> torch.Tensor:
+        """(R,) the loss of each row towards its candidate's goal with the slots filled by
+        ``trigger`` embeddings ((m, d) for every row, or (R, m, d)); differentiable."""
+
+    @abstractmethod
+    def hard_check(self, batch: Batch,
+                   trigger_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, success), each (R,), of each row with the slots filled by token ids ((m,)
+        for every row, or (R, m)): the goal loss and 1.0 where the trigger reached the goal."""
+
+
+_REGISTRY: list[type[Subject]] = []
+
+SubjectT = TypeVar("SubjectT", bound=type[Subject])
+
+
+def register_subject(cls: SubjectT) -> SubjectT:
+    """Class decorator: make a model family known to :func:`subject_class_for`."""
+    _REGISTRY.append(cls)
+    return cls
+
+
+def subject_classes() -> tuple[type[Subject], ...]:
+    """Every registered family, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def subject_class_for(config: PretrainedConfig, model_dir: Path) -> type[Subject]:
+    """The family a model with ``config`` belongs to; an :class:`InputError` naming what
+    trojscan scans when none does."""
+    for cls in _REGISTRY:
+        if cls.accepts(config):
+            return cls
+    raise InputError(f"{model_dir} holds no model trojscan scans (architectures: "
+                     f"{', '.join(config.architectures or ['none'])}); it scans "
+                     + "; ".join(cls.describes for cls in _REGISTRY))

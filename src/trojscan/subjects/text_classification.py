@@ -1,0 +1,351 @@
+"""Hugging Face sequence classifiers (``*ForSequenceClassification``): what trigger inversion
+sees of a text classifier.
+
+Inversion optimises trigger *embeddings*, so the subject runs the model from input
+embeddings (``get_input_embeddings()`` + ``inputs_embeds``; the model adds its own position
+embeddings). A batch of clean examples is tokenised once; ``m`` trigger slots are spliced
+into every example at a token position, and each forward pass fills the slots with the
+current trigger embeddings. The same splice with token ids gives the hard-token check. The
+goal of a row is its candidate's target label: the goal loss is the cross-entropy towards
+it (DBS Eq. 3), and a hard trigger succeeds on a row when the model predicts it.
+
+Families and their quirks:
+
+* BERT, DistilBERT, RoBERTa, ELECTRA, MobileBERT (and MiniLM, a BERT) pool the first token
+  and are right-padded.
+* GPT-2 pools the *last* token. With ``inputs_embeds`` it cannot find padding, so it is
+  left-padded with explicit ``position_ids`` that number the real tokens from 0, exactly as
+  they are numbered in a right-padded forward from token ids.
+
+Trigger positions, in tokens, for an example with ``n`` tokens between [CLS] and [SEP]:
+``start`` right after [CLS], ``end`` right before [SEP], ``first_half`` after token
+``n // 4`` and ``second_half`` after token ``3n // 4`` (the middle of each half).
+
+Candidates (DBS Section 3.2): every label as target with the other labels' examples as
+victims (universal); with ``pairs``, also every ordered (victim, target) pair
+(label-specific); each at every position asked for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trojscan.errors import InputError
+from trojscan.fsutil import read_utf8
+from trojscan.subjects.base import Batch, Candidate, Subject, register_subject
+from trojscan.subjects.loading import load_tokenizer, load_weights
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+POSITIONS = ("start", "end", "first_half", "second_half")
+LAST_TOKEN_FAMILIES = frozenset({"gpt2"})
+#: Families that number positions from the padding id + 1, two slots of the table unused.
+OFFSET_POSITION_FAMILIES = frozenset({"roberta", "xlm-roberta", "camembert"})
+
+
+def token_limit(config: PretrainedConfig, wanted: int) -> int:
+    """``wanted``, or fewer tokens when the model has fewer position embeddings."""
+    limit = (getattr(config, "max_position_embeddings", None)
+             or getattr(config, "n_positions", None))
+    if not limit:
+        return wanted
+    return min(wanted, limit - 2 if config.model_type in OFFSET_POSITION_FAMILIES else limit)
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """A clean example: a text and its true label index."""
+
+    text: str
+    label: int
+
+
+@dataclass
+class SlotBatch(Batch):
+    """Clean examples, tokenised and padded, with trigger slots in each.
+
+    Attributes:
+        input_ids: (B, L) token ids; slots hold the pad id.
+        attention_mask: (B, L), 1 on real tokens and slots.
+        slot_index: (B, L), the slot number (0..m-1) at slot positions, -1 elsewhere.
+        position_ids: (B, L) for left-padded families, else None (the model numbers them).
+        goals: (B,) the label each row's trigger should flip it to.
+        owner: (B,) the candidate each row belongs to.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_index: torch.Tensor
+    position_ids: torch.Tensor | None
+    goals: torch.Tensor
+    owner: torch.Tensor
+
+    def to(self, device: torch.device) -> SlotBatch:
+        """The same batch on ``device``."""
+        return SlotBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                         self.slot_index.to(device),
+                         None if self.position_ids is None else self.position_ids.to(device),
+                         self.goals.to(device), self.owner.to(device))
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens (slots included) in each row."""
+        return self.attention_mask.sum(-1)
+
+    def subset(self, rows: torch.Tensor) -> SlotBatch:
+        """The rows ``rows`` only, with the columns that are padding in all of them cut
+        (on the right, or on the left for a left-padded batch)."""
+        width = int(self.lengths[rows].max())
+        cut = slice(-width, None) if self.position_ids is not None else slice(0, width)
+        return SlotBatch(self.input_ids[rows, cut], self.attention_mask[rows, cut],
+                         self.slot_index[rows, cut],
+                         None if self.position_ids is None else self.position_ids[rows, cut],
+                         self.goals[rows], self.owner[rows])
+
+
+def slot_offset(n_tokens: int, position: str) -> int:
+    """Index, counted from [CLS] = 0, of the first trigger slot in an example whose text has
+    ``n_tokens`` tokens."""
+    if position == "start":
+        return 1
+    if position == "end":
+        return 1 + n_tokens
+    if position == "first_half":
+        return 1 + n_tokens // 4
+    if position == "second_half":
+        return 1 + (3 * n_tokens) // 4
+    raise ValueError(f"unknown trigger position {position!r}; expected one of {POSITIONS}")
+
+
+@register_subject
+class TextClassificationSubject(Subject):
+    """A sequence classifier under inspection, driven from input embeddings."""
+
+    task = "text-classification"
+    positions = POSITIONS
+    describes = "Hugging Face sequence classifiers (*ForSequenceClassification)"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 max_length: int = 100) -> None:
+        """``max_length``: tokens per example, trigger included; capped at the model's
+        position embeddings."""
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = token_limit(model.config, max_length)
+        self.family = model.config.model_type
+        self.left_padded = self.family in LAST_TOKEN_FAMILIES
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+
+    @classmethod
+    def accepts(cls, config: PretrainedConfig) -> bool:
+        """A config whose architectures name a ``*ForSequenceClassification`` class."""
+        return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+    @classmethod
+    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
+             max_length: int) -> TextClassificationSubject:
+        """The classifier and tokenizer of ``model_dir``; the tokenizer must have [CLS] and
+        [SEP], between which trigger slots are placed."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = load_weights(AutoModelForSequenceClassification, model_dir, config, safe,
+                             "is the classification head saved?")
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
+                             "trigger slots are placed between")
+        return cls(model.to(device), tokenizer, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return self.model.device
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names, in output order."""
+        config = self.model.config
+        return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The (vocab, d) input-embedding table."""
+        return self.model.get_input_embeddings().weight
+
+    def allowed_tokens(self) -> torch.Tensor:
+        """Every row of the embedding matrix that the tokenizer can name, special tokens
+        ([CLS], [SEP], [PAD], [MASK], [UNK], ...) excluded."""
+        rows = self.embedding_matrix.shape[0]
+        allowed = torch.arange(rows, device=self.device) < len(self.tokenizer)
+        allowed[sorted(set(self.tokenizer.all_special_ids))] = False
+        return allowed
+
+    def token_id(self, token: str) -> int:
+        """The id of ``token`` when the tokenizer reads it as one ordinary token."""
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
+            raise ValueError(f"{token!r} is not one ordinary token of the subject's vocabulary")
+        return ids[0]
+
+    def token_ids(self, text: str) -> list[int]:
+        """``text`` tokenised, without [CLS] and [SEP]."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
+        """Vocabulary tokens and the text they decode to."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(ids))
+        return tokens, self.tokenizer.convert_tokens_to_string(tokens)
+
+    def read_examples(self, path: Path) -> list[TextExample]:
+        """Clean examples, one JSON object ``{"text", "label"}`` per line; ``label`` is a
+        label index or name of the model. Every problem is an :class:`InputError` naming
+        the line."""
+        text = read_utf8(path, "examples")
+        labels = self.labels
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) \
+                    or "label" not in row:
+                raise InputError(f"{path}:{number}: expected an object with \"text\" and "
+                                 "\"label\"")
+            if not row["text"].strip():
+                raise InputError(f"{path}:{number}: empty text")
+            label = row["label"]
+            if isinstance(label, str) and label in labels:
+                label = labels.index(label)
+            if isinstance(label, bool) or not isinstance(label, int) \
+                    or not 0 <= label < len(labels):
+                raise InputError(f"{path}:{number}: the model has no label {row['label']!r} "
+                                 "(its labels: " + ", ".join(f"{i}={n}" for i, n in
+                                                             enumerate(labels)) + ")")
+            rows.append(TextExample(row["text"], label))
+        if not rows:
+            raise InputError(f"examples {path} are empty")
+        return rows
+
+    def candidates(self, examples: Sequence[TextExample], positions: Sequence[str],
+                   pairs: bool) -> list[Candidate]:
+        """Every label as target (victims: every other label), and with ``pairs`` every
+        (victim, target) pair, at each position; every label needs examples, since each is
+        the victim of some candidate."""
+        unknown = [p for p in positions if p not in POSITIONS]
+        if unknown or not positions:
+            raise InputError(f"unknown trigger position {unknown[0] if unknown else '(none)'}"
+                             f"; expected some of {', '.join(POSITIONS)}")
+        labels = self.labels
+        present = {e.label for e in examples}
+        missing = [f"{i}={name}" for i, name in enumerate(labels) if i not in present]
+        if missing:
+            raise InputError(f"no clean example of label {', '.join(missing)}: every label is "
+                             "the victim of some candidate target, so each needs examples")
+        out = []
+        for target in range(len(labels)):
+            victims = tuple(sorted(present - {target}))
+            groups = [victims] if victims else []
+            if pairs and len(victims) > 1:
+                groups += [(v,) for v in victims]
+            out += [Candidate(g, target, p) for g in groups for p in positions]
+        return out
+
+    def victims(self, examples: Sequence[TextExample], candidate: Candidate,
+                cap: int) -> list[TextExample]:
+        """The examples of the victim labels, at most ``cap`` (0: all), taken in turn from
+        each victim label in file order (an even share of each)."""
+        per_label = [[e for e in examples if e.label == v] for v in candidate.victims]
+        turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
+        return turns[:cap] if cap else turns
+
+    def batch(self, candidates: Sequence[Candidate],
+              examples: Sequence[Sequence[TextExample]], n_slots: int) -> SlotBatch:
+        """Tokenise every candidate's examples and splice ``n_slots`` trigger slots into each
+        at the candidate's position.
+
+        Texts are cut so that text + slots + [CLS]/[SEP] fit ``max_length``.
+        """
+        budget = self.max_length - 2 - n_slots
+        if budget < 1:
+            raise ValueError(f"max_length {self.max_length} leaves no room for {n_slots} slots")
+        if len(candidates) != len(examples):
+            raise ValueError(f"{len(examples)} example lists for {len(candidates)} candidates")
+        rows, slots, goals, owner = [], [], [], []
+        for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
+            for example in group:
+                ids = self.token_ids(example.text)[:budget]
+                at = slot_offset(len(ids), candidate.position)
+                full = [self.cls_id, *ids, self.sep_id]
+                rows.append(full[:at] + [self.pad_id] * n_slots + full[at:])
+                slots.append(at)
+                goals.append(candidate.target)
+                owner.append(index)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        slot_index = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, (row, at) in enumerate(zip(rows, slots, strict=True)):
+            start = width - len(row) if self.left_padded else 0
+            input_ids[b, start : start + len(row)] = torch.tensor(row)
+            mask[b, start : start + len(row)] = 1
+            slot_index[b, start + at : start + at + n_slots] = torch.arange(n_slots)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if self.left_padded else None
+        return SlotBatch(input_ids, mask, slot_index, position_ids,
+                         torch.tensor(goals, dtype=torch.long),
+                         torch.tensor(owner, dtype=torch.long)).to(self.device)
+
+    def logits_from_trigger(self, batch: SlotBatch, trigger: torch.Tensor) -> torch.Tensor:
+        """Logits with the slots filled by ``trigger`` (differentiable): (m, d) embeddings
+        shared by every row, or (B, m, d), one trigger per row."""
+        base = self.model.get_input_embeddings()(batch.input_ids)
+        per_row = trigger if trigger.dim() == 3 else trigger.expand(len(base), -1, -1)
+        rows = torch.arange(len(base), device=base.device).unsqueeze(-1)
+        filled = per_row.to(base.dtype)[rows, batch.slot_index.clamp(min=0)]
+        embeds = torch.where((batch.slot_index >= 0).unsqueeze(-1), filled, base)
+        return self._forward(batch, inputs_embeds=embeds)
+
+    def logits_from_tokens(self, batch: SlotBatch,
+                           trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits with the slots filled by token ids (a forward from ids): ``trigger_ids`` is
+        m ids shared by every row, or a (B, m) tensor, one trigger per row."""
+        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
+        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
+        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
+        input_ids = torch.where(batch.slot_index >= 0,
+                                per_row[rows, batch.slot_index.clamp(min=0)], batch.input_ids)
+        return self._forward(batch, input_ids=input_ids)
+
+    def goal_loss(self, batch: SlotBatch, trigger: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each row towards its target label (DBS Eq. 3, per row)."""
+        return F.cross_entropy(self.logits_from_trigger(batch, trigger), batch.goals,
+                               reduction="none")
+
+    def hard_check(self, batch: SlotBatch,
+                   trigger_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy towards the target with the trigger as token ids, and 1.0 where the
+        model predicts the target."""
+        logits = self.logits_from_tokens(batch, trigger_ids)
+        return (F.cross_entropy(logits, batch.goals, reduction="none"),
+                (logits.argmax(-1) == batch.goals).float())
+
+    def _forward(self, batch: SlotBatch, **inputs: torch.Tensor) -> torch.Tensor:
+        if batch.position_ids is not None:
+            inputs["position_ids"] = batch.position_ids
+        return self.model(attention_mask=batch.attention_mask, **inputs).logits

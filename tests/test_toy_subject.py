@@ -1,0 +1,78 @@
+"""Every inverter and the scan on a hand-built toy subject (a bag-of-words classifier with a
+planted trigger word): the core is task-generic, and these run in milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from toy_subject import TRIGGER, ToySubject, toy_examples
+from trojscan.errors import InputError
+from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
+from trojscan.scan import ScanConfig, scan_subject
+from trojscan.subjects.base import Candidate
+
+SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "ascc", "genetic"]
+
+
+@pytest.fixture(scope="module")
+def poisoned() -> ToySubject:
+    return ToySubject()
+
+
+def _task(subject: ToySubject) -> InversionTask:
+    negatives = tuple(e for e in toy_examples(subject) if e.label == 0)
+    return InversionTask(Candidate((0,), 1, "start"), negatives)
+
+
+def test_the_toy_model_is_what_it_claims(poisoned: ToySubject) -> None:
+    task = _task(poisoned)
+    batch = poisoned.batch([task.candidate], [task.examples], 1)
+    for subject, word, flips in ((poisoned, TRIGGER, 1.0), (ToySubject(planted=0.0), "w1", 0.0)):
+        _, hit = subject.hard_check(batch, subject.embedding_matrix.new_tensor(
+            [subject.token_id(word)]).long())
+        assert hit.mean().item() == flips
+    with pytest.raises(ValueError, match="not a toy word"):
+        poisoned.token_id("harbor")
+
+
+@pytest.mark.parametrize("method", SEARCHES)
+def test_every_search_recovers_the_planted_word(poisoned: ToySubject, method: str) -> None:
+    budget = {"genetic": {"epochs": 3}, "ascc": {"epochs": 100},
+              "uat": {"initial_token": "w1"}}.get(method, {})
+    inverter = method_of(method)(make_config(method, trigger_length=1, **budget))
+    (inversion,) = inverter.invert(poisoned, [_task(poisoned)])
+    assert inversion.trigger_tokens == [TRIGGER], (method, inversion.trigger_tokens)
+    assert inversion.hard_asr == 1.0 and inversion.hard_loss < 0.01
+    assert inversion.candidate == Candidate((0,), 1, "start")
+
+
+def test_a_batched_run_keeps_the_best_candidate(poisoned: ToySubject) -> None:
+    examples = toy_examples(poisoned)
+    tasks = [InversionTask(c, tuple(poisoned.victims(examples, c, 0)))
+             for c in poisoned.candidates(examples, ("start",), False)]
+    inverter = method_of("dbs")(make_config("dbs", trigger_length=1, epochs=60))
+    runs = inverter.invert(poisoned, tasks, preselect=Preselection(keep=1, after=20))
+    assert [r.trajectory[-1].get("event") for r in runs].count("drop") == 1
+    kept = next(r for r in runs if r.trajectory[-1].get("event") != "drop")
+    assert kept.candidate.target == 1 and kept.trigger_tokens == [TRIGGER]
+
+
+@pytest.mark.parametrize("method", ["dbs", "uat"])
+def test_the_scan_flags_the_poisoned_toy_and_not_the_clean_one(method: str) -> None:
+    start = {"initial_token": "w1"} if method == "uat" else {}  # UAT's "the" is no toy word
+    config = ScanConfig(method=method, threshold=0.1,
+                        inverter=make_config(method, trigger_length=1, epochs=60, **start))
+    for subject, verdict in ((ToySubject(), "trojaned"), (ToySubject(planted=0.0), "clean")):
+        result = scan_subject(subject, toy_examples(subject), config)
+        assert result.verdict == verdict, (method, result.score, result.best.trigger_tokens)
+        assert result.task == "toy-classification" and result.labels == ["negative", "positive"]
+        if verdict == "trojaned":
+            assert result.best.target_name == "positive"
+            assert result.best.trigger_tokens == [TRIGGER]
+
+
+def test_a_method_refuses_a_family_it_cannot_search(poisoned: ToySubject) -> None:
+    # T-Miner rewrites whole sentences with a text classifier's tokenizer.
+    with pytest.raises(InputError, match="method tminer cannot scan toy-classification"):
+        scan_subject(poisoned, toy_examples(poisoned),
+                     ScanConfig(method="tminer", inverter=make_config("tminer")))

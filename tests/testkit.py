@@ -1,0 +1,35 @@
+"""What several test modules use: hand-built scan results for tests that need no model
+(detectors, reports, comparisons), and the type of the ``run_cli`` fixture."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+from trojscan.results import ScanResult
+
+#: The fixture ``run_cli`` (conftest.py): the ``trojscan`` entry point run in this process.
+RunCli = Callable[..., subprocess.CompletedProcess]
+
+
+def scan_result(score: float, *, best: dict[str, Any] | None = None,
+                candidates: list[dict[str, Any]] | None = None, seconds: float = 1.0,
+                verdict: str | None = None, threshold: float = 0.05,
+                labels: tuple[str, ...] = ("negative", "positive")) -> ScanResult:
+    """A valid result whose best trigger has loss ``score`` (fields in ``best`` override the
+    defaults); ``candidates`` default to the best one alone. The verdict is the threshold's
+    unless given."""
+    full_best = {"method": "dbs", "target": 1, "victims": [0], "position": "start",
+                 "trigger_ids": [1], "trigger_tokens": ["the"], "trigger_text": "the",
+                 "relaxed_loss": score, "hard_loss": score, "hard_asr": 0.5,
+                 "accepted": False, "epochs": 10, "seconds": seconds, "loss": score,
+                 "target_name": labels[1], "victim_names": [labels[0]], **(best or {})}
+    rows = candidates if candidates is not None else [{"loss": score}]
+    rows = [{"target": 1, "target_name": labels[1], "victims": [0], "position": "start", **row}
+            for row in rows]
+    return ScanResult.from_dict({
+        "version": 2, "verdict": verdict or ("trojaned" if score < threshold else "clean"),
+        "score": score, "threshold": threshold, "best": full_best, "candidates": rows,
+        "trajectory": [], "labels": list(labels), "examples": 20, "seconds": seconds,
+        "device": "cpu", "versions": {}, "config": {}})
