@@ -18,7 +18,6 @@ one decide a scan.
 
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
 from trojscan.errors import InputError
-from trojscan.fsutil import atomic_write_json, read_utf8
+from trojscan.fsutil import atomic_write_json, read_json
 from trojscan.results import DetectorVerdict, ScanResult
 
 DETECTOR_VERSION = 1
@@ -301,11 +300,7 @@ def save_detector(detector: Detector, path: Path) -> None:
 def load_detector(path: Path) -> Detector:
     """Read a detector written by :func:`save_detector`; an unreadable, malformed or
     unknown one is an :class:`InputError` naming the file."""
-    text = read_utf8(Path(path), "detector")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"detector {path} is not valid JSON: {exc}") from exc
+    data = read_json(Path(path), "detector")
     if not isinstance(data, dict):
         raise InputError(f"detector {path} is not a JSON object")
     kind = data.get("kind")

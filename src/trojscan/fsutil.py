@@ -25,6 +25,15 @@ def read_utf8(path: Path, what: str) -> str:
         raise InputError(f"{what} {path} is not UTF-8 (byte {exc.start})") from exc
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON of ``path``; an unreadable, non-UTF-8 or malformed file is an
+    :class:`InputError` naming it as ``what`` (e.g. "manifest", "detector")."""
+    try:
+        return json.loads(read_utf8(path, what))
+    except ValueError as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
 

@@ -9,12 +9,12 @@ scan found against what was planted. This is the one reader and writer of the fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trojscan.errors import InputError
+from trojscan.fsutil import read_json
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -37,14 +37,7 @@ class Manifest:
     def load(cls, path: Path) -> Manifest:
         """Read a manifest written by the zoo builder; anything else is an
         :class:`InputError` naming the file."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read manifest {path}: {exc}") from exc
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"manifest {path} is not valid JSON: {exc}") from exc
+        data = read_json(Path(path), "manifest")
         if not (isinstance(data, dict) and data.get("version") == MANIFEST_VERSION
                 and isinstance(data.get("models"), dict)):
             raise InputError(f"{path} is not a trojscan zoo manifest (version "

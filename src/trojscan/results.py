@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trojscan.errors import InputError
-from trojscan.fsutil import atomic_write_text, read_utf8
+from trojscan.fsutil import atomic_write_text, read_json
 
 RESULT_VERSION = 2
 #: Format versions this trojscan reads.
@@ -193,12 +193,7 @@ def json_schema() -> dict[str, Any]:
 
 def read_result(path: Path) -> ScanResult:
     """Read and validate the scan result at ``path``."""
-    text = read_utf8(Path(path), "scan result")
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"scan result {path} is not valid JSON: {exc}") from exc
-    return ScanResult.from_dict(data, f"scan result {path}")
+    return ScanResult.from_dict(read_json(Path(path), "scan result"), f"scan result {path}")
 
 
 def write_result(result: ScanResult, path: Path) -> None:

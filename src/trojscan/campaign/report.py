@@ -18,7 +18,6 @@ are in both:
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,18 +29,11 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from trojscan.campaign.run import ERROR_SUFFIX, MODELS_DIR
 from trojscan.detect import Detector, make_detector
 from trojscan.errors import InputError
-from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_utf8
+from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from trojscan.manifest import load_truth
 from trojscan.results import ScanResult
 
 REPORT_VERSION = 1
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(read_utf8(path, what))
-    except ValueError as exc:
-        raise InputError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
 def load_results(results_dir: Path) -> tuple[dict[str, ScanResult], dict[str, dict[str, Any]]]:
@@ -58,12 +50,12 @@ def load_results(results_dir: Path) -> tuple[dict[str, ScanResult], dict[str, di
     errors: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob("*.json")):
         if path.name.endswith(ERROR_SUFFIX):
-            error = _read_json(path, "error file")
+            error = read_json(path, "error file")
             if not isinstance(error, dict):
                 raise InputError(f"error file {path} is not a JSON object")
             errors[path.name.removesuffix(ERROR_SUFFIX)] = error
             continue
-        records[path.stem] = ScanResult.from_dict(_read_json(path, "scan result"),
+        records[path.stem] = ScanResult.from_dict(read_json(path, "scan result"),
                                                   f"scan result {path}")
     return records, {k: v for k, v in errors.items() if k not in records}
 

@@ -11,12 +11,11 @@ unpickling a file can execute code from it. Remote code is never trusted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trojscan.errors import InputError
-from trojscan.fsutil import read_utf8
+from trojscan.fsutil import read_json
 from trojscan.modeldir import PICKLED_WEIGHTS, SAFE_WEIGHTS
 
 if TYPE_CHECKING:
@@ -44,10 +43,7 @@ def read_config(model_dir: Path) -> PretrainedConfig:
     path = model_dir / "config.json"
     if not path.is_file():
         raise InputError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        raw = json.loads(read_utf8(path, "model config"))
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    raw = read_json(path, "model config")
     if not isinstance(raw, dict):
         raise InputError(f"{path} is not a JSON object")
     model_type = raw.get("model_type")
