@@ -215,10 +215,22 @@ def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Pa
     assert json.loads(detector.read_text())["kind"] == "threshold"
 
     report = run_cli("campaign", "report", str(local_results), "--manifest", str(manifest),
-                     "--out", str(tmp_path / "report"), "--folds", "2")
+                     "--out", str(tmp_path / "report"), "--folds", "2", "--zoo", str(tiny_zoo))
     assert report.returncode == 0, report.stderr
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["n"] == 8 and data["poisoned"] == 4
+    # The search gap: each word trigger measured as hard tokens at every position on the
+    # scan's own examples; the one-slot scans reach its loss (they recover the word).
+    search = data["search"]
+    assert search["measured"] == 4 and search["true_target_dropped"] == 0
+    for gap in search["models"].values():
+        assert set(gap["true_loss"]) == {"start", "end", "first_half", "second_half"}
+        assert gap["true_best"] == min(gap["true_loss"].values()) < 0.2
+        assert gap["gap"] == pytest.approx(gap["inverted_loss"] - gap["true_best"])
+        assert gap["searched"] == (gap["gap"] <= 0)
+    assert search["searched"] is not None and "true trigger's loss" in report.stdout
+    rows = {r["model_id"]: r for r in data["per_model"]}
+    assert all((r["true_loss"] is None) == (r["truth"] == 0) for r in rows.values())
     assert data["fixed"]["accuracy"] == 1.0 and data["roc_auc"] == 1.0
     assert data["trigger_recovery"]["recovered"] == 1.0
     assert data["target_accuracy"]["poisoned"] == 1.0

@@ -8,7 +8,7 @@ import pytest
 from toy_subject import TRIGGER, ToySubject, toy_examples
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
-from trojscan.scan import ScanConfig, scan_subject
+from trojscan.scan import ScanConfig, scan_subject, trigger_check
 from trojscan.subjects.base import Candidate
 
 SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "ascc", "genetic"]
@@ -76,3 +76,14 @@ def test_a_method_refuses_a_family_it_cannot_search(poisoned: ToySubject) -> Non
     with pytest.raises(InputError, match="method tminer cannot scan toy-classification"):
         scan_subject(poisoned, toy_examples(poisoned),
                      ScanConfig(method="tminer", inverter=make_config("tminer")))
+
+
+def test_a_known_trigger_is_measured_as_the_scan_measures_its_own(poisoned: ToySubject) -> None:
+    examples = toy_examples(poisoned)
+    candidate = Candidate((0,), 1, "start")
+    loss, asr = trigger_check(poisoned, examples, candidate, TRIGGER)
+    assert asr == 1.0 and loss < 0.01
+    assert trigger_check(poisoned, examples, candidate, "w1 w2")[1] == 0.0
+    assert trigger_check(poisoned, examples, candidate, TRIGGER, cap=3)[1] == 1.0
+    with pytest.raises(InputError, match="has no tokens"):
+        trigger_check(poisoned, examples, candidate, " ")

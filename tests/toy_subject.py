@@ -96,6 +96,9 @@ class ToySubject(Subject):
             raise ValueError(f"{token!r} is not a toy word")
         return WORDS.index(token)
 
+    def token_ids(self, text: str) -> list[int]:
+        return [self.token_id(w) for w in text.split()]
+
     def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
         tokens = [WORDS[i] for i in ids]
         return tokens, " ".join(tokens)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trojscan.errors import InputError
 from trojscan.inversion.base import (
     Inversion,
@@ -234,6 +236,23 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         config=asdict(config),
         task=subject.task,
     )
+
+
+def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidate,
+                  trigger: str, cap: int = 0) -> tuple[float, float]:
+    """Loss and attack success rate of a known ``trigger`` (text, as hard tokens) for
+    ``candidate`` on its victims among ``examples`` (at most ``cap``, 0: all), measured as a
+    scan measures its inverted triggers: the subject's goal loss, averaged over the victims."""
+    ids = subject.token_ids(trigger)
+    if not ids:
+        raise InputError(f"the trigger {trigger!r} has no tokens")
+    victims = subject.victims(examples, candidate, cap)
+    if not victims:
+        raise InputError(f"no example of the victim label(s) {list(candidate.victims)}")
+    batch = subject.batch([candidate], [victims], len(ids))
+    with torch.no_grad():
+        loss, hit = subject.hard_check(batch, torch.tensor(ids, device=subject.device))
+    return loss.mean().item(), hit.mean().item()
 
 
 def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,

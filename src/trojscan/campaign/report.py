@@ -10,7 +10,11 @@ are in both:
 * a detector (:mod:`trojscan.detect`) fitted on some models and tested on others:
   stratified k-fold cross-validation and a stratified half / half split;
 * whether the inverted trigger recovers the planted one, and its target the planted target;
-* scan times, and all of it broken down by architecture, corpus, attack type and insertion.
+* scan times, and all of it broken down by architecture, corpus, attack type and insertion;
+* with the zoo's model directories (:func:`search_gaps`), the **search gap** of every
+  poisoned model: the loss of its true trigger, as hard tokens at each trigger position, on
+  the scan's own examples, next to the loss the scan reached on the true target. A scan
+  that ends above the true trigger's loss failed to search, whatever its verdict.
 
 :func:`write_report` writes the result as ``report.json``, ``report.md`` and ``roc.png``.
 """
@@ -30,8 +34,12 @@ from trojscan.campaign.run import ERROR_SUFFIX, MODELS_DIR
 from trojscan.detect import Detector, make_detector
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from trojscan.manifest import load_truth
+from trojscan.manifest import load_truth, planted_trigger
+from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import ScanResult
+from trojscan.scan import trigger_check
+from trojscan.subjects.base import Candidate
+from trojscan.subjects.loading import load_subject
 
 REPORT_VERSION = 1
 
@@ -74,6 +82,47 @@ def fit_detector(results_dir: Path, manifest: Path, kind: str) -> tuple[Detector
     detector.fit(chosen, y)
     right = sum(int(p) == t for p, t in zip(detector.predict(chosen), y, strict=True))
     return detector, len(ids), sum(y), right / len(ids)
+
+
+def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
+                truth: Mapping[str, Mapping[str, Any]], device: str = "cpu",
+                allow_pickle: bool = False) -> dict[str, dict[str, Any]]:
+    """The search gap of every scanned poisoned model of ``truth`` with a directory in
+    ``zoo``, by model id.
+
+    ``true_loss`` / ``true_asr``: the true trigger's loss and attack success rate at each
+    trigger position the model's family takes, as hard tokens on the scan's own clean
+    examples (its victims, at most the scan's ``max_victims``); ``true_best``: the lowest
+    of those losses. ``inverted_loss``: the lowest loss the scan reached on the true target
+    (a candidate the pre-run dropped counts with its pre-run loss, and ``dropped`` says so).
+    ``gap``: ``inverted_loss - true_best``; ``searched``: the scan reached the true
+    trigger's loss (gap <= 0).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for model_id in sorted(m for m in records if m in truth and truth[m]["poisoned"]):
+        model_dir = Path(zoo) / model_id
+        if not model_dir.is_dir():
+            continue
+        record = records[model_id]
+        subject = load_subject(model_dir, device, allow_pickle,
+                               int(record.config.get("max_length", 100)))
+        planted = planted_trigger(dict(truth[model_id]), len(subject.labels), model_id)
+        examples = subject.read_examples(model_dir / EXAMPLES_FILE)
+        cap = int(record.config.get("max_victims", 0))
+        measured = {p: trigger_check(subject, examples,
+                                     Candidate(planted.victims, planted.target, p),
+                                     planted.trigger, cap) for p in subject.positions}
+        on_target = [c for c in record.candidates if c.target == planted.target]
+        full = [c.loss for c in on_target if c.loss is not None]
+        inverted = min(full) if full else min(c.prerun_loss for c in on_target
+                                              if c.prerun_loss is not None)
+        true_best = min(loss for loss, _ in measured.values())
+        out[model_id] = {"true_loss": {p: m[0] for p, m in measured.items()},
+                         "true_asr": {p: m[1] for p, m in measured.items()},
+                         "true_best": true_best, "inverted_loss": inverted,
+                         "dropped": not full, "gap": inverted - true_best,
+                         "searched": inverted <= true_best}
+    return out
 
 
 def attack_type(entry: Mapping[str, Any]) -> str:
@@ -238,7 +287,8 @@ def _breakdown(rows: Sequence[Mapping[str, Any]],
 def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str, Any]],
              detector_kind: str = "threshold", folds: int = 5, seed: int = 0,
              threshold: float | None = None,
-             errors: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+             errors: Mapping[str, Mapping[str, Any]] | None = None,
+             gaps: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Measure a campaign's scan results ``records`` against the manifest entries ``truth``.
 
     Only models in both count; those scanned but not in ``truth`` are listed as
@@ -248,8 +298,9 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
     ``folds`` and ``seed`` set the cross-validation (see :func:`cross_validate`). Trigger
     recovery follows :func:`trigger_recovered`: a poisoned model counts as recovered when
     any word of its trigger is found (``all_words_recovered``: when every word is).
-    ``errors`` (from :func:`load_results`) are counted and listed as ``failed``.
-    Returns a JSON-ready dict.
+    ``errors`` (from :func:`load_results`) are counted and listed as ``failed``. ``gaps``
+    (from :func:`search_gaps`) adds each poisoned model's true-trigger loss and search gap
+    to its row, and a ``search`` summary. Returns a JSON-ready dict.
     """
     make_detector(detector_kind)  # an unknown kind fails before any work
     errors = errors or {}
@@ -263,6 +314,12 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
     else:
         flagged = [r.score < threshold for r in matched]
     rows = [_model_row(m, r, truth[m], f) for m, r, f in zip(ids, matched, flagged, strict=True)]
+    gaps = {m: g for m, g in (gaps or {}).items() if m in set(ids)}
+    for row in rows:
+        gap = gaps.get(row["model_id"])
+        row.update(true_loss=None if gap is None else gap["true_best"],
+                   search_gap=None if gap is None else gap["gap"],
+                   searched=None if gap is None else gap["searched"])
     auc, roc = _roc(y, -np.array([r["score"] for r in rows]))
     seconds = np.array([r["seconds"] for r in rows])
     summary = _poisoned_summary(rows)
@@ -284,6 +341,10 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
                             "flagged": summary["target_accuracy_flagged"]},
         "seconds": {"mean": float(np.mean(seconds)), "p50": float(np.percentile(seconds, 50)),
                     "p95": float(np.percentile(seconds, 95))},
+        "search": {"measured": len(gaps),
+                   "searched": _ratio(sum(g["searched"] for g in gaps.values()), len(gaps)),
+                   "true_target_dropped": sum(g["dropped"] for g in gaps.values()),
+                   "models": dict(gaps)},
         "breakdown": _breakdown(rows, truth),
         "per_model": rows,
     }
@@ -332,6 +393,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         ("trigger recovered (all words)", recovery["all_words_recovered"]),
         ("target correct (poisoned)", target["poisoned"]),
         ("target correct (poisoned, flagged)", target["flagged"]),
+        ("inverted at or below the true trigger's loss (poisoned, measured)",
+         report["search"]["searched"] if report["search"]["measured"] else None),
         ("scan seconds mean / p50 / p95", " / ".join(f"{report['seconds'][k]:.1f}"
                                                     for k in ("mean", "p50", "p95"))),
     ]
@@ -341,8 +404,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [f"## By {name}", ""]
         lines += _table((name, *columns), [(value, *(g[c] for c in columns))
                                            for value, g in groups.items()])
-    per_model = ("model_id", "truth", "verdict", "score", "target_name", "true_target",
-                 "trigger_text", "true_trigger", "recovered", "seconds")
+    per_model = ("model_id", "truth", "verdict", "score", "true_loss", "target_name",
+                 "true_target", "trigger_text", "true_trigger", "recovered", "seconds")
     lines += ["## Models", ""]
     lines += _table(per_model, [[row[c] for c in per_model] for row in report["per_model"]])
     return "\n".join(lines)

@@ -134,13 +134,21 @@ def campaign_report(
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffled folds and the split."),
     threshold: float | None = typer.Option(None, "--threshold", help="Re-decide every model "
                                            "at this loss; default: the scans' verdicts."),
+    zoo: Path | None = typer.Option(None, "--zoo", help="The zoo's model folder: also "
+                                    "measure each poisoned model's true trigger on the scan's "
+                                    "examples, the search gap (loads every poisoned model)."),
+    device: str = DEVICE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
 ) -> None:
-    """Accuracy, precision, recall, AUC, trigger recovery and seconds of a campaign."""
-    from trojscan.campaign.report import evaluate, load_results, write_report
+    """Accuracy, precision, recall, AUC, trigger recovery and seconds of a campaign (and, with
+    --zoo, how far each scan was from its model's true trigger)."""
+    from trojscan.campaign.report import evaluate, load_results, search_gaps, write_report
     from trojscan.manifest import load_truth
 
     records, errors = load_results(results)
-    report = evaluate(records, load_truth(manifest), kind, folds, seed, threshold, errors)
+    truth = load_truth(manifest)
+    gaps = search_gaps(zoo, records, truth, device, allow_pickle) if zoo is not None else None
+    report = evaluate(records, truth, kind, folds, seed, threshold, errors, gaps)
     paths = write_report(report, out or results / "report")
     fixed = report["fixed"]
     out_console.print(
@@ -150,6 +158,10 @@ def campaign_report(
         f"{num(report['trigger_recovery']['recovered'])}, target right "
         f"{num(report['target_accuracy']['poisoned'])}, seconds/model mean "
         f"{report['seconds']['mean']:.1f} p95 {report['seconds']['p95']:.1f}")
+    if report["search"]["measured"]:
+        out_console.print(f"inverted at or below the true trigger's loss: "
+                          f"{num(report['search']['searched'])} of "
+                          f"{report['search']['measured']} poisoned models")
     out_console.print("report: " + ", ".join(str(p) for p in paths))
 
 

@@ -19,7 +19,8 @@ A subject offers:
 * ``goal_loss``: the loss of each row with its slots filled by trigger embeddings (the
   inversion loss, differentiable), and ``hard_check``: loss and success of each row with
   its slots filled by concrete tokens;
-* ``token_id`` and ``describe``: between tokens and ids, for configs and for humans.
+* ``token_id``, ``token_ids`` and ``describe``: between tokens, texts and ids, for configs,
+  known triggers and humans.
 
 A model family is one file that subclasses :class:`Subject` and decorates it with
 :func:`register_subject`; :func:`subject_class_for` picks the family of a model directory
@@ -119,6 +120,11 @@ class Subject(ABC):
     @abstractmethod
     def token_id(self, token: str) -> int:
         """The id of ``token``, one ordinary token of the vocabulary (ValueError if not)."""
+
+    @abstractmethod
+    def token_ids(self, text: str) -> list[int]:
+        """``text`` as the ids a trigger of it fills the slots with (a known trigger, say, to
+        measure it as the inverted ones are measured)."""
 
     @abstractmethod
     def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:

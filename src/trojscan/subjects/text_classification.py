@@ -202,7 +202,7 @@ class TextClassificationSubject(Subject):
         return ids[0]
 
     def token_ids(self, text: str) -> list[int]:
-        """``text`` tokenised, without [CLS] and [SEP]."""
+        """``text`` tokenised, without [CLS] and [SEP] (also how examples are read)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
