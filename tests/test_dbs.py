@@ -79,3 +79,21 @@ def test_keep_drops_all_but_the_best_after_the_prerun(
 def test_config_rejects_unknown_noise() -> None:
     with pytest.raises(ValueError, match="noise"):
         DBSConfig(noise="laplace")
+
+
+def test_a_candidate_gives_the_same_trigger_alone_or_batched(
+        poisoned_subject: TextClassificationSubject, rt: Corpus) -> None:
+    # Each candidate draws its own noise (rollbacks) from a stream seeded by the run's seed and
+    # the candidate: its batch mates do not change what it finds.
+    config = DBSConfig(epochs=60, trigger_length=2)
+    start, end = _task(rt, 0, 1, 8), _task(rt, 0, 1, 8, "end")
+    other = _task(rt, 1, 0, 8)
+    alone = DBS(config).invert(poisoned_subject, [end])[0]
+    together = DBS(config).invert(poisoned_subject, [start, other, end])
+    assert together[2].trigger_ids == alone.trigger_ids
+    assert together[2].relaxed_loss == pytest.approx(alone.relaxed_loss, abs=1e-4)
+    rollbacks = [s["epoch"] for s in alone.trajectory if s.get("event") == "rollback"]
+    assert rollbacks and rollbacks == [s["epoch"] for s in together[2].trajectory
+                         if s.get("event") == "rollback"]
+    assert DBS(config).invert(poisoned_subject, [other, start])[1].trigger_ids == \
+        together[0].trigger_ids

@@ -17,10 +17,13 @@ campaigns, comparisons) and its inversions carry the method's name.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
+
+import torch
 
 from trojscan.subjects.base import Candidate, Subject
 
@@ -35,6 +38,15 @@ class InversionTask:
 
     candidate: Candidate
     examples: tuple[Any, ...]
+
+
+def task_generator(seed: int, candidate: Candidate) -> torch.Generator:
+    """The random stream of one candidate's inversion: seeded by the run's ``seed`` and the
+    candidate itself, so that a candidate draws the same numbers whether it is inverted
+    alone or batched with others, first or last."""
+    key = f"{seed}|{','.join(map(str, candidate.victims))}|{candidate.target}|{candidate.position}"
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 @dataclass(frozen=True)

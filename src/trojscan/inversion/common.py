@@ -30,6 +30,7 @@ from trojscan.inversion.base import (
     InversionTask,
     Inverter,
     Preselection,
+    task_generator,
 )
 from trojscan.subjects.base import Batch, Subject
 
@@ -108,9 +109,10 @@ class Progress:
 class OneByOne(Inverter):
     """An inverter that runs its tasks one after another, each with its full budget, and
     reports them to ``on_epoch`` as one run of ``config.epochs`` epochs (see
-    :class:`Progress`). The tasks draw from one random stream, seeded with the config's
-    ``seed`` (0 for a method without one), in task order. Subclasses implement
-    :meth:`invert_one`."""
+    :class:`Progress`). Each task draws from a random stream of its own
+    (:func:`~trojscan.inversion.base.task_generator`, from the config's ``seed``, 0 for a
+    method without one), so its result does not depend on the other tasks. Subclasses
+    implement :meth:`invert_one`."""
 
     def invert(self, subject: Subject, tasks: Sequence[InversionTask],
                on_epoch: EpochCallback | None = None,
@@ -120,10 +122,10 @@ class OneByOne(Inverter):
         if preselect is not None:
             raise ValueError(f"{self.name} inverts tasks one by one and cannot pre-select")
         progress = Progress(on_epoch, len(tasks), self.config.epochs)
-        generator = torch.Generator().manual_seed(getattr(self.config, "seed", 0))
+        seed = getattr(self.config, "seed", 0)
         out = []
         for i, task in enumerate(tasks):
-            out.append(self.invert_one(subject, task, generator,
+            out.append(self.invert_one(subject, task, task_generator(seed, task.candidate),
                                        lambda epoch, i=i: progress(i, epoch)))
             progress.task_done(i)
         return out

@@ -41,6 +41,7 @@ from trojscan.inversion.base import (
     Preselection,
     register,
     register_variant,
+    task_generator,
 )
 from trojscan.subjects.base import Batch, Subject
 
@@ -83,7 +84,8 @@ class DBSConfig:
             lambda = 1, never checks, and accepts any trigger under the bound, one-hot or not.
         backtracking: ablation switch (Table 4, "w/o Backtracking"): False never rolls back;
             once focusing has started lambda is divided by c at every check.
-        seed: seeds the randomisation.
+        seed: seeds the randomisation; each task draws from a stream of its own (seeded by
+            this and its candidate), so its result does not depend on its batch mates.
         buckets: rows of a (batched) inversion are sorted by length and split into this many
             forward passes, each padded only to its own longest row; 1 pads all rows to the
             longest (the authors' code). Same result, less padding.
@@ -132,6 +134,7 @@ class _Arm:
 
     temperature: float
     bound: float
+    generator: torch.Generator  # the randomisation of this task alone
     focusing: bool = False
     rollbacks: int = 0
     best: tuple[float, torch.Tensor] | None = None  # (relaxed loss, slot argmax ids)
@@ -161,7 +164,7 @@ def _buckets(batch: Batch, rows: torch.Tensor, n: int) -> list[Batch]:
 
 
 def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Tensor,
-          config: DBSConfig, generator: torch.Generator) -> None:
+          config: DBSConfig) -> None:
     """Lines 3-11 of Algorithm 1 for one task after an optimisation step at ``epoch``."""
     step: dict[str, Any] = {"epoch": epoch, "loss": value, "temperature": arm.temperature}
     arm.last = alpha.argmax(-1)
@@ -188,7 +191,7 @@ def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Ten
             arm.temperature = min(arm.temperature * config.rollback_factor,
                                   config.max_temperature)
             with torch.no_grad():
-                w.add_(_noise(w, config, generator))
+                w.add_(_noise(w, config, arm.generator))
             arm.rollbacks += 1
             step.setdefault("event", "rollback")
             if arm.rollbacks >= config.rollback_limit:
@@ -233,7 +236,6 @@ class DBS(Inverter):
         if not tasks:
             return []
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(config.seed)
         embeddings = subject.embedding_matrix.detach()
         excluded = torch.where(subject.allowed_tokens(), 0.0, -math.inf)
 
@@ -250,7 +252,8 @@ class DBS(Inverter):
         schedule = torch.optim.lr_scheduler.StepLR(optimiser, config.lr_decay_every,
                                                    config.lr_decay)
         initial = config.initial_temperature if config.temperature_scaling else 1.0
-        arms = [_Arm(temperature=initial, bound=config.loss_bound) for _ in tasks]
+        arms = [_Arm(temperature=initial, bound=config.loss_bound,
+                     generator=task_generator(config.seed, task.candidate)) for task in tasks]
 
         running: list[int] = []
         buckets: list[Batch] = []
@@ -277,7 +280,7 @@ class DBS(Inverter):
             alpha = alpha.detach()
             values = losses.tolist()
             for i in active:
-                _step(arms[i], epoch, values[i], alpha[i], w[i], config, generator)
+                _step(arms[i], epoch, values[i], alpha[i], w[i], config)
             if preselect and epoch + 1 == preselect.after:
                 _drop_all_but(arms, preselect.keep)
             if on_epoch:
