@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from trojscan.inversion.base import (
     EpochCallback,
@@ -271,8 +272,13 @@ class DBS(Inverter):
             triggers = alpha @ embeddings  # (tasks, m, d)
             losses = torch.zeros(len(tasks), device=w.device)
             for sub in buckets:
-                loss = subject.goal_loss(sub, triggers[sub.owner])
-                losses = losses.index_add(0, sub.owner, loss * weight[sub.owner])
+                # Rows pick their task's trigger, and tasks sum their rows' losses, by
+                # one-hot products: an indexed gather would accumulate its gradient in an
+                # order that varies between runs on a multi-threaded CPU.
+                owned = F.one_hot(sub.owner, len(tasks)).to(triggers.dtype)
+                rows = (owned @ triggers.flatten(1)).view(len(sub), *triggers.shape[1:])
+                loss = subject.goal_loss(sub, rows)
+                losses = losses + owned.T @ (loss * weight[sub.owner])
             optimiser.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimiser.step()

@@ -316,9 +316,11 @@ class TextClassificationSubject(Subject):
         shared by every row, or (B, m, d), one trigger per row."""
         base = self.model.get_input_embeddings()(batch.input_ids)
         per_row = trigger if trigger.dim() == 3 else trigger.expand(len(base), -1, -1)
-        rows = torch.arange(len(base), device=base.device).unsqueeze(-1)
-        filled = per_row.to(base.dtype)[rows, batch.slot_index.clamp(min=0)]
-        embeds = torch.where((batch.slot_index >= 0).unsqueeze(-1), filled, base)
+        # A row's m slots are consecutive and in order, so row-major order puts slot i of
+        # row b where per_row[b, i] goes. Each slot is written once: the backward pass only
+        # gathers, with no accumulation whose order could vary between runs.
+        slots = (batch.slot_index >= 0).unsqueeze(-1)
+        embeds = base.masked_scatter(slots, per_row.to(base.dtype))
         return self._forward(batch, inputs_embeds=embeds)
 
     def logits_from_tokens(self, batch: SlotBatch,
