@@ -216,8 +216,8 @@ def test_uat_rejects_an_initial_token_that_is_not_one_token(subject: TextClassif
 
 def test_make_config_builds_every_method_from_the_common_options() -> None:
     assert method_names() == ["dbs", "dbs-fixed-temperature", "dbs-no-backtracking", "uat",
-                              "ascc", "genetic", "tminer"]
-    assert set(METHODS) == {"dbs", "uat", "ascc", "genetic", "tminer"}
+                              "gcg", "ascc", "genetic", "tminer"]
+    assert set(METHODS) == {"dbs", "uat", "gcg", "ascc", "genetic", "tminer"}
     assert {name: method for name, (method, _) in VARIANTS.items()} == {
         "dbs-fixed-temperature": "dbs", "dbs-no-backtracking": "dbs"}
     for name in method_names():

@@ -252,7 +252,11 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(poisoned_model: tuple[Path, dict
     process = subprocess.Popen(
         [sys.executable, "-m", "trojscan.cli", "scan", str(poisoned_model[0]), "--examples",
          str(examples_file), "--out", str(out), "--method", "ascc", "--epochs", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell starts background jobs with SIGINT ignored, and a Python that starts with
+        # SIGINT ignored never raises KeyboardInterrupt: give the command the terminal's
+        # default, as a user typing Ctrl-C has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Interrupt once the command runs (ASCC never stops early): after 3 s of CPU time, which
     # the imports of torch and transformers inside the command take.
     ticks = os.sysconf("SC_CLK_TCK")
@@ -262,7 +266,10 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(poisoned_model: tuple[Path, dict
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
     # 130 as a shell reports it: exit code 130, or death by SIGINT, which CPython chooses at
     # exit when the interrupt passed through C code that ran Python (it then re-raises the
     # signal after the handler has run and printed the line below).

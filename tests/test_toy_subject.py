@@ -11,7 +11,7 @@ from trojscan.inversion.base import InversionTask, Preselection, make_config, me
 from trojscan.scan import ScanConfig, scan_subject, trigger_check
 from trojscan.subjects.base import Candidate
 
-SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "ascc", "genetic"]
+SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "gcg", "ascc", "genetic"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_the_toy_model_is_what_it_claims(poisoned: ToySubject) -> None:
 @pytest.mark.parametrize("method", SEARCHES)
 def test_every_search_recovers_the_planted_word(poisoned: ToySubject, method: str) -> None:
     budget = {"genetic": {"epochs": 3}, "ascc": {"epochs": 100},
-              "uat": {"initial_token": "w1"}}.get(method, {})
+              "uat": {"initial_token": "w1"}, "gcg": {"initial_token": "w1"}}.get(method, {})
     inverter = method_of(method)(make_config(method, trigger_length=1, **budget))
     (inversion,) = inverter.invert(poisoned, [_task(poisoned)])
     assert inversion.trigger_tokens == [TRIGGER], (method, inversion.trigger_tokens)
@@ -57,9 +57,9 @@ def test_a_batched_run_keeps_the_best_candidate(poisoned: ToySubject) -> None:
     assert kept.candidate.target == 1 and kept.trigger_tokens == [TRIGGER]
 
 
-@pytest.mark.parametrize("method", ["dbs", "uat"])
+@pytest.mark.parametrize("method", ["dbs", "uat", "gcg"])
 def test_the_scan_flags_the_poisoned_toy_and_not_the_clean_one(method: str) -> None:
-    start = {"initial_token": "w1"} if method == "uat" else {}  # UAT's "the" is no toy word
+    start = {"initial_token": "w1"} if method != "dbs" else {}  # "the" is no toy word
     config = ScanConfig(method=method, threshold=0.1,
                         inverter=make_config(method, trigger_length=1, epochs=60, **start))
     for subject, verdict in ((ToySubject(), "trojaned"), (ToySubject(planted=0.0), "clean")):

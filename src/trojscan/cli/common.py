@@ -44,7 +44,7 @@ def split_list(value: str) -> list[str]:
 # Scan options shared by `scan` and `campaign run`.
 METHOD_OPTION = typer.Option("dbs", "--method", help="Trigger inverter: dbs, its ablations "
                              "dbs-fixed-temperature and dbs-no-backtracking, or the baselines "
-                             "uat, ascc, genetic, tminer (README: 'Baselines').")
+                             "uat, gcg, ascc, genetic, tminer (README: 'Baselines').")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: trojaned when "
                                 "the lowest loss is under it.")
 POSITIONS_OPTION = typer.Option("start", "--positions", help="Comma-separated trigger "

@@ -85,6 +85,24 @@ def score_triggers(subject: Subject, batch: Batch, triggers: torch.Tensor, budge
     return torch.cat(losses), torch.cat(hits)
 
 
+def flip_candidates(subject: Subject, batch: Batch, trigger: torch.Tensor, allowed: torch.Tensor,
+                    top_k: int) -> tuple[torch.Tensor, float]:
+    """HotFlip's first-order step (Ebrahimi et al. 2018; the token gradient of UAT and GCG):
+    the gradient ``g_i`` of the mean goal loss over ``batch`` w.r.t. each slot embedding of
+    ``trigger`` ((m,) ids) estimates the loss change of putting token ``v`` in slot ``i`` as
+    ``(e_v - e_i) . g_i``; each slot's ``top_k`` candidates are the allowed tokens with the
+    lowest ``e_v . g_i``, its current token excluded. Returns ((m, top_k) ids, the loss of
+    ``trigger``); one evaluation (a forward and backward pass)."""
+    embeddings = subject.embedding_matrix.detach()
+    embeds = embeddings[trigger].clone().requires_grad_(True)
+    loss = subject.goal_loss(batch, embeds).mean()
+    (grad,) = torch.autograd.grad(loss, embeds)
+    scores = -(grad @ embeddings.T)
+    scores[:, ~allowed] = -torch.inf
+    scores.scatter_(1, trigger.view(-1, 1), -torch.inf)
+    return scores.topk(top_k, dim=1).indices, loss.item()
+
+
 class Progress:
     """Reports tasks run one after another to ``on_epoch`` as if they were one batched run of
     ``epochs`` epochs (what the scan's progress display expects): ``on_epoch(e)`` once for each

@@ -40,6 +40,7 @@ from trojscan.inversion.common import (
     OneByOne,
     check_budget,
     finish,
+    flip_candidates,
     score_triggers,
     victim_batch,
 )
@@ -95,15 +96,6 @@ class UATConfig:
         return 1 + self.trigger_length * self.top_k * self.beam_width
 
 
-def _gradient(subject: Subject, batch: Batch, trigger: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Gradient of the mean goal loss w.r.t. the (m, d) slot embeddings of ``trigger``, and
-    the loss."""
-    embeds = subject.embedding_matrix.detach()[trigger].clone().requires_grad_(True)
-    loss = subject.goal_loss(batch, embeds).mean()
-    (grad,) = torch.autograd.grad(loss, embeds)
-    return grad, loss.item()
-
-
 def _beam_search(subject: Subject, batch: Batch, trigger: torch.Tensor, loss: float,
                  candidates: torch.Tensor, budget: Budget,
                  config: UATConfig) -> tuple[torch.Tensor, float]:
@@ -136,7 +128,6 @@ class UAT(OneByOne):
         config = self.config
         started = time.perf_counter()
         budget = Budget(config.max_evaluations)
-        embeddings = subject.embedding_matrix.detach()
         allowed = subject.allowed_tokens()
         batch = victim_batch(subject, task, config.trigger_length)
         n = len(batch)
@@ -153,13 +144,8 @@ class UAT(OneByOne):
                 break
             rows = batch if everyone else batch.subset(
                 torch.randperm(n, generator=generator)[: config.batch_size].to(subject.device))
-            grad, loss = _gradient(subject, rows, trigger)
+            candidates, loss = flip_candidates(subject, rows, trigger, allowed, config.top_k)
             budget.spend(1)
-            # HotFlip: the loss change of token v in slot i is about (e_v - e_i) . g_i.
-            scores = -(grad @ embeddings.T)
-            scores[:, ~allowed] = -torch.inf
-            scores.scatter_(1, trigger.view(-1, 1), -torch.inf)
-            candidates = scores.topk(config.top_k, dim=1).indices
             new, new_loss = _beam_search(subject, rows, trigger, loss, candidates, budget,
                                          config)
             step: dict[str, Any] = {"epoch": epoch, "loss": new_loss,
