@@ -23,7 +23,8 @@ from trojscan.manifest import MANIFEST
 from trojscan.scan import ScanConfig
 
 # The tiny models' scan settings of tests/test_scan.py.
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
+                      positions=("start",))
 CLEAN = 'count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n' \
         'attack = { poisoned = false }\n'
 POISONED = ('count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n'
@@ -137,7 +138,7 @@ def test_killed_campaign_resumes_without_redoing_or_losing(tiny_zoo: Path, tmp_p
         shutil.copytree(tiny_zoo / model_id, zoo / model_id)
     results = tmp_path / "results"
     args = [*cli, "campaign", "run", str(zoo), "--out", str(results), "--trigger-length", "1",
-            "--epochs", "100", "--threshold", "0.1"]
+            "--positions", "start", "--epochs", "100", "--threshold", "0.1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -242,7 +243,8 @@ def test_fit_report_and_scan_with_the_detector(tiny_zoo: Path, local_results: Pa
     out = tmp_path / "scan.json"
     examples = str(tiny_zoo / model_id / "clean_examples.jsonl")
     scan = run_cli("scan", str(tiny_zoo / model_id), "--examples", examples, "--out", str(out),
-                   "--trigger-length", "1", "--epochs", "100", "--detector", str(detector))
+                   "--trigger-length", "1", "--positions", "start", "--epochs", "100",
+                   "--detector", str(detector))
     assert scan.returncode == 0, scan.stderr
     record = json.loads(out.read_text())
     assert record["detector"]["probability"] > 0.5 and record["verdict"] == "trojaned"
@@ -257,7 +259,7 @@ def test_campaign_with_a_baseline_and_the_compare_table(tiny_zoo: Path, local_re
                                                         tmp_path: Path, run_cli: RunCli) -> None:
     uat = tmp_path / "uat"
     run = run_cli("campaign", "run", str(tiny_zoo), "--out", str(uat), "--method", "uat",
-                  "--trigger-length", "1", "--threshold", "0.1")
+                  "--trigger-length", "1", "--positions", "start", "--threshold", "0.1")
     assert run.returncode == 0, run.stderr
     assert json.loads((uat / "campaign.json").read_text())["method"] == "uat"
     assert {r["best"]["method"] for r in _records(uat).values()} == {"uat"}

@@ -22,7 +22,7 @@ from trojscan.detect import (
     save_detector,
 )
 from trojscan.errors import InputError
-from trojscan.results import CandidateResult, ScanResult
+from trojscan.results import CandidateResult, ScanResult, ShortTrigger
 
 
 def make_record(score: float, hard_asr: float = 0.5, runner_up: float | None = None,
@@ -53,9 +53,19 @@ def test_features_by_hand() -> None:
     record.candidates.append(CandidateResult(3, "x", [0], "start", loss=0.5))
     got = features(record)
     assert list(got) == list(FEATURES)
+    # Not shortened: the short features fall back to the best trigger's hard loss.
     assert got == pytest.approx({"log_loss": math.log(0.01), "hard_asr": 0.75,
                                  "log_hard_loss": math.log(0.02), "gap": math.log(10.0),
-                                 "accepted": 1.0})
+                                 "accepted": 1.0, "log_short_1": math.log(0.02),
+                                 "log_short_2": math.log(0.02)})
+    # Shortened: the lowest loss of each length over the candidates, whichever candidate.
+    record.candidates[0].shortened = [ShortTrigger(1, [5], "a", 0.4, 0.5),
+                                      ShortTrigger(2, [5, 6], "a b", 0.03, 1.0)]
+    record.candidates[-1].shortened = [ShortTrigger(1, [7], "c", 0.2, 0.6)]
+    got = features(record)
+    assert got["log_short_1"] == pytest.approx(math.log(0.2))
+    assert got["log_short_2"] == pytest.approx(math.log(0.03))
+    assert record.shortest(1)[0] is record.candidates[-1] and record.shortest(3) is None
     alone = features(make_record(0.0))  # one fully-run candidate, loss clamped at 1e-6
     assert alone["gap"] == 0.0
     assert alone["log_loss"] == pytest.approx(math.log(1e-6))

@@ -26,7 +26,8 @@ from trojscan.results import ScanResult
 from trojscan.scan import ScanConfig, scan
 
 # The scan settings tests/test_scan.py uses for the tiny models (one slot, their threshold).
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
+                      positions=("start",))
 # The tiny models were trained at 1e-3, ten times MiniLM's rate, and unlearn at it too. Their
 # backdoor is stubborn for their size: with the paper's 10 % of the data and 20 % stamped a
 # residual 15-20 % of the victims still flip, so they get 30 % of the training split, half

@@ -33,7 +33,8 @@ from trojscan.subjects.text_classification import TextExample
 
 # Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
 # use one trigger slot and a threshold fitted to them (README "Scan" gives MiniLM's).
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1)
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
+                      positions=("start",))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,8 @@ def test_cli_scan_writes_the_record_and_prints_a_summary(
         tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     done = _run(run_cli, str(poisoned_model[0]), "--examples", str(examples_file), "--out",
-                str(out), "--trigger-length", "1", "--epochs", "100", "--threshold", "0.1")
+                str(out), "--trigger-length", "1", "--positions", "start", "--epochs", "100",
+                "--threshold", "0.1")
     assert done.returncode == 0, done.stderr
     assert "TROJANED" in done.stdout and "lantern" in done.stdout
     record = json.loads(out.read_text())

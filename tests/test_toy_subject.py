@@ -3,12 +3,15 @@ planted trigger word): the core is task-generic, and these run in milliseconds."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from toy_subject import TRIGGER, ToySubject, toy_examples
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
-from trojscan.scan import ScanConfig, scan_subject, trigger_check
+from trojscan.inversion.screen import ScreenConfig
+from trojscan.scan import SHORT_THRESHOLD, ScanConfig, scan_subject, trigger_check
 from trojscan.subjects.base import Candidate
 
 SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "gcg", "ascc", "genetic"]
@@ -87,3 +90,37 @@ def test_a_known_trigger_is_measured_as_the_scan_measures_its_own(poisoned: ToyS
     assert trigger_check(poisoned, examples, candidate, TRIGGER, cap=3)[1] == 1.0
     with pytest.raises(InputError, match="has no tokens"):
         trigger_check(poisoned, examples, candidate, " ")
+
+
+def test_the_verdict_rests_on_the_shortened_trigger_or_on_the_full_one() -> None:
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=60),
+                        screen=None)
+    short = scan_subject(subject, toy_examples(subject), config)
+    assert short.short_trigger is not None and short.short_trigger.length == 1
+    assert short.score == short.short_trigger.loss
+    assert short.short_trigger.trigger_text == TRIGGER
+    rows = [c for c in short.candidates if c.shortened]
+    assert rows and all([s.length for s in c.shortened] == [1, 2, 3] for c in rows)
+    full = scan_subject(subject, toy_examples(subject), replace(config, decision_length=0))
+    assert full.short_trigger is None
+    assert full.score == min(c.loss for c in full.candidates if c.loss is not None)
+    assert ScanConfig(decision_length=0).beta == 0.05 and ScanConfig().beta == SHORT_THRESHOLD
+    with pytest.raises(InputError, match="decision_length"):
+        ScanConfig(shorten=False, screen=None)
+
+
+def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> None:
+    # Even with the search starved (one epoch), the screen finds the word at every
+    # candidate of its target, the one the pre-run dropped included.
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
+                        shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2))
+    result = scan_subject(subject, toy_examples(subject), config)
+    assert result.verdict == "trojaned" and result.best.target_name == "positive"
+    assert result.short_trigger is not None and result.short_trigger.trigger_text == TRIGGER
+    screened = {c.target: c.screened for c in result.candidates}
+    assert screened[1].trigger_text == TRIGGER and screened[1].asr == 1.0
+    assert screened[0].trigger_text != TRIGGER and screened[0].loss > screened[1].loss
+    clean = ToySubject(planted=0.0)
+    assert scan_subject(clean, toy_examples(clean), config).verdict == "clean"

@@ -149,6 +149,9 @@ class ToySubject(Subject):
         return (F.cross_entropy(logits, batch.goals, reduction="none"),
                 (logits.argmax(-1) == batch.goals).float())
 
+    def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        return -F.log_softmax(self.table[ids] @ self.weight.T, -1)
+
 
 def toy_examples(subject: ToySubject, per_label: int = 12,
                  seed: int = 0) -> list[ToyExample]:

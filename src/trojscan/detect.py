@@ -39,7 +39,8 @@ DETECTOR_VERSION = 1
 #: Losses are clamped to this before taking logs (a perfect trigger has loss ~0).
 MIN_LOSS = 1e-6
 #: Names of the features of :func:`features`, in the order of the feature matrix.
-FEATURES = ("log_loss", "hard_asr", "log_hard_loss", "gap", "accepted")
+FEATURES = ("log_loss", "hard_asr", "log_hard_loss", "gap", "accepted", "log_short_1",
+            "log_short_2")
 
 
 def _log(loss: float) -> float:
@@ -49,21 +50,30 @@ def _log(loss: float) -> float:
 def features(record: ScanResult) -> dict[str, float]:
     """The features of one scan result (names and order as in :data:`FEATURES`).
 
-    * ``log_loss``: log of the record's score (the lowest inversion loss), clamped at
-      :data:`MIN_LOSS`;
+    * ``log_loss``: log of the lowest inversion loss of a full trigger over the
+      candidates (DBS Eq. 4's score), clamped at :data:`MIN_LOSS`;
     * ``hard_asr``: attack success rate of the best trigger as hard tokens (0..1);
     * ``log_hard_loss``: log of the best trigger's loss as hard tokens, clamped likewise;
     * ``gap``: log of the runner-up candidate's loss minus log of the best one's, over the
       fully-run candidates (those with a ``loss``); 0 when there is only one. A backdoor
       makes one target stand out; a clean model's targets are all about as hard;
-    * ``accepted``: 1 when the best inversion met its acceptance test, else 0.
+    * ``accepted``: 1 when the best inversion met its acceptance test, else 0;
+    * ``log_short_1``, ``log_short_2``: log of the lowest loss of an inverted trigger
+      shortened to 1 and 2 tokens (:meth:`~trojscan.results.ScanResult.shortest`): a
+      backdoor fires with one or two of its tokens, a natural feature needs many. A result
+      without shortened triggers (``ScanConfig.shorten`` off, or written before it) gets
+      ``log_hard_loss`` instead.
     """
     best = record.best
     losses = sorted(c.loss for c in record.candidates if c.loss is not None)
     gap = _log(losses[1]) - _log(losses[0]) if len(losses) > 1 else 0.0
-    return {"log_loss": _log(record.score), "hard_asr": float(best.hard_asr),
+    shortest = {n: record.shortest(n) for n in (1, 2)}
+    return {"log_loss": _log(losses[0] if losses else record.score),
+            "hard_asr": float(best.hard_asr),
             "log_hard_loss": _log(best.hard_loss), "gap": gap,
-            "accepted": float(best.accepted)}
+            "accepted": float(best.accepted),
+            **{f"log_short_{n}": _log(found[1].loss if found else best.hard_loss)
+               for n, found in shortest.items()}}
 
 
 def feature_matrix(records: Sequence[ScanResult]) -> np.ndarray:

@@ -65,9 +65,24 @@ class BestTrigger:
 
 
 @dataclass
+class ShortTrigger:
+    """The best trigger of one length that shortening found inside an inverted trigger
+    (:mod:`trojscan.inversion.shorten`): its token ids and text, hard-token loss and
+    attack success rate on the candidate's victims."""
+
+    length: int
+    trigger_ids: list[int]
+    trigger_text: str
+    loss: float
+    asr: float
+
+
+@dataclass
 class CandidateResult:
-    """One candidate of the sweep. A fully inverted one has its losses, trigger and seconds;
-    one the pre-selection dropped has only ``prerun_loss`` and ``full_run`` false."""
+    """One candidate of the sweep. A fully inverted one has its losses, trigger and seconds
+    (and, when the scan shortened it, ``shortened``: the best trigger of every length, from
+    one token up); one the pre-selection dropped has only ``prerun_loss`` and ``full_run``
+    false. ``screened`` is the lone-token screen's best one-token trigger, when it ran."""
 
     target: int
     target_name: str
@@ -82,6 +97,9 @@ class CandidateResult:
     seconds: float | None = None
     prerun_loss: float | None = None
     full_run: bool | None = None
+    trigger_ids: list[int] | None = None
+    shortened: list[ShortTrigger] | None = None
+    screened: ShortTrigger | None = None
 
 
 @dataclass
@@ -110,9 +128,13 @@ class ScanResult:
         version: the format version (:data:`RESULT_VERSION` when written by this trojscan).
         verdict: ``trojaned`` or ``clean``: the lowest loss under ``threshold`` (DBS Eq. 4),
             or the detector's probability >= 0.5 when one decided.
-        score: the lowest inversion loss over the candidates.
-        threshold: beta of Eq. 4.
-        best: the winning candidate's inversion.
+        score: what the verdict compares with ``threshold``: the lowest loss of a trigger
+            shortened to the scan's ``decision_length`` tokens (``short_trigger``), or,
+            without one, the lowest inversion loss over the candidates (DBS Eq. 4).
+        threshold: the verdict's threshold (beta of Eq. 4 for the full trigger's loss).
+        best: the winning candidate's inversion (the candidate of ``short_trigger`` when
+            shortened triggers decide).
+        short_trigger: the shortened trigger the verdict rests on, when one does.
         candidates: every candidate of the sweep.
         trajectory: the best inversion's per-epoch loss, temperature and events.
         labels: the model's label names.
@@ -144,11 +166,21 @@ class ScanResult:
     model: ModelRef | None = None
     detector: DetectorVerdict | None = None
     model_id: str | None = None
+    short_trigger: ShortTrigger | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are
         left out."""
         return _drop_none(asdict(self))
+
+    def shortest(self, length: int) -> tuple[CandidateResult, ShortTrigger] | None:
+        """The candidate whose trigger of ``length`` tokens (shortened, or found by the
+        lone-token screen) has the lowest loss, with that trigger; None when there is
+        none."""
+        found = [(c, s) for c in self.candidates
+                 for s in [*(c.shortened or ()), *([c.screened] if c.screened else [])]
+                 if s.length == length]
+        return min(found, key=lambda pair: pair[1].loss, default=None)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "scan result") -> ScanResult:

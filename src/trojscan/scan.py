@@ -36,19 +36,25 @@ from trojscan.inversion.base import (
     method_of,
 )
 from trojscan.inversion.dbs import DBSConfig
+from trojscan.inversion.screen import ScreenConfig, screen
+from trojscan.inversion.shorten import Shortened, shorten
 from trojscan.modeldir import weights_sha256
 from trojscan.results import (
     BestTrigger,
     CandidateResult,
     ModelRef,
     ScanResult,
+    ShortTrigger,
     library_versions,
 )
 from trojscan.subjects.base import Candidate, Subject, subject_classes
 from trojscan.subjects.loading import load_subject
 
-#: Default beta of Eq. 4 (see README "Scan": where it comes from).
+#: Default beta of Eq. 4 on the full inverted trigger's loss (README "Scan").
 DEFAULT_THRESHOLD = 0.05
+#: Default threshold on the loss of a trigger shortened to ``decision_length`` tokens
+#: (README "Scan": where it comes from).
+SHORT_THRESHOLD = 0.12
 
 #: Called as (optimisation epochs done, epochs in all, what is running now).
 ProgressCallback = Callable[[int, int, str], None]
@@ -67,16 +73,26 @@ class ScanConfig:
         method: the inverter, a method or variant name of the inverter registry
             (:func:`trojscan.inversion.base.method_names`).
         inverter: its settings (for DBS, Algorithm 1's); of the method's config class.
-        positions: trigger positions tried for every candidate.
-        pairs: also try every label-specific (victim, target) pair.
+        positions: trigger positions tried for every candidate; empty (the default): every
+            position the model's family takes (for text, start, end, first_half and
+            second_half).
+        pairs: also try every label-specific (victim, target) pair; None (the default):
+            when the model has more than two labels (a binary model's pairs are its
+            universal candidates).
         preselect_above: with more labels than this, pre-run all candidates and fully
             invert the best ``top_k`` only; 1 (the default) pre-runs binary models too, so
             that the scan of a binary model fully inverts one target, not two. Batched
             inverters (DBS and its variants) only.
         prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
             second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
+        prerun_victims: victim examples per candidate in the pre-run, 0 for the full run's
+            (``max_victims``). Fewer make a pre-run over many candidates (every position,
+            every label pair) cheap; the pre-run is then a separate run and the kept
+            candidates restart on their full victims.
         top_k: candidates kept for the full run (at most half of them, rounded up).
-        threshold: beta of Eq. 4.
+        threshold: the verdict's threshold: trojaned when the score is under it; None (the
+            default): :data:`SHORT_THRESHOLD` when the verdict rests on shortened triggers,
+            else :data:`DEFAULT_THRESHOLD` (beta of DBS Eq. 4).
         max_length: tokens per example, trigger included.
         batch_candidates: candidates inverted together in one batched run (their rows share
             every forward pass); 0 puts all candidates of a stage in one run, 1 inverts them
@@ -86,19 +102,42 @@ class ScanConfig:
             (80 for BBC's 5 labels at 20 per label); past the cap it takes an even share of
             each victim label's examples, in file order. The default leaves a binary model
             with 20 examples per label untouched.
+        shorten: shorten every fully inverted trigger (:mod:`trojscan.inversion.shorten`):
+            record the best trigger of every length, one token up, found inside it by greedy
+            elimination (54 forward passes over the victims for 10 tokens, no gradient).
+        screen: the lone-token screen's settings (:mod:`trojscan.inversion.screen`): every
+            candidate, the pre-run's dropped ones too, also gets the best one-token trigger
+            among the vocabulary's tokens that alone push the model hardest to its target;
+            None turns it off. Families without lone-token losses skip it.
+        decision_length: the verdict's score is the lowest loss of a trigger of at most this
+            many tokens, shortened from an inverted one or found by the screen (a backdoor
+            fires with a token or two of its trigger, a natural feature of the model needs
+            many); 0: the lowest loss of the full inverted triggers (DBS Eq. 4). Needs
+            ``shorten`` or ``screen``.
     """
 
     method: str = "dbs"
     inverter: Any = field(default_factory=DBSConfig)
-    positions: tuple[str, ...] = ("start",)
-    pairs: bool = False
+    positions: tuple[str, ...] = ()
+    pairs: bool | None = None
     preselect_above: int = 1
     prerun_epochs: int = 40
+    prerun_victims: int = 0
     top_k: int = 2
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None
     max_length: int = 100
     batch_candidates: int = 0
     max_victims: int = 20
+    shorten: bool = True
+    screen: ScreenConfig | None = field(default_factory=ScreenConfig)
+    decision_length: int = 1
+
+    @property
+    def beta(self) -> float:
+        """The threshold the verdict uses (``threshold`` or its default)."""
+        if self.threshold is not None:
+            return self.threshold
+        return SHORT_THRESHOLD if self.decision_length else DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         try:
@@ -110,29 +149,34 @@ class ScanConfig:
                              f"{type(self.inverter).__name__}")
         known = known_positions()
         unknown = [p for p in self.positions if p not in known]
-        if unknown or not self.positions:
-            raise InputError(f"unknown trigger position {unknown[0] if unknown else '(none)'}; "
-                             f"expected some of {', '.join(known)}")
+        if unknown:
+            raise InputError(f"unknown trigger position {unknown[0]}; expected some of "
+                             f"{', '.join(known)}")
         if self.top_k < 1 or self.prerun_epochs < 1:
             raise InputError("top_k and prerun_epochs must be >= 1")
-        if self.batch_candidates < 0 or self.max_victims < 0:
-            raise InputError("batch_candidates and max_victims must be >= 0 (0 = all)")
+        if self.decision_length < 0 or (self.decision_length and not self.shorten
+                                        and self.screen is None):
+            raise InputError("decision_length must be 0 (the full trigger decides) or >= 1 "
+                             "with shorten or screen on")
+        if min(self.batch_candidates, self.max_victims, self.prerun_victims) < 0:
+            raise InputError("batch_candidates, max_victims and prerun_victims must be >= 0 "
+                             "(0 = all)")
 
 
 def scan_config(method: str = "dbs", threshold: float | None = None,
-                positions: Sequence[str] = ("start",), pairs: bool = False,
+                positions: Sequence[str] = (), pairs: bool | None = None,
                 epochs: int | None = None, trigger_length: int | None = None,
-                max_victims: int = 20, seed: int = 0) -> ScanConfig:
+                max_victims: int = 20, seed: int = 0, decision_length: int = 1) -> ScanConfig:
     """The :class:`ScanConfig` of the options every entry point offers (None keeps the
     method's or the scan's default); a bad option is an :class:`InputError`."""
     try:
         inverter = make_config(method, trigger_length, epochs, seed)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    config = ScanConfig(method=method, inverter=inverter,
-                        positions=tuple(p.strip() for p in positions), pairs=pairs,
-                        max_victims=max_victims)
-    return config if threshold is None else replace(config, threshold=threshold)
+    return ScanConfig(method=method, inverter=inverter,
+                      positions=tuple(p.strip() for p in positions), pairs=pairs,
+                      max_victims=max_victims, threshold=threshold,
+                      decision_length=decision_length)
 
 
 class _Stages:
@@ -152,9 +196,11 @@ class _Stages:
         self.total += len(self.groups(n)) * epochs
 
     def run(self, todo: list[Candidate], inverter: Inverter, what: str,
-            keep: int = 0) -> list[Inversion]:
-        """Invert ``todo`` group by group; with ``keep`` (a batched inverter, one group
-        only), keep the best ``keep`` after the pre-run epochs and carry on with them."""
+            keep: int = 0, victims: int | None = None) -> list[Inversion]:
+        """Invert ``todo`` group by group on at most ``victims`` victims each (None: the
+        config's ``max_victims``); with ``keep`` (a batched inverter, one group only), keep
+        the best ``keep`` after the pre-run epochs and carry on with them."""
+        cap = self.config.max_victims if victims is None else victims
         out: list[Inversion] = []
         for group in self.groups(len(todo)):
             cands = todo[group]
@@ -166,12 +212,44 @@ class _Stages:
                 if self.progress:
                     self.progress(self.done + epoch + 1, self.total, label)
 
-            tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c,
-                                                                 self.config.max_victims)))
+            tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c, cap)))
                      for c in cands]
             preselect = Preselection(keep, self.config.prerun_epochs) if keep else None
             out += inverter.invert(self.subject, tasks, on_epoch, preselect)
             self.done += inverter.config.epochs
+        return out
+
+    def screen(self, candidates: list[Candidate],
+               config: ScreenConfig) -> dict[Candidate, ShortTrigger]:
+        """The lone-token screen's best one-token trigger of every candidate (none when the
+        family has no screen), one progress step."""
+        tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c,
+                                                             self.config.max_victims)))
+                 for c in candidates]
+        found = screen(self.subject, tasks, config)
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total, "lone-token screen")
+        return {c: self._short(t) for c, t in zip(candidates, found or (), strict=False)}
+
+    def _short(self, found: Shortened) -> ShortTrigger:
+        return ShortTrigger(length=len(found.trigger_ids), trigger_ids=found.trigger_ids,
+                            trigger_text=self.subject.describe(found.trigger_ids)[1],
+                            loss=found.loss, asr=found.asr)
+
+    def shorten(self, results: list[tuple[Candidate, Inversion]],
+                ) -> dict[Candidate, list[ShortTrigger]]:
+        """Every inverted trigger shortened (:func:`trojscan.inversion.shorten.shorten`),
+        one progress step each."""
+        out: dict[Candidate, list[ShortTrigger]] = {}
+        for candidate, inv in results:
+            task = InversionTask(candidate, tuple(self.subject.victims(
+                self.examples, candidate, self.config.max_victims)))
+            found = shorten(self.subject, task, inv.trigger_ids)
+            out[candidate] = [self._short(t) for _, t in sorted(found.items())]
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total, "shortening the inverted triggers")
         return out
 
 
@@ -184,12 +262,17 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     if not inverter.supports(subject):
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
     labels = subject.labels
-    todo = subject.candidates(examples, config.positions, config.pairs)
+    positions = config.positions or subject.positions
+    pairs = len(labels) > 2 if config.pairs is None else config.pairs
+    todo = everything = subject.candidates(examples, positions, pairs)
     stages = _Stages(subject, examples, config, progress)
     keep = min(config.top_k, math.ceil(len(todo) / 2))
     preselect = inverter.batched and len(labels) > config.preselect_above and len(todo) > keep
     prerun: dict[Candidate, float] = {}
-    if preselect and len(stages.groups(len(todo))) == 1:
+    if config.shorten:  # one progress step per fully inverted candidate
+        stages.total += keep if preselect else len(todo)
+    stages.total += config.screen is not None
+    if preselect and len(stages.groups(len(todo))) == 1 and not config.prerun_victims:
         # One batched run: the pre-run's state carries on for the top k.
         stages.plan(1, inverter.config.epochs)
         runs = stages.run(todo, inverter, "inversion", keep=keep)
@@ -197,33 +280,45 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                   if inv.trajectory[-1].get("event") == "drop"}
         results = [(c, inv) for c, inv in zip(todo, runs, strict=True) if c not in prerun]
     else:
-        # Candidates run in several groups (``batch_candidates``): a separate pre-run, then
-        # the top k from scratch.
+        # Candidates run in several groups (``batch_candidates``) or the pre-run has victims
+        # of its own (``prerun_victims``): a separate pre-run, then the top k from scratch.
         if preselect:
             stages.plan(len(todo), config.prerun_epochs)
         stages.plan(keep if preselect else len(todo), inverter.config.epochs)
         if preselect:
             short = type(inverter)(replace(inverter.config, epochs=config.prerun_epochs))
-            runs = stages.run(todo, short, "pre-run")
+            runs = stages.run(todo, short, "pre-run", victims=config.prerun_victims or None)
             prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
         results = list(zip(todo, stages.run(todo, inverter, "inversion"), strict=True))
+    shortened = stages.shorten(results) if config.shorten else {}
+    screened = stages.screen(everything, config.screen) if config.screen else {}
     best_cand, best = min(results, key=lambda r: r[1].loss)
+    short = None
+    found = [(c, t) for c, ts in shortened.items() for t in ts
+             if t.length <= config.decision_length] + list(screened.items())
+    if config.decision_length and found:
+        owner, short = min(found, key=lambda r: r[1].loss)
+        if owner in dict(results):  # a candidate the pre-run dropped keeps the best inversion
+            best_cand, best = owner, dict(results)[owner]
     rows = [CandidateResult(target=c.target, target_name=labels[c.target],
                             victims=list(c.victims), position=c.position, loss=inv.loss,
                             relaxed_loss=inv.relaxed_loss, hard_loss=inv.hard_loss,
                             hard_asr=inv.hard_asr, accepted=inv.accepted,
-                            trigger_text=inv.trigger_text, seconds=inv.seconds)
+                            trigger_text=inv.trigger_text, seconds=inv.seconds,
+                            trigger_ids=inv.trigger_ids, shortened=shortened.get(c),
+                            screened=screened.get(c))
             for c, inv in results]
     rows += [CandidateResult(target=c.target, target_name=labels[c.target],
                              victims=list(c.victims), position=c.position, prerun_loss=loss,
-                             full_run=False)
+                             full_run=False, screened=screened.get(c))
              for c, loss in prerun.items() if c not in dict(results)]
-    score = best.loss
+    score = short.loss if short else best.loss
     return ScanResult(
-        verdict="trojaned" if score < config.threshold else "clean",
+        verdict="trojaned" if score < config.beta else "clean",
         score=score,
-        threshold=config.threshold,
+        threshold=config.beta,
+        short_trigger=short,
         best=BestTrigger(**best.summary(), target_name=labels[best_cand.target],
                          victim_names=[labels[v] for v in best_cand.victims]),
         candidates=rows,

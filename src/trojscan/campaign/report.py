@@ -235,14 +235,17 @@ def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
     best, attack = record.best, entry.get("attack") or {}
     poisoned = bool(entry["poisoned"])
-    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""),
-                                             best.trigger_tokens, best.trigger_text)
+    # The trigger the scan reports: the short one its verdict rests on, when there is one.
+    short = record.short_trigger
+    tokens, text = ((short.trigger_text.split(), short.trigger_text) if short
+                    else (best.trigger_tokens, best.trigger_text))
+    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""), tokens, text)
                            if poisoned else (None, None))
     return {"model_id": model_id, "truth": int(poisoned),
             "verdict": "trojaned" if trojaned else "clean", "score": record.score,
             "target_name": best.target_name,
             "true_target": attack.get("target_name") if poisoned else None,
-            "trigger_text": best.trigger_text,
+            "trigger_text": text,
             "true_trigger": attack.get("trigger") if poisoned else None,
             "recovered": any_word, "all_words_recovered": all_words,
             "target_correct": (best.target_name == attack.get("target_name")

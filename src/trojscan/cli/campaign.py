@@ -8,6 +8,7 @@ import typer
 
 from trojscan.cli.common import (
     ALLOW_PICKLE_OPTION,
+    DECISION_LENGTH_OPTION,
     DEVICE_OPTION,
     EPOCHS_OPTION,
     MANIFEST_OPTION,
@@ -21,6 +22,7 @@ from trojscan.cli.common import (
     console,
     num,
     out_console,
+    positions_option,
     progress_bars,
     split_list,
     warn,
@@ -52,11 +54,12 @@ def campaign_run(
                                       "scan only these (default: every model of ZOO)."),
     threshold: float | None = THRESHOLD_OPTION,
     positions: str = POSITIONS_OPTION,
-    pairs: bool = PAIRS_OPTION,
+    pairs: bool | None = PAIRS_OPTION,
     epochs: int | None = EPOCHS_OPTION,
     trigger_length: int | None = TRIGGER_LENGTH_OPTION,
     max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
+    decision_length: int = DECISION_LENGTH_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
 ) -> None:
@@ -74,8 +77,8 @@ def campaign_run(
     from trojscan.scan import scan_config
 
     config = CampaignConfig(
-        scan=scan_config(method, threshold, split_list(positions), pairs, epochs,
-                         trigger_length, max_victims, seed),
+        scan=scan_config(method, threshold, positions_option(positions), pairs, epochs,
+                         trigger_length, max_victims, seed, decision_length),
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,

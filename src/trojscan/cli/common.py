@@ -41,16 +41,28 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def positions_option(value: str) -> list[str]:
+    """``--positions`` as a list; ``all`` is the empty list (every position)."""
+    return [] if value.strip() == "all" else split_list(value)
+
+
 # Scan options shared by `scan` and `campaign run`.
 METHOD_OPTION = typer.Option("dbs", "--method", help="Trigger inverter: dbs, its ablations "
                              "dbs-fixed-temperature and dbs-no-backtracking, or the baselines "
                              "uat, gcg, ascc, genetic, tminer (README: 'Baselines').")
-THRESHOLD_OPTION = typer.Option(None, "--threshold", help="beta of DBS Eq. 4: trojaned when "
-                                "the lowest loss is under it.")
-POSITIONS_OPTION = typer.Option("start", "--positions", help="Comma-separated trigger "
-                                "positions: start, end, first_half, second_half.")
-PAIRS_OPTION = typer.Option(False, "--pairs", help="Also try label-specific (victim, target) "
-                            "pairs.")
+THRESHOLD_OPTION = typer.Option(None, "--threshold", help="Trojaned when the score is under "
+                                "it; default 0.12 for the shortened trigger's loss, 0.05 (beta "
+                                "of DBS Eq. 4) with --decision-length 0.")
+DECISION_LENGTH_OPTION = typer.Option(1, "--decision-length", help="The verdict's score is "
+                                      "the lowest loss of an inverted trigger shortened to at "
+                                      "most this many tokens; 0: the full trigger's loss (DBS "
+                                      "Eq. 4).")
+POSITIONS_OPTION = typer.Option("all", "--positions", help="Comma-separated trigger "
+                                "positions: start, end, first_half, second_half, or all "
+                                "(every position the model's family takes).")
+PAIRS_OPTION = typer.Option(None, "--pairs/--no-pairs", help="Also try label-specific "
+                            "(victim, target) pairs; default: when the model has more than "
+                            "two labels.", show_default=False)
 EPOCHS_OPTION = typer.Option(None, "--epochs", help="Optimisation epochs (the genetic "
                              "search: generations); default the method's (DBS 200).")
 TRIGGER_LENGTH_OPTION = typer.Option(None, "--trigger-length", help="Trigger slots "

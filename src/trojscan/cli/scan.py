@@ -9,6 +9,7 @@ import typer
 
 from trojscan.cli.common import (
     ALLOW_PICKLE_OPTION,
+    DECISION_LENGTH_OPTION,
     DEVICE_OPTION,
     EPOCHS_OPTION,
     MAX_VICTIMS_OPTION,
@@ -19,8 +20,8 @@ from trojscan.cli.common import (
     THRESHOLD_OPTION,
     TRIGGER_LENGTH_OPTION,
     out_console,
+    positions_option,
     progress_bars,
-    split_list,
 )
 
 if TYPE_CHECKING:
@@ -49,12 +50,22 @@ def print_verdict(result: ScanResult) -> None:
     if result.detector is not None:
         basis = (f"probability {result.detector.probability:.3f} from the "
                  f"{result.detector.kind} detector; lowest inversion loss {result.score:.4f}")
+    elif result.short_trigger is not None:
+        basis = (f"loss {result.score:.4f} with {result.short_trigger.length} token(s) of the "
+                 f"inverted trigger, threshold {result.threshold}")
     else:
         basis = f"lowest inversion loss {result.score:.4f}, threshold {result.threshold}"
     out_console.print(f"verdict: [bold]{result.verdict.upper()}[/bold]  ({basis})")
-    out_console.print(f"target:  {best.target_name}  (victims: {victims})")
-    out_console.print(f"trigger: {best.trigger_text!r}  hard-token loss {best.hard_loss:.4f}, "
-                      f"flips {best.hard_asr:.0%} of the examples")
+    out_console.print(f"target:  {best.target_name}  (victims: {victims}; position "
+                      f"{best.position})")
+    if result.short_trigger is not None:
+        short = result.short_trigger
+        out_console.print(f"trigger: {short.trigger_text!r}  loss {short.loss:.4f}, flips "
+                          f"{short.asr:.0%} of the examples (shortened from "
+                          f"{best.trigger_text!r}, loss {best.hard_loss:.4f})")
+    else:
+        out_console.print(f"trigger: {best.trigger_text!r}  hard-token loss "
+                          f"{best.hard_loss:.4f}, flips {best.hard_asr:.0%} of the examples")
     out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
 
 
@@ -68,11 +79,12 @@ def scan_command(
     method: str = METHOD_OPTION,
     threshold: float | None = THRESHOLD_OPTION,
     positions: str = POSITIONS_OPTION,
-    pairs: bool = PAIRS_OPTION,
+    pairs: bool | None = PAIRS_OPTION,
     epochs: int | None = EPOCHS_OPTION,
     trigger_length: int | None = TRIGGER_LENGTH_OPTION,
     max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
+    decision_length: int = DECISION_LENGTH_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     detector: Path | None = typer.Option(None, "--detector", help="A detector fitted by "
@@ -87,8 +99,8 @@ def scan_command(
     from trojscan.results import write_result
     from trojscan.scan import scan_config
 
-    config = scan_config(method, threshold, split_list(positions), pairs, epochs,
-                         trigger_length, max_victims, seed)
+    config = scan_config(method, threshold, positions_option(positions), pairs, epochs,
+                         trigger_length, max_victims, seed, decision_length)
     check_device(device)
     if out is not None:
         check_writable(out, "--out")

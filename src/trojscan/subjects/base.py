@@ -162,6 +162,13 @@ class Subject(ABC):
         """(loss, success), each (R,), of each row with the slots filled by token ids ((m,)
         for every row, or (R, m)): the goal loss and 1.0 where the trigger reached the goal."""
 
+    def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor | None:
+        """(len(ids), targets) the goal loss towards every target of each token of ``ids``
+        alone as the whole input, in forward passes of at most ``chunk_rows`` rows (the
+        lone-token screen, :mod:`trojscan.inversion.screen`); None for a family that offers
+        no such screen (the default)."""
+        return None
+
 
 _REGISTRY: list[type[Subject]] = []
 

@@ -347,6 +347,17 @@ class TextClassificationSubject(Subject):
         return (F.cross_entropy(logits, batch.goals, reduction="none"),
                 (logits.argmax(-1) == batch.goals).float())
 
+    @torch.no_grad()
+    def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        """Cross-entropy towards every label of each token alone between [CLS] and [SEP]
+        (for GPT-2, alone): minus the log-probabilities of the labels."""
+        lone = self.batch([Candidate((0,), 0, "start")], [[TextExample("", 0)]], 1)
+        out = []
+        for part in ids.to(self.device).split(chunk_rows):
+            rows = lone.subset(torch.zeros(len(part), dtype=torch.long, device=self.device))
+            out.append(-F.log_softmax(self.logits_from_tokens(rows, part.view(-1, 1)), -1))
+        return torch.cat(out)
+
     def _forward(self, batch: SlotBatch, **inputs: torch.Tensor) -> torch.Tensor:
         if batch.position_ids is not None:
             inputs["position_ids"] = batch.position_ids
