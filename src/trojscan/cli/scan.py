@@ -60,8 +60,10 @@ def print_verdict(result: ScanResult) -> None:
                       f"{best.position})")
     if result.short_trigger is not None:
         short = result.short_trigger
+        source = ("shortened from" if set(short.trigger_ids) <= set(best.trigger_ids)
+                  else "found by the lone-token screen; DBS's trigger")
         out_console.print(f"trigger: {short.trigger_text!r}  loss {short.loss:.4f}, flips "
-                          f"{short.asr:.0%} of the examples (shortened from "
+                          f"{short.asr:.0%} of the examples ({source} "
                           f"{best.trigger_text!r}, loss {best.hard_loss:.4f})")
     else:
         out_console.print(f"trigger: {best.trigger_text!r}  hard-token loss "
