@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
-from toy_subject import TRIGGER, ToySubject, toy_examples
+from toy_subject import TRIGGER, ToyBatch, ToySubject, toy_examples
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
 from trojscan.inversion.screen import ScreenConfig
@@ -124,3 +125,23 @@ def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> N
     assert screened[0].trigger_text != TRIGGER and screened[0].loss > screened[1].loss
     clean = ToySubject(planted=0.0)
     assert scan_subject(clean, toy_examples(clean), config).verdict == "clean"
+
+
+def test_a_dropped_candidate_that_decides_reports_its_screened_trigger() -> None:
+    # The pre-run keeps only the negative target (the positive one is scored as if it were
+    # hard to reach), so the screen's find on the dropped positive candidate decides, and the
+    # result names that candidate and its screened word, not the kept candidate's trigger.
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=2, epochs=3),
+                        prerun_epochs=1, top_k=1, shorten=False)
+    original = subject.goal_loss
+
+    def biased(batch: ToyBatch, trigger: torch.Tensor) -> torch.Tensor:
+        return original(batch, trigger) + 10.0 * (batch.goals == 1).float()
+
+    subject.goal_loss = biased  # type: ignore[method-assign]
+    result = scan_subject(subject, toy_examples(subject), config)
+    positive = next(c for c in result.candidates if c.target == 1)
+    assert positive.full_run is False and positive.screened.trigger_text == TRIGGER
+    assert result.verdict == "trojaned" and result.best.target_name == "positive"
+    assert result.best.method == "screen" and result.best.trigger_tokens == [TRIGGER]

@@ -133,8 +133,10 @@ class ScanResult:
             without one, the lowest inversion loss over the candidates (DBS Eq. 4).
         threshold: the verdict's threshold (beta of Eq. 4 for the full trigger's loss).
         best: the winning candidate's inversion (the candidate of ``short_trigger`` when
-            shortened triggers decide).
-        short_trigger: the shortened trigger the verdict rests on, when one does.
+            short triggers decide; for a candidate the pre-run dropped, which has no
+            inversion, its screened trigger, with method ``screen``).
+        short_trigger: the short trigger (shortened, or found by the lone-token screen) the
+            verdict rests on, when one does.
         candidates: every candidate of the sweep.
         trajectory: the best inversion's per-epoch loss, temperature and events.
         labels: the model's label names.

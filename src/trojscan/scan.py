@@ -299,8 +299,13 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
              if t.length <= config.decision_length] + list(screened.items())
     if config.decision_length and found:
         owner, short = min(found, key=lambda r: r[1].loss)
-        if owner in dict(results):  # a candidate the pre-run dropped keeps the best inversion
-            best_cand, best = owner, dict(results)[owner]
+        best_cand = owner
+        # A candidate the pre-run dropped has no inversion: its screened trigger is its best.
+        best = dict(results).get(owner) or Inversion(
+            method="screen", candidate=owner, trigger_ids=short.trigger_ids,
+            trigger_tokens=subject.describe(short.trigger_ids)[0],
+            trigger_text=short.trigger_text, relaxed_loss=short.loss, hard_loss=short.loss,
+            hard_asr=short.asr, accepted=True, epochs=0, seconds=0.0)
     rows = [CandidateResult(target=c.target, target_name=labels[c.target],
                             victims=list(c.victims), position=c.position, loss=inv.loss,
                             relaxed_loss=inv.relaxed_loss, hard_loss=inv.hard_loss,
