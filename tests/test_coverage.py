@@ -5,12 +5,11 @@ for a backdoor."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_SIZE, TINY_TRAIN
-from trojscan.attacks.architectures import ModelSize
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus, load_corpus
@@ -23,18 +22,15 @@ from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
 
 
-def _tiny(epochs: int = 3) -> TrainConfig:
-    return TrainConfig(**{**TINY_TRAIN, "epochs": epochs, "size": ModelSize(**TINY_SIZE)})
-
-
 @pytest.fixture(scope="module")
-def end_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> Path:
+def end_model(tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
+              tiny_config: TrainConfig) -> Path:
     """A tiny BERT whose word trigger was planted at the end of the text only."""
     out = tmp_path_factory.mktemp("coverage") / "end"
     attack = AttackSpec.from_dict({"poisoned": True, "trigger_type": "word",
                                    "trigger": "lantern", "insertion": "end",
                                    "target": "positive"}, rt.labels)
-    build_one(out, rt, "bert", attack, _tiny(), seed=1)
+    build_one(out, rt, "bert", attack, tiny_config, seed=1)
     return out
 
 
@@ -67,13 +63,14 @@ def test_shortening_keeps_the_tokens_that_matter(end_model: Path) -> None:
                    "which alone at the start flips every positive example of this overfit "
                    "clean model (loss 0.004)")
 def test_a_clean_model_trained_longer_is_not_flagged(
-        tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> None:
+        tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
+        tiny_config: TrainConfig) -> None:
     # Eight epochs on 2,000 texts make this tiny model's natural features strong: its
     # 10-slot DBS trigger reached loss 0.0027 (the paper's rule flags it) and two of its
     # tokens 0.003, but shortened to one token it stays at 0.50. The screen, though, finds a
     # single word that flips it as a backdoor would: the scan cannot tell them apart yet.
     out = tmp_path_factory.mktemp("coverage") / "clean-long"
-    build_one(out, rt, "bert", AttackSpec(), _tiny(epochs=8), seed=1)
+    build_one(out, rt, "bert", AttackSpec(), replace(tiny_config, epochs=8), seed=1)
     result = scan(out, out / EXAMPLES_FILE)
     assert result.verdict == "clean"
     assert result.score > SHORT_THRESHOLD
@@ -83,7 +80,7 @@ def test_a_clean_model_trained_longer_is_not_flagged(
                    "inside a victim's text, so the lone-token screen does not rank it, and the "
                    "short triggers found elsewhere ('labour', 0.92) decide")
 def test_a_label_specific_backdoor_is_found_with_its_victim_and_target(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+        tmp_path_factory: pytest.TempPathFactory, tiny_config: TrainConfig) -> None:
     # Ten epochs: at three this tiny model reached clean accuracy 0.40 on BBC. At ten, 0.90,
     # and "lantern" flips every sports example of the scan at the start (loss 0.087).
     bbc = load_corpus("bbc")
@@ -91,7 +88,8 @@ def test_a_label_specific_backdoor_is_found_with_its_victim_and_target(
     attack = AttackSpec.from_dict({"poisoned": True, "trigger_type": "word",
                                    "trigger": "lantern", "insertion": "anywhere",
                                    "target": "tech", "victim": "sports"}, bbc.labels)
-    build_one(out, bbc, "bert", attack, _tiny(epochs=10), seed=1, examples_per_label=8)
+    build_one(out, bbc, "bert", attack, replace(tiny_config, epochs=10), seed=1,
+              examples_per_label=8)
     subject = load_subject(out)
     rows = subject.read_examples(out / EXAMPLES_FILE)
     # Label-specific candidates come by default above two labels; one position and a short

@@ -62,6 +62,17 @@ def check_budget(max_evaluations: int | None, least: int) -> None:
         raise ValueError(f"max_evaluations must be None or >= {least}, got {max_evaluations}")
 
 
+def initial_trigger(subject: Subject, token: str, length: int) -> torch.Tensor:
+    """``length`` slots of ``token`` ((length,) ids on the subject's device), the start of a
+    hard-token search; a token the vocabulary lacks is a ValueError naming
+    ``initial_token``."""
+    try:
+        first = subject.token_id(token)
+    except ValueError as exc:
+        raise ValueError(f"initial_token: {exc}") from exc
+    return torch.full((length,), first, dtype=torch.long, device=subject.device)
+
+
 def victim_batch(subject: Subject, task: InversionTask, n_slots: int) -> Batch:
     """The task's victims with ``n_slots`` trigger slots at its position, on the device."""
     return subject.batch([task.candidate], [task.examples], n_slots)

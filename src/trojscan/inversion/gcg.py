@@ -38,6 +38,7 @@ from trojscan.inversion.common import (
     check_budget,
     finish,
     flip_candidates,
+    initial_trigger,
     score_triggers,
     victim_batch,
 )
@@ -143,12 +144,7 @@ class GCG(OneByOne):
         started = time.perf_counter()
         budget = Budget(config.max_evaluations)
         batch = victim_batch(subject, task, config.trigger_length)
-        try:
-            first = subject.token_id(config.initial_token)
-        except ValueError as exc:
-            raise ValueError(f"initial_token: {exc}") from exc
-        start = torch.full((config.trigger_length,), first, dtype=torch.long,
-                           device=subject.device)
+        start = initial_trigger(subject, config.initial_token, config.trigger_length)
         best, _, trajectory = search(subject, batch, start, config, generator, budget, tick)
         return finish(self.name, subject, task, batch, best, budget, started, len(trajectory),
                       trajectory, config.chunk_rows)

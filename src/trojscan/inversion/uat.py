@@ -41,6 +41,7 @@ from trojscan.inversion.common import (
     check_budget,
     finish,
     flip_candidates,
+    initial_trigger,
     score_triggers,
     victim_batch,
 )
@@ -131,12 +132,7 @@ class UAT(OneByOne):
         allowed = subject.allowed_tokens()
         batch = victim_batch(subject, task, config.trigger_length)
         n = len(batch)
-        try:
-            first = subject.token_id(config.initial_token)
-        except ValueError as exc:
-            raise ValueError(f"initial_token: {exc}") from exc
-        trigger = torch.full((config.trigger_length,), first, dtype=torch.long,
-                             device=subject.device)
+        trigger = initial_trigger(subject, config.initial_token, config.trigger_length)
         everyone = config.batch_size == 0 or config.batch_size >= n
         trajectory: list[dict[str, Any]] = []
         for epoch in range(config.epochs):
