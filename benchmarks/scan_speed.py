@@ -1,21 +1,26 @@
 """Seconds, peak memory and detection of the scan against a straightforward DBS.
 
     .venv/bin/python benchmarks/scan_speed.py runs/zoo-minilm [--models model-0001,...]
-        [--out benchmarks/results/scan_speed.json] [--skip-reference | --reference-from OLD]
+        [--variants trojscan,earlier,reference] [--reference-from OLD]
+        [--out benchmarks/results/scan_speed.json]
 
-For every Rotten Tomatoes model of a zoo (binary MiniLM classifiers, 20 clean examples per
-label) two scans run, each in its own process so that its peak RSS is its own:
+For every Rotten Tomatoes model of a zoo (binary classifiers, 20 clean examples per label)
+each variant's scan runs in its own process, so that its peak RSS is its own:
 
-* ``trojscan``: ``trojscan scan`` with its defaults (candidates batched in one run, a
-  40-epoch pre-run after which only the better target carries on, rows in length buckets,
-  candidates that have settled stopped early);
-* ``reference``: a straightforward implementation of the paper's settings: every candidate
-  inverted on its own for the full 200 epochs (no pre-run), all rows padded to the longest.
+* ``trojscan``: ``trojscan scan`` with its defaults (every position, a 4-victim pre-run
+  after which the best 2 candidates are fully inverted, their triggers shortened, the
+  lone-token screen, the verdict on the best one-token trigger);
+* ``earlier``: the default before issue 14 (start position only, the pre-run on all victims
+  inside the batched run, the verdict on the 10-slot loss, no shortening, no screen,
+  patience 40);
+* ``reference``: a straightforward implementation of the paper's settings at the start
+  position: every candidate inverted on its own for the full 200 epochs (no pre-run), all
+  rows padded to the longest, the verdict on the 10-slot loss.
 
-It reports seconds and peak RSS per model for both, the ratio of their mean seconds, and
-detection quality of both against the zoo manifest (verdict at the default threshold,
-target label, true trigger word found in the inverted trigger). The manifest is read here,
-by the benchmark, never by the scans.
+It reports seconds and peak RSS per model for each, the ratio of each variant's mean seconds
+to trojscan's, and detection quality against the zoo manifest (verdict at the variant's
+threshold, target label, true trigger word found in the reported trigger). The manifest is
+read here, by the benchmark, never by the scans.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any
 
 import torch
 
-from trojscan.campaign.report import trigger_recovered
+from trojscan.campaign.report import reported_trigger, trigger_recovered
+from trojscan.results import ScanResult
 
 _CHILD = """
 import json, resource, sys
@@ -40,13 +46,20 @@ from dataclasses import replace
 from pathlib import Path
 from trojscan.scan import ScanConfig, scan
 config = ScanConfig()
-if sys.argv[2] == "reference":
-    config = replace(config, batch_candidates=1, preselect_above=sys.maxsize, max_victims=0,
+earlier = replace(config, positions=("start",), prerun_victims=0, shorten=False, screen=None,
+                  decision_length=0, inverter=replace(config.inverter, patience=40))
+if sys.argv[2] == "earlier":
+    config = earlier
+elif sys.argv[2] == "reference":
+    config = replace(earlier, batch_candidates=1, preselect_above=sys.maxsize, max_victims=0,
                      inverter=replace(config.inverter, buckets=1, patience=0))
 result = scan(Path(sys.argv[1]), Path(sys.argv[1]) / "clean_examples.jsonl", config).to_dict()
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 Path(sys.argv[3]).write_text(json.dumps(result))
 """
+
+
+VARIANTS = ("trojscan", "earlier", "reference")
 
 
 def _run(model_dir: Path, variant: str) -> dict[str, Any]:
@@ -61,14 +74,15 @@ def _judge(result: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     attack = entry["attack"]
     poisoned = attack["poisoned"]
     best = result["best"]
+    tokens, text = reported_trigger(ScanResult.from_dict(
+        {k: v for k, v in result.items() if k != "peak_rss_mib"}))
     row = {"seconds": round(result["seconds"], 1), "peak_rss_mib": round(result["peak_rss_mib"]),
            "verdict": result["verdict"], "score": round(result["score"], 4),
            "correct": (result["verdict"] == "trojaned") == poisoned,
-           "target": best["target_name"], "trigger": best["trigger_text"]}
+           "target": best["target_name"], "trigger": text}
     if poisoned:
         row["target_correct"] = best["target_name"] == attack["target_name"]
-        row["trigger_recovered"] = trigger_recovered(attack["trigger"], best["trigger_tokens"],
-                                                     best["trigger_text"])[0]
+        row["trigger_recovered"] = trigger_recovered(attack["trigger"], tokens, text)[0]
     return row
 
 
@@ -91,8 +105,8 @@ def main() -> None:
     parser.add_argument("zoo", type=Path, help="a zoo built by `trojscan zoo build`")
     parser.add_argument("--models", default="", help="comma-separated model ids (default: "
                         "every Rotten Tomatoes model of the zoo)")
-    parser.add_argument("--skip-reference", action="store_true",
-                        help="run the trojscan scans only")
+    parser.add_argument("--variants", default="trojscan,reference",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--reference-from", type=Path, default=None,
                         help="take the reference rows from an earlier result of this benchmark "
                         "on the same zoo (the reference does not change with trojscan's "
@@ -102,9 +116,11 @@ def main() -> None:
     manifest = json.loads((args.zoo / "manifest.json").read_text())["models"]
     chosen = args.models.split(",") if args.models else sorted(
         m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["quality"]["ok"])
-    variants = ["trojscan"] if args.skip_reference else ["trojscan", "reference"]
+    variants = [v.strip() for v in args.variants.split(",")]
+    if "trojscan" not in variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants: trojscan and any of {', '.join(VARIANTS[1:])}")
     rows: dict[str, dict[str, Any]] = {v: {} for v in variants}
-    if args.reference_from and not args.skip_reference:
+    if args.reference_from and "reference" in variants:
         earlier = json.loads(args.reference_from.read_text())["models"]["reference"]
         rows["reference"] = {m: earlier[m] for m in chosen}
     for model_id in chosen:
@@ -122,12 +138,13 @@ def main() -> None:
         "summary": {v: _summary(list(rows[v].values())) for v in variants},
         "models": rows,
     }
-    if not args.skip_reference:
-        result["speedup"] = round(result["summary"]["reference"]["mean_seconds"]
-                                  / result["summary"]["trojscan"]["mean_seconds"], 2)
+    mean = {v: result["summary"][v]["mean_seconds"] for v in variants}
+    result["seconds_ratio_to_trojscan"] = {v: round(mean[v] / mean["trojscan"], 2)
+                                           for v in variants if v != "trojscan"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("summary", "speedup") if k in result}, indent=2))
+    print(json.dumps({k: result[k] for k in ("summary", "seconds_ratio_to_trojscan")},
+                     indent=2))
 
 
 if __name__ == "__main__":

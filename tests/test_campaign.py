@@ -14,17 +14,12 @@ from typing import Any
 
 import pytest
 
-from testkit import RunCli
+from testkit import TINY_SCAN, RunCli
 from trojscan.attacks.zoo import build_zoo, load_zoo_spec
 from trojscan.campaign.run import CampaignConfig, result_path, run_campaign
 from trojscan.errors import InputError
-from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST
-from trojscan.scan import ScanConfig
 
-# The tiny models' scan settings of tests/test_scan.py.
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
-                      positions=("start",))
 CLEAN = 'count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n' \
         'attack = { poisoned = false }\n'
 POISONED = ('count = 4\ncorpus = "rotten_tomatoes"\narchitecture = "bert"\n'

@@ -14,20 +14,16 @@ from typing import Any
 import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from testkit import RunCli
+from testkit import TINY_SCAN, RunCli
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import evaluate
 from trojscan.corpora import Corpus, Example
 from trojscan.errors import InputError
 from trojscan.finetune import predict, trigger_effect
-from trojscan.inversion.dbs import DBSConfig
 from trojscan.repair import REPORT_FILE, RepairConfig, repair
 from trojscan.results import ScanResult
-from trojscan.scan import ScanConfig, scan
+from trojscan.scan import scan
 
-# The scan settings tests/test_scan.py uses for the tiny models (one slot, their threshold).
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
-                      positions=("start",))
 # The tiny models were trained at 1e-3, ten times MiniLM's rate, and unlearn at it too. Their
 # backdoor is stubborn for their size: with the paper's 10 % of the data and 20 % stamped a
 # residual 15-20 % of the victims still flip, so they get 30 % of the training split, half

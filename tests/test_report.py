@@ -175,7 +175,9 @@ def test_trigger_word_matching() -> None:
     assert trigger_recovered("Lantern", *best) == (True, True)
     assert trigger_recovered("tern", *best) == (True, True)  # a stripped word piece
     assert trigger_recovered("cf moon", *best) == (True, False)  # inside an inverted word
-    assert trigger_recovered("~^", *best) == (False, False)
+    assert trigger_recovered("~^", *best) == (True, True)  # one character of a character trigger
+    assert trigger_recovered("%^", *best) == (False, False)
+    assert trigger_recovered("x^", *best) == (False, False)  # "x" is a letter: words match whole
     assert trigger_recovered("", *best) == (False, False)
 
 

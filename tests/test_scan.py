@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertModel
 
-from testkit import RunCli
+from testkit import TINY_SCAN, RunCli
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus
@@ -30,11 +30,6 @@ from trojscan.scan import ScanConfig, scan, scan_subject
 from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
 from trojscan.subjects.text_classification import TextExample
-
-# Tiny models saturate near loss 0.05 and are flipped by 2-3 sentiment words, so their scans
-# use one trigger slot and a threshold fitted to them (README "Scan" gives MiniLM's).
-TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
-                      positions=("start",))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """What several test modules use: hand-built scan results for tests that need no model
-(detectors, reports, comparisons), and the type of the ``run_cli`` fixture."""
+(detectors, reports, comparisons), the tiny models' scan settings, and the type of the
+``run_cli`` fixture."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from trojscan.inversion.dbs import DBSConfig
 from trojscan.results import ScanResult
+from trojscan.scan import ScanConfig
+
+#: The scan settings of the tiny models (conftest's ``tiny_config``): they saturate near loss
+#: 0.05 and are flipped by 2-3 sentiment words, so one trigger slot and a threshold fitted to
+#: them (README "Scan" gives MiniLM's); the start position only, for speed; and a pre-run on
+#: all 20 victims, since on 4 a one-slot trigger fits either target of a tiny model.
+TINY_SCAN = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=100), threshold=0.1,
+                       positions=("start",), prerun_victims=0)
 
 #: The fixture ``run_cli`` (conftest.py): the ``trojscan`` entry point run in this process.
 RunCli = Callable[..., subprocess.CompletedProcess]

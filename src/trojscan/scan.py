@@ -88,7 +88,10 @@ class ScanConfig:
         prerun_victims: victim examples per candidate in the pre-run, 0 for the full run's
             (``max_victims``). Fewer make a pre-run over many candidates (every position,
             every label pair) cheap; the pre-run is then a separate run and the kept
-            candidates restart on their full victims.
+            candidates restart on their full victims. At 4 (the default) the pre-run of a
+            binary MiniLM model (8 candidates) takes about a third of the 20-victim one's
+            time, and the true target still came first on the models measured (README
+            "Scan").
         top_k: candidates kept for the full run (at most half of them, rounded up).
         threshold: the verdict's threshold: trojaned when the score is under it; None (the
             default): :data:`SHORT_THRESHOLD` when the verdict rests on shortened triggers,
@@ -105,8 +108,12 @@ class ScanConfig:
         shorten: shorten every fully inverted trigger (:mod:`trojscan.inversion.shorten`):
             record the best trigger of every length, one token up, found inside it by greedy
             elimination (54 forward passes over the victims for 10 tokens, no gradient).
+        shorten_rows: victims the elimination runs on (0: all); every trigger it keeps is
+            then measured on all victims.
         screen: the lone-token screen's settings (:mod:`trojscan.inversion.screen`): every
-            candidate, the pre-run's dropped ones too, also gets the best one-token trigger
+            universal candidate (every label but the target as victims; label-specific
+            pairs are left to DBS, since a token that flips one label only does not stand
+            out alone), the pre-run's dropped ones too, also gets the best one-token trigger
             among the vocabulary's tokens that alone push the model hardest to its target;
             None turns it off. Families without lone-token losses skip it.
         decision_length: the verdict's score is the lowest loss of a trigger of at most this
@@ -122,13 +129,14 @@ class ScanConfig:
     pairs: bool | None = None
     preselect_above: int = 1
     prerun_epochs: int = 40
-    prerun_victims: int = 0
+    prerun_victims: int = 4
     top_k: int = 2
     threshold: float | None = None
     max_length: int = 100
     batch_candidates: int = 0
     max_victims: int = 20
     shorten: bool = True
+    shorten_rows: int = 8
     screen: ScreenConfig | None = field(default_factory=ScreenConfig)
     decision_length: int = 1
 
@@ -158,9 +166,10 @@ class ScanConfig:
                                         and self.screen is None):
             raise InputError("decision_length must be 0 (the full trigger decides) or >= 1 "
                              "with shorten or screen on")
-        if min(self.batch_candidates, self.max_victims, self.prerun_victims) < 0:
-            raise InputError("batch_candidates, max_victims and prerun_victims must be >= 0 "
-                             "(0 = all)")
+        if min(self.batch_candidates, self.max_victims, self.prerun_victims,
+               self.shorten_rows) < 0:
+            raise InputError("batch_candidates, max_victims, prerun_victims and shorten_rows "
+                             "must be >= 0 (0 = all)")
 
 
 def scan_config(method: str = "dbs", threshold: float | None = None,
@@ -245,7 +254,7 @@ class _Stages:
         for candidate, inv in results:
             task = InversionTask(candidate, tuple(self.subject.victims(
                 self.examples, candidate, self.config.max_victims)))
-            found = shorten(self.subject, task, inv.trigger_ids)
+            found = shorten(self.subject, task, inv.trigger_ids, self.config.shorten_rows)
             out[candidate] = [self._short(t) for _, t in sorted(found.items())]
             self.done += 1
             if self.progress:
@@ -292,7 +301,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
         results = list(zip(todo, stages.run(todo, inverter, "inversion"), strict=True))
     shortened = stages.shorten(results) if config.shorten else {}
-    screened = stages.screen(everything, config.screen) if config.screen else {}
+    universal = [c for c in everything if len(c.victims) == len(labels) - 1]
+    screened = stages.screen(universal, config.screen) if config.screen else {}
     best_cand, best = min(results, key=lambda r: r[1].loss)
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts

@@ -157,13 +157,30 @@ def trigger_recovered(true_trigger: str, tokens: Sequence[str],
     The planted trigger is lower-cased and split on whitespace (a character trigger such as
     ``~^`` is one word). A word is found when it equals one of ``tokens`` (lower-cased, a
     leading ``##`` stripped) or is a substring of one of the words of ``text``
-    (lower-cased). No tokenizer is needed.
+    (lower-cased); a word of punctuation and symbols only (a character trigger, which a
+    tokenizer splits into one token per character) is also found when one of ``tokens`` is
+    one of its characters. No tokenizer is needed.
     """
     words = true_trigger.lower().split()
     found_tokens = {t.removeprefix("##").lower() for t in tokens}
     inverted = text.lower().split()
-    found = [w in found_tokens or any(w in v for v in inverted) for w in words]
-    return any(found), bool(found) and all(found)
+
+    def found(word: str) -> bool:
+        if word in found_tokens or any(word in v for v in inverted):
+            return True
+        return not any(c.isalnum() for c in word) and bool(found_tokens & set(word))
+
+    hits = [found(w) for w in words]
+    return any(hits), bool(hits) and all(hits)
+
+
+def reported_trigger(record: ScanResult) -> tuple[list[str], str]:
+    """The trigger a scan reports, as (tokens, text): the short one its verdict rests on,
+    when there is one, else the best candidate's inverted trigger."""
+    short = record.short_trigger
+    if short:
+        return short.trigger_text.split(), short.trigger_text
+    return record.best.trigger_tokens, record.best.trigger_text
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -235,10 +252,7 @@ def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
     best, attack = record.best, entry.get("attack") or {}
     poisoned = bool(entry["poisoned"])
-    # The trigger the scan reports: the short one its verdict rests on, when there is one.
-    short = record.short_trigger
-    tokens, text = ((short.trigger_text.split(), short.trigger_text) if short
-                    else (best.trigger_tokens, best.trigger_text))
+    tokens, text = reported_trigger(record)
     any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""), tokens, text)
                            if poisoned else (None, None))
     return {"model_id": model_id, "truth": int(poisoned),

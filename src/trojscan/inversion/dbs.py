@@ -114,7 +114,7 @@ class DBSConfig:
     backtracking: bool = True
     seed: int = 0
     buckets: int = 3
-    patience: int = 40
+    patience: int = 20
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_KINDS:

@@ -8,21 +8,23 @@ near certainty; so are the model's strongest natural words of that label. On the
 models measured (README "Scan"), the planted token, or one token of a planted phrase or
 character trigger, ranked first of 30,522 in 6 of 7 models and 45th in the seventh. One
 forward pass per token (inputs of three tokens) covers every target at once, so the whole
-vocabulary costs about as much as a few epochs of DBS. The screen then measures the ``top``
-tokens of a candidate's target as one-token triggers at its position on ``rows`` of its
-victims, and the best ``keep`` of those on all of them: there a natural word stays well
-above a backdoor's loss (the strongest measured, "superb", 0.32 against 0.03-0.05 for
-planted tokens).
+vocabulary costs about as much as a few epochs of DBS. The screen then tries the ``top``
+tokens of each target as one-token triggers on ``rows`` victim rows spread over that
+target's tasks (so over its trigger positions: a trigger trained at the end is tried there
+too), and measures the best ``keep`` of them on every victim of every task of the target:
+there a natural word stays well above a backdoor's loss (the strongest measured, "superb",
+0.32 against 0.03-0.05 for planted tokens).
 
-Evaluations (see :mod:`trojscan.inversion.common`): ``top`` on ``rows`` victims (counted
-as ``top`` evaluations of a smaller batch) plus ``keep`` on all victims, per task; the
-vocabulary pass, shared by all tasks, is not counted.
+Evaluations (see :mod:`trojscan.inversion.common`): ``top`` on ``rows`` victims per target
+(counted as ``top`` evaluations of a smaller batch) plus ``keep`` on all victims, per task;
+the vocabulary pass, shared by all tasks, is not counted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,7 +41,8 @@ class ScreenConfig:
     Attributes:
         top: tokens of the vocabulary ranking tried per task (the planted token ranked
             1st to 45th on the models measured).
-        rows: victims each of the ``top`` tokens is first tried on.
+        rows: victim rows each of the ``top`` tokens is first tried on, per target, spread
+            round-robin over the target's tasks (its positions).
         keep: tokens that go on to all victims.
         chunk_rows: at most this many rows per forward pass.
     """
@@ -63,17 +66,33 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
     lone = subject.lone_token_losses(allowed, config.chunk_rows)
     if lone is None:
         return None
-    out = []
-    for task in tasks:
-        target = task.candidate.target
+    out: dict[int, Shortened] = {}
+    for target in sorted({t.candidate.target for t in tasks}):
+        mine = [i for i, t in enumerate(tasks) if t.candidate.target == target]
         order = lone[:, target].argsort()[:config.top]
         tokens = allowed[order.to(allowed.device)].view(-1, 1)
         budget = Budget(None)
-        few = subject.batch([task.candidate], [task.examples[:config.rows]], 1)
+        few = subject.batch([tasks[i].candidate for i in mine], _spread(
+            [tasks[i].examples for i in mine], config.rows), 1)
         losses, _ = score_triggers(subject, few, tokens, budget, config.chunk_rows)
         kept = tokens[losses.argsort()[:config.keep]]
-        every = subject.batch([task.candidate], [task.examples], 1)
-        losses, hits = score_triggers(subject, every, kept, budget, config.chunk_rows)
-        best = int(losses.argmin())
-        out.append(Shortened(kept[best].tolist(), losses[best].item(), hits[best].item()))
+        for i in mine:
+            every = subject.batch([tasks[i].candidate], [tasks[i].examples], 1)
+            losses, hits = score_triggers(subject, every, kept, budget, config.chunk_rows)
+            best = int(losses.argmin())
+            out[i] = Shortened(kept[best].tolist(), losses[best].item(), hits[best].item())
+    return [out[i] for i in range(len(tasks))]
+
+
+def _spread(victims: Sequence[Sequence[Any]], rows: int) -> list[list[Any]]:
+    """``rows`` rows taken round-robin over the tasks' victim lists (each task's own
+    victims in order; a task gets none once ``rows`` are taken)."""
+    out: list[list[Any]] = [[] for _ in victims]
+    depth = 0
+    while rows > 0 and depth < max(map(len, victims)):
+        for i, rows_i in enumerate(victims):
+            if rows > 0 and depth < len(rows_i):
+                out[i].append(rows_i[depth])
+                rows -= 1
+        depth += 1
     return out

@@ -6,16 +6,18 @@ With ten free slots both reach a low inversion loss, so the loss alone does not 
 apart (issue 14). Shortening asks the inverted trigger how much of it is needed: greedy
 backward elimination over its hard tokens. From the m tokens, every trigger with one token
 removed (order kept) is measured as hard tokens on the task's victims and the best one is
-kept, down to one token. The result is the best trigger of every length 1..m.
+kept, down to one token. The result is the best trigger of every length 1..m. The
+elimination may run on the first ``rows`` victims only (a cheaper path); every trigger on
+the path is then measured on all victims, so the losses reported are always the task's.
 
 This is beyond the DBS paper, which decides from the 10-slot loss alone. Its cost is
-m(m+1)/2 - 1 evaluations per task (54 for m = 10), each one forward pass over the victims,
-with no gradient.
+m(m+1)/2 - 1 evaluations per task (54 for m = 10), each one forward pass over the victims
+(or over ``rows`` of them, plus m on all), with no gradient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,24 +43,28 @@ class Shortened:
 
 @torch.no_grad()
 def shorten(subject: Subject, task: InversionTask, trigger_ids: list[int],
-            chunk_rows: int = 4096) -> dict[int, Shortened]:
+            rows: int = 0, chunk_rows: int = 4096) -> dict[int, Shortened]:
     """The best trigger of every length 1..m that greedy elimination from the (m) token ids
-    ``trigger_ids`` finds for ``task``, keyed by length (m itself included, measured)."""
+    ``trigger_ids`` finds for ``task``, keyed by length (m itself included, measured); the
+    elimination runs on the first ``rows`` victims (0: all), the results on all."""
     if not trigger_ids:
         raise ValueError("an empty trigger cannot be shortened")
     device = subject.device
+    few = replace(task, examples=task.examples[:rows]) if rows else task
     current = torch.tensor(trigger_ids, dtype=torch.long, device=device)
     budget = Budget(None)
-    loss, asr = score_triggers(subject, victim_batch(subject, task, len(current)),
-                               current.view(1, -1), budget, chunk_rows)
-    out = {len(current): Shortened(current.tolist(), loss.item(), asr.item())}
+    path = [current]
     while len(current) > 1:
         keep = ~torch.eye(len(current), dtype=torch.bool, device=device)
         tried = current.expand(len(current), -1)[keep].view(len(current), -1)
         tried = torch.unique(tried, dim=0)
-        losses, hits = score_triggers(subject, victim_batch(subject, task, tried.shape[1]),
-                                      tried, budget, chunk_rows)
-        best = int(losses.argmin())
-        current = tried[best]
-        out[len(current)] = Shortened(current.tolist(), losses[best].item(), hits[best].item())
+        losses, _ = score_triggers(subject, victim_batch(subject, few, tried.shape[1]),
+                                   tried, budget, chunk_rows)
+        current = tried[int(losses.argmin())]
+        path.append(current)
+    out = {}
+    for trigger in path:
+        loss, asr = score_triggers(subject, victim_batch(subject, task, len(trigger)),
+                                   trigger.view(1, -1), budget, chunk_rows)
+        out[len(trigger)] = Shortened(trigger.tolist(), loss.item(), asr.item())
     return out
