@@ -69,6 +69,8 @@ def test_a_clean_model_trained_longer_is_not_flagged(
     # 10-slot DBS trigger reached loss 0.0027 (the paper's rule flags it) and two of its
     # tokens 0.003, but shortened to one token it stays at 0.50. The screen, though, finds a
     # single word that flips it as a backdoor would: the scan cannot tell them apart yet.
+    # A benign reference would not either: a second model trained the same way with seed 2
+    # is not flipped by "benign" (loss 1.12), so the word is this model's own shortcut.
     out = tmp_path_factory.mktemp("coverage") / "clean-long"
     build_one(out, rt, "bert", AttackSpec(), replace(tiny_config, epochs=8), seed=1)
     result = scan(out, out / EXAMPLES_FILE)
