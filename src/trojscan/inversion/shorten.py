@@ -50,21 +50,28 @@ def shorten(subject: Subject, task: InversionTask, trigger_ids: list[int],
     if not trigger_ids:
         raise ValueError("an empty trigger cannot be shortened")
     device = subject.device
-    few = replace(task, examples=task.examples[:rows]) if rows else task
+    every = not rows or rows >= len(task.examples)
+    few = task if every else replace(task, examples=task.examples[:rows])
     current = torch.tensor(trigger_ids, dtype=torch.long, device=device)
     budget = Budget(None)
     path = [current]
+    measured: dict[int, tuple[float, float]] = {}  # length -> (loss, asr) on all victims
     while len(current) > 1:
         keep = ~torch.eye(len(current), dtype=torch.bool, device=device)
         tried = current.expand(len(current), -1)[keep].view(len(current), -1)
         tried = torch.unique(tried, dim=0)
-        losses, _ = score_triggers(subject, victim_batch(subject, few, tried.shape[1]),
-                                   tried, budget, chunk_rows)
-        current = tried[int(losses.argmin())]
+        losses, hits = score_triggers(subject, victim_batch(subject, few, tried.shape[1]),
+                                      tried, budget, chunk_rows)
+        best = int(losses.argmin())
+        current = tried[best]
         path.append(current)
+        if every:  # measured on all victims already
+            measured[len(current)] = (losses[best].item(), hits[best].item())
     out = {}
     for trigger in path:
-        loss, asr = score_triggers(subject, victim_batch(subject, task, len(trigger)),
-                                   trigger.view(1, -1), budget, chunk_rows)
-        out[len(trigger)] = Shortened(trigger.tolist(), loss.item(), asr.item())
+        if len(trigger) not in measured:
+            loss, asr = score_triggers(subject, victim_batch(subject, task, len(trigger)),
+                                       trigger.view(1, -1), budget, chunk_rows)
+            measured[len(trigger)] = (loss.item(), asr.item())
+        out[len(trigger)] = Shortened(trigger.tolist(), *measured[len(trigger)])
     return out
