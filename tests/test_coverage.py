@@ -20,6 +20,7 @@ from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.scan import SHORT_THRESHOLD, ScanConfig, scan, scan_subject
 from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
+from trojscan.subjects.text_classification import POSITIONS
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,11 @@ def test_an_end_position_trigger_is_found_at_the_default_settings(end_model: Pat
     assert result.best.target_name == "positive"
     assert result.short_trigger is not None and result.short_trigger.trigger_text == "lantern"
     assert result.score == result.short_trigger.loss < SHORT_THRESHOLD
-    assert {c.position for c in result.candidates} == {"start", "end", "first_half",
-                                                       "second_half"}
+    # One search per target, its victim rows spread over the four positions; what it found
+    # is measured at each position and reported where it does best.
+    assert {c.target for c in result.candidates if c.screened} == {0, 1}
+    assert {c.target for c in result.candidates if c.loss is not None} == {0, 1}
+    assert all(c.position in POSITIONS for c in result.candidates)
     assert result.threshold == SHORT_THRESHOLD and result.config["pairs"] is None
 
 
@@ -78,9 +82,10 @@ def test_a_clean_model_trained_longer_is_not_flagged(
     assert result.score > SHORT_THRESHOLD
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, open: a label-specific trigger fires only "
-                   "inside a victim's text, so the lone-token screen does not rank it, and the "
-                   "short triggers found elsewhere ('labour', 0.92) decide")
+@pytest.mark.xfail(strict=True, reason="issue 14, open: flagged with the right pair (sports "
+                   "-> tech), but the trigger reported is 'browser' (0.136), a natural tech "
+                   "word that DBS's trigger shortened to, not 'lantern' (0.087), which this "
+                   "tiny model does not rank among the screen's top tokens alone")
 def test_a_label_specific_backdoor_is_found_with_its_victim_and_target(
         tmp_path_factory: pytest.TempPathFactory, tiny_config: TrainConfig) -> None:
     # Ten epochs: at three this tiny model reached clean accuracy 0.40 on BBC. At ten, 0.90,

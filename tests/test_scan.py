@@ -89,7 +89,8 @@ def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dic
     subject = load_subject(poisoned_model[0])
     rows = subject.read_examples(examples_file)
     config = ScanConfig(inverter=DBSConfig(trigger_length=1, epochs=60), threshold=0.1,
-                        positions=("start", "end"), preselect_above=1, top_k=1, prerun_epochs=60)
+                        positions=("start", "end"), preselect_above=1, top_k=1, prerun_epochs=60,
+                        screen_selects=False)
     result = scan_subject(subject, rows, config)
     full = [c for c in result.candidates if c.relaxed_loss is not None]
     assert len(full) == 1 and full[0].target == 1
@@ -99,7 +100,8 @@ def test_many_labels_use_a_prerun_and_keep_top_k(poisoned_model: tuple[Path, dic
 @pytest.mark.parametrize("method", ["uat", "dbs-fixed-temperature", "dbs-no-backtracking"])
 def test_other_methods_scan_through_the_same_interface(
         poisoned_model: tuple[Path, dict], examples_file: Path, method: str) -> None:
-    # A baseline inverts both candidates fully (no pre-run); the ablations keep DBS's.
+    # The screen picks the candidates every method inverts fully: both targets of a binary
+    # model (top_k 2).
     config = replace(TINY_SCAN, method=method, inverter=make_config(method, trigger_length=1,
                                                                     epochs=100))
     result = scan(poisoned_model[0], examples_file, config)
@@ -108,7 +110,7 @@ def test_other_methods_scan_through_the_same_interface(
     assert "lantern" in result.best.trigger_tokens
     assert result.config["method"] == method
     full = [c for c in result.candidates if c.relaxed_loss is not None]
-    assert len(full) == (2 if method == "uat" else 1)
+    assert len(full) == 2
     ablated = {"dbs-fixed-temperature": "temperature_scaling",
                "dbs-no-backtracking": "backtracking"}.get(method)
     if ablated:

@@ -3,6 +3,7 @@ planted trigger word): the core is task-generic, and these run in milliseconds."
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -107,13 +108,17 @@ def test_the_verdict_rests_on_the_shortened_trigger_or_on_the_full_one() -> None
     assert full.short_trigger is None
     assert full.score == min(c.loss for c in full.candidates if c.loss is not None)
     assert ScanConfig(decision_length=0).beta == 0.05 and ScanConfig().beta == SHORT_THRESHOLD
+    # The short-trigger threshold is in units of ln(labels); a given threshold is taken as is.
+    assert ScanConfig().beta_for(5) == pytest.approx(SHORT_THRESHOLD * math.log(5) / math.log(2))
+    assert ScanConfig(decision_length=0).beta_for(5) == 0.05
+    assert ScanConfig(threshold=0.3).beta_for(5) == 0.3
     with pytest.raises(InputError, match="decision_length"):
         ScanConfig(shorten=False, screen=None)
 
 
 def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> None:
     # Even with the search starved (one epoch), the screen finds the word at every
-    # candidate of its target, the one the pre-run dropped included.
+    # candidate of its target.
     subject = ToySubject()
     config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
                         shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2))
@@ -133,15 +138,34 @@ def test_a_dropped_candidate_that_decides_reports_its_screened_trigger() -> None
     # result names that candidate and its screened word, not the kept candidate's trigger.
     subject = ToySubject()
     config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=2, epochs=3),
+                        prerun_epochs=1, top_k=1, shorten=False, screen_selects=False)
+    result = scan_subject(_biased(ToySubject()), toy_examples(subject), config)
+    positive = next(c for c in result.candidates if c.target == 1)
+    assert positive.full_run is False and positive.screened.trigger_text == TRIGGER
+    assert result.verdict == "trojaned" and result.best.target_name == "positive"
+    assert result.best.method == "screen" and result.best.trigger_tokens == [TRIGGER]
+
+
+def test_the_screen_picks_the_candidates_dbs_inverts() -> None:
+    # The same biased search: by default the screen's ranking, not the pre-run's, picks the
+    # top_k candidates, so the positive one is fully inverted and no pre-run runs.
+    subject = _biased(ToySubject())
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=2, epochs=3),
                         prerun_epochs=1, top_k=1, shorten=False)
+    result = scan_subject(subject, toy_examples(subject), config)
+    full = [c for c in result.candidates if c.loss is not None]
+    assert [c.target for c in full] == [1]
+    assert all(c.prerun_loss is None for c in result.candidates)
+    assert result.verdict == "trojaned" and result.best.method == "dbs"
+
+
+def _biased(subject: ToySubject) -> ToySubject:
+    """``subject`` with the positive target's relaxed loss raised by 10 (a search that finds
+    it hard to reach); its hard-token check stays true."""
     original = subject.goal_loss
 
     def biased(batch: ToyBatch, trigger: torch.Tensor) -> torch.Tensor:
         return original(batch, trigger) + 10.0 * (batch.goals == 1).float()
 
     subject.goal_loss = biased  # type: ignore[method-assign]
-    result = scan_subject(subject, toy_examples(subject), config)
-    positive = next(c for c in result.candidates if c.target == 1)
-    assert positive.full_run is False and positive.screened.trigger_text == TRIGGER
-    assert result.verdict == "trojaned" and result.best.target_name == "positive"
-    assert result.best.method == "screen" and result.best.trigger_tokens == [TRIGGER]
+    return subject

@@ -3,14 +3,17 @@
 The candidates are the subject's (:meth:`~trojscan.subjects.base.Subject.candidates`; for a
 classifier, DBS Section 3.2: every label as target with the other labels' examples as
 victims, and with ``pairs`` every (victim, target) pair), each at every trigger position
-asked for. When there are more labels than ``preselect_above`` and the inverter is batched
-(DBS and its variants), every candidate first gets a pre-run of ``prerun_epochs`` and only
-the ``top_k`` with the lowest loss so far (at most half of the candidates, rounded up) go on
-to the full ``epochs`` (the K-Arm strategy DBS uses for NER, Appendix A). The candidates are
-inverted together in one batched run, in which the pre-run is simply the first
-``prerun_epochs`` epochs: the kept candidates carry on from where they are, the others leave
-the batch. With ``batch_candidates`` (groups of candidates, for memory) the pre-run is a
-separate run and the kept candidates restart. A one-by-one inverter (the baselines) inverts
+asked for; when that is all the family's positions, the candidates ``spread`` names are
+searched once over victim rows spread across the positions, and the trigger found is then
+measured at each position (:meth:`_Stages.resolve`). When there are more labels than
+``preselect_above`` and the inverter is batched (DBS and its variants), every candidate
+first gets a pre-run of ``prerun_epochs`` and only the ``top_k`` with the lowest loss so
+far (at most half of the candidates, rounded up) go on to the full ``epochs`` (the K-Arm
+strategy DBS uses for NER, Appendix A). The candidates are inverted together in one batched
+run, in which the pre-run is simply the first ``prerun_epochs`` epochs: the kept candidates
+carry on from where they are, the others leave the batch. With ``batch_candidates`` (groups
+of candidates, for memory) or ``prerun_victims`` the pre-run is a separate run and the kept
+candidates restart. A one-by-one inverter (the baselines) inverts
 every candidate with its full budget. The verdict is Eq. 4: trojaned when the lowest
 inversion loss is under the threshold beta.
 """
@@ -35,6 +38,7 @@ from trojscan.inversion.base import (
     make_config,
     method_of,
 )
+from trojscan.inversion.common import Budget, score_triggers, victim_batch
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.inversion.shorten import Shortened, shorten
@@ -47,14 +51,17 @@ from trojscan.results import (
     ShortTrigger,
     library_versions,
 )
-from trojscan.subjects.base import Candidate, Subject, subject_classes
+from trojscan.subjects.base import SPREAD, Candidate, Subject, subject_classes
 from trojscan.subjects.loading import load_subject
 
 #: Default beta of Eq. 4 on the full inverted trigger's loss (README "Scan").
 DEFAULT_THRESHOLD = 0.05
-#: Default threshold on the loss of a trigger shortened to ``decision_length`` tokens
-#: (README "Scan": where it comes from).
+#: Default threshold on the loss of a trigger shortened to ``decision_length`` tokens, for
+#: a binary model (README "Scan": where it comes from; :meth:`ScanConfig.beta_for`).
 SHORT_THRESHOLD = 0.12
+
+#: Rows per forward pass when the scan measures triggers itself.
+CHUNK_ROWS = 4096
 
 #: Called as (optimisation epochs done, epochs in all, what is running now).
 ProgressCallback = Callable[[int, int, str], None]
@@ -79,10 +86,10 @@ class ScanConfig:
         pairs: also try every label-specific (victim, target) pair; None (the default):
             when the model has more than two labels (a binary model's pairs are its
             universal candidates).
-        preselect_above: with more labels than this, pre-run all candidates and fully
-            invert the best ``top_k`` only; 1 (the default) pre-runs binary models too, so
-            that the scan of a binary model fully inverts one target, not two. Batched
-            inverters (DBS and its variants) only.
+        preselect_above: when the screen does not pick (``screen_selects``): with more
+            labels than this, pre-run all candidates and fully invert the best ``top_k``
+            only; 1 (the default) pre-runs binary models too. Batched inverters (DBS and its
+            variants) only.
         prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
             second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
         prerun_victims: victim examples per candidate in the pre-run, 0 for the full run's
@@ -94,9 +101,15 @@ class ScanConfig:
             "Scan").
         top_k: candidates kept for the full run (at most half of them, rounded up).
         threshold: the verdict's threshold: trojaned when the score is under it; None (the
-            default): :data:`SHORT_THRESHOLD` when the verdict rests on shortened triggers,
-            else :data:`DEFAULT_THRESHOLD` (beta of DBS Eq. 4).
-        max_length: tokens per example, trigger included.
+            default): :data:`SHORT_THRESHOLD` scaled to the label count when the verdict
+            rests on short triggers (:meth:`beta_for`), else :data:`DEFAULT_THRESHOLD` (beta
+            of DBS Eq. 4).
+        max_length: tokens per example, trigger included; longer examples are cut. A
+            row's cost grows with its tokens: at 48 (the default) a BBC row (the first 64
+            words, some 85 tokens) costs half of what it does at 100, and the planted
+            triggers of the BBC models measured kept their loss at their best position
+            within 0.004 (README "Scan"); a Rotten Tomatoes sentence (about 28 tokens)
+            mostly fits whole.
         batch_candidates: candidates inverted together in one batched run (their rows share
             every forward pass); 0 puts all candidates of a stage in one run, 1 inverts them
             one by one as the paper's code does. Lower it when memory is short.
@@ -111,9 +124,7 @@ class ScanConfig:
         shorten_rows: victims the elimination runs on (0: all); every trigger it keeps is
             then measured on all victims.
         screen: the lone-token screen's settings (:mod:`trojscan.inversion.screen`): every
-            universal candidate (every label but the target as victims; label-specific
-            pairs are left to DBS, since a token that flips one label only does not stand
-            out alone), the pre-run's dropped ones too, also gets the best one-token trigger
+            candidate, the pre-run's dropped ones too, also gets the best one-token trigger
             among the vocabulary's tokens that alone push the model hardest to its target;
             None turns it off. Families without lone-token losses skip it.
         decision_length: the verdict's score is the lowest loss of a trigger of at most this
@@ -121,6 +132,20 @@ class ScanConfig:
             fires with a token or two of its trigger, a natural feature of the model needs
             many); 0: the lowest loss of the full inverted triggers (DBS Eq. 4). Needs
             ``shorten`` or ``screen``.
+        spread: the candidates searched once with their victim rows spread over every
+            position (:data:`~trojscan.subjects.base.SPREAD`: row k at position k mod 4)
+            instead of once per position, when the scan covers all the family's positions:
+            "all" (the default), "pairs" (the label-specific ones only) or "none". The
+            trigger found is then measured as hard tokens at each position and the candidate
+            reported at the best one (shortening and the screen measure at real positions).
+            A planted trigger fires at positions it was not trained at (MiniLM, README
+            "Scan"), so one search finds it at a quarter of the candidates.
+        screen_selects: when the screen ran (and the family has one), the ``top_k``
+            candidates whose screened token has the lowest loss are the ones DBS fully
+            inverts, instead of a K-Arm pre-run picking them: on the BBC models measured the
+            pre-run's relaxed losses after 40 epochs were all 0.07-0.5 and ranked a planted
+            label-specific pair 8th to 16th of 25, while the screen ranked it first (README
+            "Scan"). False: the pre-run picks (``preselect_above``, ``prerun_epochs``).
     """
 
     method: str = "dbs"
@@ -132,20 +157,33 @@ class ScanConfig:
     prerun_victims: int = 4
     top_k: int = 2
     threshold: float | None = None
-    max_length: int = 100
+    max_length: int = 48
     batch_candidates: int = 0
     max_victims: int = 20
     shorten: bool = True
     shorten_rows: int = 8
     screen: ScreenConfig | None = field(default_factory=ScreenConfig)
     decision_length: int = 1
+    spread: str = "all"
+    screen_selects: bool = True
 
     @property
     def beta(self) -> float:
-        """The threshold the verdict uses (``threshold`` or its default)."""
+        """The threshold the verdict uses on a binary model (``threshold`` or its
+        default)."""
+        return self.beta_for(2)
+
+    def beta_for(self, n_labels: int) -> float:
+        """The threshold the verdict uses on a model with ``n_labels`` labels: ``threshold``
+        when given; else, for the short-trigger verdict, :data:`SHORT_THRESHOLD` in units
+        of the uninformed loss ln(n_labels) (ln 2 for a binary model: 0.12; 0.28 for 5
+        labels), since a trigger's cross-entropy grows with the labels it competes with;
+        else :data:`DEFAULT_THRESHOLD`."""
         if self.threshold is not None:
             return self.threshold
-        return SHORT_THRESHOLD if self.decision_length else DEFAULT_THRESHOLD
+        if self.decision_length:
+            return SHORT_THRESHOLD * (math.log(max(n_labels, 2)) / math.log(2))
+        return DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         try:
@@ -166,10 +204,31 @@ class ScanConfig:
                                         and self.screen is None):
             raise InputError("decision_length must be 0 (the full trigger decides) or >= 1 "
                              "with shorten or screen on")
+        if self.spread not in SPREAD_CHOICES:
+            raise InputError(f"spread must be one of {', '.join(SPREAD_CHOICES)}, not "
+                             f"{self.spread!r}")
         if min(self.batch_candidates, self.max_victims, self.prerun_victims,
                self.shorten_rows) < 0:
             raise InputError("batch_candidates, max_victims, prerun_victims and shorten_rows "
                              "must be >= 0 (0 = all)")
+
+
+#: What ``ScanConfig.spread`` may name.
+SPREAD_CHOICES = ("none", "pairs", "all")
+
+
+def _spread_candidates(candidates: list[Candidate], n_labels: int,
+                       spread: str) -> list[Candidate]:
+    """``candidates`` with every (victims, target) that ``spread`` names ("pairs": the
+    label-specific ones; "all") made one :data:`SPREAD` candidate in place of its positions."""
+    out: list[Candidate] = []
+    for c in candidates:
+        specific = len(c.victims) < n_labels - 1
+        if spread == "all" or (spread == "pairs" and specific):
+            c = Candidate(c.victims, c.target, SPREAD)
+        if c not in out:
+            out.append(c)
+    return out
 
 
 def scan_config(method: str = "dbs", threshold: float | None = None,
@@ -228,10 +287,29 @@ class _Stages:
             self.done += inverter.config.epochs
         return out
 
-    def screen(self, candidates: list[Candidate],
-               config: ScreenConfig) -> dict[Candidate, ShortTrigger]:
-        """The lone-token screen's best one-token trigger of every candidate (none when the
-        family has no screen), one progress step."""
+    def resolve(self, candidate: Candidate, inv: Inversion) -> tuple[Candidate, Inversion]:
+        """A :data:`SPREAD` candidate's inverted trigger measured as hard tokens at each
+        position on all its victims: the candidate at the position where it does best, its
+        hard loss and ASR those measured there; any other candidate as it is."""
+        if candidate.position != SPREAD:
+            return candidate, inv
+        trigger = torch.tensor([inv.trigger_ids], device=self.subject.device)
+        measured = []
+        for concrete in self.subject.concrete(candidate):
+            task = InversionTask(concrete, tuple(self.subject.victims(
+                self.examples, concrete, self.config.max_victims)))
+            loss, asr = score_triggers(self.subject, victim_batch(self.subject, task,
+                                                                  trigger.shape[1]),
+                                       trigger, Budget(None), CHUNK_ROWS)
+            measured.append((loss.item(), asr.item(), concrete))
+        loss, asr, best = min(measured, key=lambda m: m[0])
+        return best, replace(inv, candidate=best, hard_loss=loss, hard_asr=asr)
+
+    def screen(self, candidates: list[Candidate], config: ScreenConfig,
+               ) -> list[tuple[Candidate, Candidate, ShortTrigger]]:
+        """The lone-token screen's best one-token trigger of every candidate as (candidate,
+        the candidate at the position where the token did best, trigger); empty when the
+        family has no screen. One progress step."""
         tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c,
                                                              self.config.max_victims)))
                  for c in candidates]
@@ -239,7 +317,8 @@ class _Stages:
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total, "lone-token screen")
-        return {c: self._short(t) for c, t in zip(candidates, found or (), strict=False)}
+        return [(c, s.candidate, self._short(s.trigger))
+                for c, s in zip(candidates, found or (), strict=False)]
 
     def _short(self, found: Shortened) -> ShortTrigger:
         return ShortTrigger(length=len(found.trigger_ids), trigger_ids=found.trigger_ids,
@@ -273,14 +352,24 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     labels = subject.labels
     positions = config.positions or subject.positions
     pairs = len(labels) > 2 if config.pairs is None else config.pairs
-    todo = everything = subject.candidates(examples, positions, pairs)
+    everything = subject.candidates(examples, positions, pairs)
+    if set(positions) == set(subject.positions) and len(positions) > 1:
+        everything = _spread_candidates(everything, len(labels), config.spread)
     stages = _Stages(subject, examples, config, progress)
+    stages.total += config.screen is not None
+    found_by_screen = stages.screen(everything, config.screen) if config.screen else []
+    screened = {where: t for _, where, t in found_by_screen}
+    todo = everything
     keep = min(config.top_k, math.ceil(len(todo) / 2))
     preselect = inverter.batched and len(labels) > config.preselect_above and len(todo) > keep
+    if config.screen_selects and found_by_screen:
+        # The screen pre-selects: the top k candidates by their screened token's loss.
+        ranked = sorted(range(len(found_by_screen)), key=lambda i: found_by_screen[i][2].loss)
+        todo = [found_by_screen[i][0] for i in sorted(ranked[:config.top_k])]
+        preselect = False
     prerun: dict[Candidate, float] = {}
     if config.shorten:  # one progress step per fully inverted candidate
         stages.total += keep if preselect else len(todo)
-    stages.total += config.screen is not None
     if preselect and len(stages.groups(len(todo))) == 1 and not config.prerun_victims:
         # One batched run: the pre-run's state carries on for the top k.
         stages.plan(1, inverter.config.epochs)
@@ -300,9 +389,9 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
             prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)}
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
         results = list(zip(todo, stages.run(todo, inverter, "inversion"), strict=True))
+    ran = {c for c, _ in results}
+    results = [stages.resolve(c, inv) for c, inv in results]
     shortened = stages.shorten(results) if config.shorten else {}
-    universal = [c for c in everything if len(c.victims) == len(labels) - 1]
-    screened = stages.screen(universal, config.screen) if config.screen else {}
     best_cand, best = min(results, key=lambda r: r[1].loss)
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts
@@ -327,12 +416,18 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     rows += [CandidateResult(target=c.target, target_name=labels[c.target],
                              victims=list(c.victims), position=c.position, prerun_loss=loss,
                              full_run=False, screened=screened.get(c))
-             for c, loss in prerun.items() if c not in dict(results)]
+             for c, loss in prerun.items() if c not in ran]
+    # Screened candidates (a spread one at its best position) no row above stands for.
+    listed = {(r.target, tuple(r.victims), r.position) for r in rows}
+    rows += [CandidateResult(target=c.target, target_name=labels[c.target],
+                             victims=list(c.victims), position=c.position, full_run=False,
+                             screened=t)
+             for c, t in screened.items() if (c.target, c.victims, c.position) not in listed]
     score = short.loss if short else best.loss
     return ScanResult(
-        verdict="trojaned" if score < config.beta else "clean",
+        verdict="trojaned" if score < config.beta_for(len(labels)) else "clean",
         score=score,
-        threshold=config.beta,
+        threshold=config.beta_for(len(labels)),
         short_trigger=short,
         best=BestTrigger(**best.summary(), target_name=labels[best_cand.target],
                          victim_names=[labels[v] for v in best_cand.victims]),

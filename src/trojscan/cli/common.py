@@ -51,8 +51,9 @@ METHOD_OPTION = typer.Option("dbs", "--method", help="Trigger inverter: dbs, its
                              "dbs-fixed-temperature and dbs-no-backtracking, or the baselines "
                              "uat, gcg, ascc, genetic, tminer (README: 'Baselines').")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", help="Trojaned when the score is under "
-                                "it; default 0.12 for the shortened trigger's loss, 0.05 (beta "
-                                "of DBS Eq. 4) with --decision-length 0.")
+                                "it; default 0.12 x ln(labels)/ln 2 for the short trigger's "
+                                "loss (0.12 binary, 0.28 for 5 labels), 0.05 (beta of DBS "
+                                "Eq. 4) with --decision-length 0.")
 DECISION_LENGTH_OPTION = typer.Option(1, "--decision-length", help="The verdict's score is "
                                       "the lowest loss of an inverted trigger shortened to at "
                                       "most this many tokens; 0: the full trigger's loss (DBS "

@@ -84,6 +84,15 @@ def score_triggers(subject: Subject, batch: Batch, triggers: torch.Tensor, budge
     """Hard-token loss (the subject's goal loss, mean over the rows) and attack success rate
     of each of the (K, m) ``triggers`` on all rows of ``batch``: two (K,) tensors. Costs K
     evaluations; forward passes hold at most ``chunk_rows`` rows (at least one trigger's)."""
+    losses, hits = score_rows(subject, batch, triggers, budget, chunk_rows)
+    return losses.mean(1), hits.mean(1)
+
+
+@torch.no_grad()
+def score_rows(subject: Subject, batch: Batch, triggers: torch.Tensor, budget: Budget,
+               chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_triggers` row by row: two (K, rows) tensors, the hard-token loss and
+    whether the trigger flipped the row."""
     budget.spend(len(triggers))
     n = len(batch)
     per_pass = max(1, chunk_rows // n)
@@ -91,8 +100,8 @@ def score_triggers(subject: Subject, batch: Batch, triggers: torch.Tensor, budge
     for part in triggers.split(per_pass):
         rows = torch.arange(n, device=batch.owner.device).repeat(len(part))
         loss, hit = subject.hard_check(batch.subset(rows), part.repeat_interleave(n, 0))
-        losses.append(loss.view(len(part), n).mean(1))
-        hits.append(hit.view(len(part), n).mean(1))
+        losses.append(loss.view(len(part), n))
+        hits.append(hit.view(len(part), n).to(loss.dtype))
     return torch.cat(losses), torch.cat(hits)
 
 

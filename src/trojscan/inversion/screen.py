@@ -6,18 +6,26 @@ Beyond the DBS paper. A backdoor is trained to override whatever text surrounds 
 trigger, so its token alone (``[CLS] token [SEP]``) is read as the target label with
 near certainty; so are the model's strongest natural words of that label. On the MiniLM
 models measured (README "Scan"), the planted token, or one token of a planted phrase or
-character trigger, ranked first of 30,522 in 6 of 7 models and 45th in the seventh. One
-forward pass per token (inputs of three tokens) covers every target at once, so the whole
-vocabulary costs about as much as a few epochs of DBS. The screen then tries the ``top``
-tokens of each target as one-token triggers on ``rows`` victim rows spread over that
-target's tasks (so over its trigger positions: a trigger trained at the end is tried there
-too), and measures the best ``keep`` of them on every victim of every task of the target:
-there a natural word stays well above a backdoor's loss (the strongest measured, "superb",
-0.32 against 0.03-0.05 for planted tokens).
+character trigger, ranked first of 30,522 in 6 of 7 universal backdoors and 45th in the
+seventh; the token of a label-specific backdoor (trained to flip one label only, and to
+leave the others alone) ranked 50th, 57th and 125th on three BBC models. One forward pass
+per token (inputs of three tokens) covers every target at once, so the whole vocabulary
+costs about as much as a few epochs of DBS.
 
-Evaluations (see :mod:`trojscan.inversion.common`): ``top`` on ``rows`` victims per target
-(counted as ``top`` evaluations of a smaller batch) plus ``keep`` on all victims, per task;
-the vocabulary pass, shared by all tasks, is not counted.
+Every task (a candidate: victims -> target, at a position or
+:data:`~trojscan.subjects.base.SPREAD`) then goes through three cheap stages. The ``top``
+tokens of its target are tried as one-token triggers on ``rows`` victim rows per target,
+taken in turn from the target's tasks (so one from each label-specific pair's victim label)
+and spread over the positions; each task keeps the ``keep`` tokens that did best on the rows
+among its own victims. Those are measured on all its victims (spread too), and the best
+token of the ``resolve`` best tasks at each position the task stands for. A task's result
+is its best token where it does best: there a natural word stays well above a backdoor's
+loss (the strongest measured on a sentiment model, "superb", 0.32 against 0.03-0.05 for
+planted tokens; on BBC the best natural pair 0.35 against 0.08-0.14).
+
+Evaluations (see :mod:`trojscan.inversion.common`): ``top`` per target (on ``rows`` rows),
+``keep`` per task on all its victims and one per position of a resolved task; the
+vocabulary pass, shared by all tasks, is not counted.
 """
 
 from __future__ import annotations
@@ -29,9 +37,9 @@ from typing import Any
 import torch
 
 from trojscan.inversion.base import InversionTask
-from trojscan.inversion.common import Budget, score_triggers
+from trojscan.inversion.common import Budget, score_rows, score_triggers
 from trojscan.inversion.shorten import Shortened
-from trojscan.subjects.base import Subject
+from trojscan.subjects.base import SPREAD, Candidate, Subject
 
 
 @dataclass(frozen=True)
@@ -39,60 +47,93 @@ class ScreenConfig:
     """The screen's knobs.
 
     Attributes:
-        top: tokens of the vocabulary ranking tried per task (the planted token ranked
-            1st to 45th on the models measured).
-        rows: victim rows each of the ``top`` tokens is first tried on, per target, spread
-            round-robin over the target's tasks (its positions).
-        keep: tokens that go on to all victims.
+        top: tokens of the vocabulary ranking tried per target (the planted token ranked
+            1st to 125th on the models measured).
+        rows: victim rows per target the ``top`` tokens are first tried on, taken in turn
+            from the target's tasks (a label-specific pair's own victims first) and spread
+            over the positions (row k at position k mod 4); a task scores a token by the
+            rows among its victims.
+        keep: tokens per task that go on to all its victims.
+        resolve: tasks, the best by then, whose token is also measured at each position (a
+            task searched over spread rows); the others keep their spread measurement.
         chunk_rows: at most this many rows per forward pass.
     """
 
-    top: int = 64
+    top: int = 128
     rows: int = 4
     keep: int = 3
+    resolve: int = 4
     chunk_rows: int = 4096
 
     def __post_init__(self) -> None:
-        if min(self.top, self.rows, self.keep, self.chunk_rows) < 1:
-            raise ValueError("top, rows, keep and chunk_rows must be >= 1")
+        if min(self.top, self.rows, self.keep, self.resolve, self.chunk_rows) < 1:
+            raise ValueError("top, rows, keep, resolve and chunk_rows must be >= 1")
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A task's screen result: its candidate at the position where the token did best
+    (or as it is: a task with a position, or a spread one not resolved), and the token as
+    a one-token trigger there."""
+
+    candidate: Candidate
+    trigger: Shortened
 
 
 @torch.no_grad()
 def screen(subject: Subject, tasks: Sequence[InversionTask],
-           config: ScreenConfig) -> list[Shortened] | None:
-    """The best one-token trigger the screen finds for each task (measured on all its
-    victims), in task order; None when the subject offers no lone-token losses."""
+           config: ScreenConfig) -> list[Screened] | None:
+    """The best one-token trigger the screen finds for each task, in task order; None when
+    the subject offers no lone-token losses."""
     allowed = subject.allowed_tokens().nonzero().squeeze(-1)
     lone = subject.lone_token_losses(allowed, config.chunk_rows)
     if lone is None:
         return None
-    out: dict[int, Shortened] = {}
+    budget = Budget(None)
+    kept: dict[int, torch.Tensor] = {}
     for target in sorted({t.candidate.target for t in tasks}):
-        mine = [i for i, t in enumerate(tasks) if t.candidate.target == target]
-        order = lone[:, target].argsort()[:config.top]
-        tokens = allowed[order.to(allowed.device)].view(-1, 1)
-        budget = Budget(None)
-        few = subject.batch([tasks[i].candidate for i in mine], _spread(
-            [tasks[i].examples for i in mine], config.rows), 1)
-        losses, _ = score_triggers(subject, few, tokens, budget, config.chunk_rows)
-        kept = tokens[losses.argsort()[:config.keep]]
+        mine = sorted((i for i, t in enumerate(tasks) if t.candidate.target == target),
+                      key=lambda i: len(tasks[i].candidate.victims))
+        tokens = allowed[lone[:, target].argsort()[:config.top].to(allowed.device)]
+        rows = _in_turn([tasks[i].examples for i in mine], config.rows)
+        # The rows at the first task's position (spread over all positions for a spread
+        # task); the batch takes only its target and position from it.
+        batch = subject.batch([tasks[mine[0]].candidate], [rows], 1)
+        per_row, _ = score_rows(subject, batch, tokens.view(-1, 1), budget, config.chunk_rows)
         for i in mine:
-            every = subject.batch([tasks[i].candidate], [tasks[i].examples], 1)
-            losses, hits = score_triggers(subject, every, kept, budget, config.chunk_rows)
-            best = int(losses.argmin())
-            out[i] = Shortened(kept[best].tolist(), losses[best].item(), hits[best].item())
-    return [out[i] for i in range(len(tasks))]
+            own = [r for r, e in enumerate(rows) if any(e is v for v in tasks[i].examples)]
+            score = per_row[:, own].mean(1) if own else per_row.mean(1)
+            kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
+    found: list[tuple[float, float, int, Candidate]] = []
+    for i, task in enumerate(tasks):
+        every = subject.batch([task.candidate], [task.examples], 1)
+        losses, hits = score_triggers(subject, every, kept[i], budget, config.chunk_rows)
+        best = int(losses.argmin())
+        found.append((losses[best].item(), hits[best].item(), int(kept[i][best]),
+                      task.candidate))
+    order = sorted(range(len(tasks)), key=lambda i: found[i][0])
+    for i in order[:config.resolve]:
+        if tasks[i].candidate.position != SPREAD:
+            continue
+        token = torch.tensor([[found[i][2]]], device=subject.device)
+        measured = []
+        for concrete in subject.concrete(tasks[i].candidate):
+            batch = subject.batch([concrete], [tasks[i].examples], 1)
+            loss, hit = score_triggers(subject, batch, token, budget, config.chunk_rows)
+            measured.append((loss.item(), hit.item(), found[i][2], concrete))
+        found[i] = min(measured, key=lambda m: m[0])
+    return [Screened(c, Shortened([token], loss, asr)) for loss, asr, token, c in found]
 
 
-def _spread(victims: Sequence[Sequence[Any]], rows: int) -> list[list[Any]]:
-    """``rows`` rows taken round-robin over the tasks' victim lists (each task's own
-    victims in order; a task gets none once ``rows`` are taken)."""
-    out: list[list[Any]] = [[] for _ in victims]
+def _in_turn(victims: Sequence[Sequence[Any]], rows: int) -> list[Any]:
+    """``rows`` distinct examples taken in turn from the tasks' victim lists (each list in
+    order; an example already taken is skipped)."""
+    out: list[Any] = []
     depth = 0
-    while rows > 0 and depth < max(map(len, victims)):
-        for i, rows_i in enumerate(victims):
-            if rows > 0 and depth < len(rows_i):
-                out[i].append(rows_i[depth])
-                rows -= 1
+    while len(out) < rows and depth < max(map(len, victims)):
+        for examples in victims:
+            if len(out) < rows and depth < len(examples) and not any(
+                    examples[depth] is e for e in out):
+                out.append(examples[depth])
         depth += 1
     return out

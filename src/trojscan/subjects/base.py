@@ -46,11 +46,19 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Candidate:
     """One backdoor hypothesis: a trigger at ``position`` flips inputs of the ``victims``
-    labels to ``target`` (label indices of the subject's ``labels``)."""
+    labels to ``target`` (label indices of the subject's ``labels``).
+
+    ``position`` is one of the family's positions, or :data:`SPREAD`: the candidate's rows
+    take the family's positions in turn, so that one search looks for a trigger that fires
+    wherever it is put (see :meth:`Subject.row_positions`)."""
 
     victims: tuple[int, ...]
     target: int
     position: str
+
+
+#: The position of a candidate whose victim rows take every position of the family in turn.
+SPREAD = "spread"
 
 
 BatchT = TypeVar("BatchT", bound="Batch")
@@ -145,11 +153,26 @@ class Subject(ABC):
     def victims(self, examples: Sequence[Any], candidate: Candidate, cap: int) -> list[Any]:
         """The examples ``candidate`` is inverted on, at most ``cap`` (0: all)."""
 
+    def row_positions(self, candidate: Candidate, n: int) -> list[str]:
+        """The position of each of ``n`` rows of ``candidate``: its own, or for a
+        :data:`SPREAD` candidate the family's positions in turn (row k at
+        ``positions[k % len(positions)]``)."""
+        if candidate.position != SPREAD:
+            return [candidate.position] * n
+        return [self.positions[k % len(self.positions)] for k in range(n)]
+
+    def concrete(self, candidate: Candidate) -> list[Candidate]:
+        """``candidate`` at each position it stands for: itself, or for a :data:`SPREAD`
+        candidate one per position of the family."""
+        if candidate.position != SPREAD:
+            return [candidate]
+        return [Candidate(candidate.victims, candidate.target, p) for p in self.positions]
+
     @abstractmethod
     def batch(self, candidates: Sequence[Candidate], examples: Sequence[Sequence[Any]],
               n_slots: int) -> Batch:
         """The ``examples[i]`` of every ``candidates[i]`` as rows with ``n_slots`` trigger
-        slots at the candidate's position, on ``device``."""
+        slots at the candidate's position (:meth:`row_positions`), on ``device``."""
 
     @abstractmethod
     def goal_loss(self, batch: Batch, trigger: torch.Tensor) -> torch.Tensor:

@@ -289,9 +289,10 @@ class TextClassificationSubject(Subject):
             raise ValueError(f"{len(examples)} example lists for {len(candidates)} candidates")
         rows, slots, goals, owner = [], [], [], []
         for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
-            for example in group:
+            for example, position in zip(group, self.row_positions(candidate, len(group)),
+                                         strict=True):
                 ids = self.token_ids(example.text)[:budget]
-                at = slot_offset(len(ids), candidate.position)
+                at = slot_offset(len(ids), position)
                 full = [self.cls_id, *ids, self.sep_id]
                 rows.append(full[:at] + [self.pad_id] * n_slots + full[at:])
                 slots.append(at)
