@@ -38,7 +38,7 @@ from trojscan.inversion.base import (
     make_config,
     method_of,
 )
-from trojscan.inversion.common import Budget, score_triggers, victim_batch
+from trojscan.inversion.common import Budget, best_position
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.inversion.shorten import Shortened, shorten
@@ -293,16 +293,10 @@ class _Stages:
         hard loss and ASR those measured there; any other candidate as it is."""
         if candidate.position != SPREAD:
             return candidate, inv
-        trigger = torch.tensor([inv.trigger_ids], device=self.subject.device)
-        measured = []
-        for concrete in self.subject.concrete(candidate):
-            task = InversionTask(concrete, tuple(self.subject.victims(
-                self.examples, concrete, self.config.max_victims)))
-            loss, asr = score_triggers(self.subject, victim_batch(self.subject, task,
-                                                                  trigger.shape[1]),
-                                       trigger, Budget(None), CHUNK_ROWS)
-            measured.append((loss.item(), asr.item(), concrete))
-        loss, asr, best = min(measured, key=lambda m: m[0])
+        task = InversionTask(candidate, tuple(self.subject.victims(
+            self.examples, candidate, self.config.max_victims)))
+        loss, asr, best = best_position(self.subject, task, inv.trigger_ids, Budget(None),
+                                        CHUNK_ROWS)
         return best, replace(inv, candidate=best, hard_loss=loss, hard_asr=asr)
 
     def screen(self, candidates: list[Candidate], config: ScreenConfig,
@@ -424,10 +418,11 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                              screened=t)
              for c, t in screened.items() if (c.target, c.victims, c.position) not in listed]
     score = short.loss if short else best.loss
+    beta = config.beta_for(len(labels))
     return ScanResult(
-        verdict="trojaned" if score < config.beta_for(len(labels)) else "clean",
+        verdict="trojaned" if score < beta else "clean",
         score=score,
-        threshold=config.beta_for(len(labels)),
+        threshold=beta,
         short_trigger=short,
         best=BestTrigger(**best.summary(), target_name=labels[best_cand.target],
                          victim_names=[labels[v] for v in best_cand.victims]),

@@ -32,7 +32,7 @@ from trojscan.inversion.base import (
     Preselection,
     task_generator,
 )
-from trojscan.subjects.base import Batch, Subject
+from trojscan.subjects.base import Batch, Candidate, Subject
 
 #: Evaluations every baseline keeps back for the final hard-token measurement.
 FINAL_EVALUATIONS = 1
@@ -103,6 +103,22 @@ def score_rows(subject: Subject, batch: Batch, triggers: torch.Tensor, budget: B
         losses.append(loss.view(len(part), n))
         hits.append(hit.view(len(part), n).to(loss.dtype))
     return torch.cat(losses), torch.cat(hits)
+
+
+@torch.no_grad()
+def best_position(subject: Subject, task: InversionTask, trigger_ids: Sequence[int],
+                  budget: Budget, chunk_rows: int) -> tuple[float, float, Candidate]:
+    """The hard-token trigger ``trigger_ids`` on all the task's victims at each position its
+    candidate stands for (:meth:`Subject.concrete`: one, or every position of a
+    :data:`~trojscan.subjects.base.SPREAD` candidate): (loss, ASR, candidate) where the loss
+    is lowest. One evaluation per position."""
+    trigger = torch.tensor([list(trigger_ids)], dtype=torch.long, device=subject.device)
+    measured = []
+    for concrete in subject.concrete(task.candidate):
+        batch = subject.batch([concrete], [task.examples], trigger.shape[1])
+        loss, asr = score_triggers(subject, batch, trigger, budget, chunk_rows)
+        measured.append((loss.item(), asr.item(), concrete))
+    return min(measured, key=lambda m: m[0])
 
 
 def flip_candidates(subject: Subject, batch: Batch, trigger: torch.Tensor, allowed: torch.Tensor,

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from trojscan.inversion.base import InversionTask
-from trojscan.inversion.common import Budget, score_rows, score_triggers
+from trojscan.inversion.common import Budget, best_position, score_rows, score_triggers
 from trojscan.inversion.shorten import Shortened
 from trojscan.subjects.base import SPREAD, Candidate, Subject
 
@@ -115,13 +115,9 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
     for i in order[:config.resolve]:
         if tasks[i].candidate.position != SPREAD:
             continue
-        token = torch.tensor([[found[i][2]]], device=subject.device)
-        measured = []
-        for concrete in subject.concrete(tasks[i].candidate):
-            batch = subject.batch([concrete], [tasks[i].examples], 1)
-            loss, hit = score_triggers(subject, batch, token, budget, config.chunk_rows)
-            measured.append((loss.item(), hit.item(), found[i][2], concrete))
-        found[i] = min(measured, key=lambda m: m[0])
+        loss, asr, where = best_position(subject, tasks[i], [found[i][2]], budget,
+                                         config.chunk_rows)
+        found[i] = (loss, asr, found[i][2], where)
     return [Screened(c, Shortened([token], loss, asr)) for loss, asr, token, c in found]
 
 
