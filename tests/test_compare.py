@@ -159,7 +159,7 @@ def test_markdown_layout_and_files(runs: Any, tmp_path: Path) -> None:
         "| accuracy | 0.667 | 1.000 |",
         "| precision | 0.500 | 1.000 |",
         "| recall | 1.000 | 1.000 |",
-        "| ROC AUC (raw score) | 1.000 | 1.000 |",
+        "| ROC AUC (score / ln labels) | 1.000 | 1.000 |",
         "| accuracy, threshold fitted (k-fold CV) | - | - |",  # 1 poisoned model: no CV
         "| trigger recovered (any word) | 1.000 | 0.000 |",
         "| target correct (poisoned) | 1.000 | 1.000 |",

@@ -84,6 +84,23 @@ def test_threshold_detector_separates_and_cuts_between_classes() -> None:
     assert decision == pytest.approx(math.log(detector.threshold) - np.log(TROJANED + CLEAN))
 
 
+def test_detectors_read_losses_in_units_of_the_label_count() -> None:
+    # A 5-label model's losses are divided by log2(5) = 2.32 before any detector reads them:
+    # fitted on binary models, a threshold decides a 5-label model on the same scale as the
+    # scan's own threshold (0.12 binary, 0.279 for 5 labels).
+    records, y = separable()
+    detector = ThresholdDetector().fit(records, y)
+    five = tuple(f"label-{i}" for i in range(5))
+    unit = math.log(5) / math.log(2)
+    under = scan_result(detector.threshold * unit * 0.9, labels=five)
+    over = scan_result(detector.threshold * unit * 1.1, labels=five)
+    assert under.normalised_score == pytest.approx(detector.threshold * 0.9)
+    assert detector.predict([under, over]).tolist() == [1, 0]
+    assert features(under)["log_loss"] == pytest.approx(math.log(under.score / unit))
+    binary = scan_result(0.2)
+    assert binary.normalised_score == 0.2
+
+
 def test_threshold_detector_breaks_ties_by_the_largest_margin() -> None:
     # sorted: 0.001 T, 0.01 C, 0.3 T, 1.0 C. Cutting after 0.001 or after 0.3 both get 3 of 4
     # right; the first cut's neighbours are 10x apart, the second's 3.3x: it wins.
@@ -114,7 +131,7 @@ def test_json_round_trip_gives_identical_probabilities(kind: str, tmp_path: Path
     path = tmp_path / "detector.json"
     save_detector(detector, path)
     saved = json.loads(path.read_text())
-    assert (saved["kind"], saved["version"], saved["trained_on"]) == (kind, 1, 7)
+    assert (saved["kind"], saved["version"], saved["trained_on"]) == (kind, 2, 7)
     loaded = load_detector(path)
     assert type(loaded) is type(detector)
     grid = [make_record(s, hard_asr=a, runner_up=s * 3) for s in (0.002, 0.04, 0.7)

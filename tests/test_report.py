@@ -38,7 +38,7 @@ LABELS = {"rotten_tomatoes": ["negative", "positive"], "bbc": ["business", "spor
 
 
 def entry(model_id: str, arch: str, corpus: str, attack: dict[str, Any] | None = None,
-          quality_ok: bool = True) -> dict[str, Any]:
+          quality_ok: bool = True, epochs: int = 1) -> dict[str, Any]:
     poisoned = attack is not None
     full = {"poisoned": poisoned, "trigger_type": None, "trigger": None, "insertion": None,
             "target": None, "victim": None, "poison_rate": 0.1, "combination": False,
@@ -47,7 +47,9 @@ def entry(model_id: str, arch: str, corpus: str, attack: dict[str, Any] | None =
         full |= {"victim_name": None, **attack}
     return {"model_id": model_id, "group": "g", "corpus": corpus, "architecture": arch,
             "labels": LABELS[corpus], "poisoned": poisoned, "attack": full,
-            "quality": {"ok": quality_ok, "reasons": []},
+            "quality": {"ok": quality_ok, "reasons": []}, "learning_rate": 1e-4,
+            "train_config": {"epochs": epochs, "learning_rate": None,
+                             "max_train_examples": 2000 if arch == "minilm" else None},
             "clean_accuracy": 0.8, "asr": 0.99 if poisoned else None}
 
 
@@ -187,7 +189,11 @@ def test_seconds_by_hand(report: dict[str, Any]) -> None:
 
 def test_breakdown_by_hand(report: dict[str, Any]) -> None:
     breakdown = report["breakdown"]
-    assert set(breakdown) == {"architecture", "corpus", "attack", "insertion"}
+    assert set(breakdown) == {"architecture", "corpus", "recipe", "attack", "insertion"}
+    assert {k: v["n"] for k, v in breakdown["recipe"].items()} == {
+        "minilm/rotten_tomatoes 1 ep, lr 0.0001, 2000 texts": 3,
+        "minilm/bbc 1 ep, lr 0.0001, 2000 texts": 1,
+        "bert/bbc 1 ep, lr 0.0001, all texts": 2}
     assert set(breakdown["attack"]) == {"clean", "word", "phrase-sos", "character-adaptive"}
     assert set(breakdown["insertion"]) == {"clean", "anywhere", "start", "end"}
     assert set(breakdown["corpus"]) == {"rotten_tomatoes", "bbc"}
@@ -202,6 +208,25 @@ def test_breakdown_by_hand(report: dict[str, Any]) -> None:
     assert (clean["n"], clean["accuracy"], clean["poisoned"], clean["recall"]) == (
         3, pytest.approx(0.6666667), 0, None)
     assert breakdown["attack"]["character-adaptive"]["recall"] == 0.0
+
+
+def test_detector_tested_on_each_recipe_held_out_by_hand(report: dict[str, Any]) -> None:
+    # Threshold fitted without minilm/rotten_tomatoes (scores 0.01 T, 0.02 C, 0.5 C): cut at
+    # sqrt(0.01 * 0.02); on the held-out 0.9 C, 0.001 T, 0.3 T: 2 of 3 right. Without
+    # bert/bbc (0.001 T, 0.02 C, 0.3 T, 0.9 C: two cuts get 3 of 4, the wider margin wins):
+    # cut at sqrt(0.001 * 0.02); held-out 0.5 C right, 0.01 T missed. Without minilm/bbc
+    # (every other model separable): cut at sqrt(0.3 * 0.5); held-out 0.02 C flagged.
+    test = report["held_out"]["recipe"]
+    groups = test["groups"]
+    assert groups["minilm/rotten_tomatoes 1 ep, lr 0.0001, 2000 texts"]["accuracy"] == (
+        pytest.approx(2 / 3))
+    assert (groups["bert/bbc 1 ep, lr 0.0001, all texts"]["tp"],
+            groups["bert/bbc 1 ep, lr 0.0001, all texts"]["tn"]) == (0, 1)
+    assert groups["minilm/bbc 1 ep, lr 0.0001, 2000 texts"]["fp"] == 1
+    assert (test["n"], test["tp"], test["fp"], test["tn"], test["fn"]) == (6, 1, 1, 2, 2)
+    assert test["accuracy"] == 0.5
+    corpus = report["held_out"]["corpus"]["groups"]
+    assert set(corpus) == {"rotten_tomatoes", "bbc"}
 
 
 @pytest.mark.parametrize("kind", ["threshold", "logistic"])

@@ -9,6 +9,11 @@ Eq. 4). On a zoo whose ground truth is known, a detector can instead be *fitted*
 * :class:`LogisticDetector` is a logistic regression on a few features of each record
   (:data:`FEATURES`, see :func:`features`).
 
+Every loss a detector reads is first divided by
+:func:`~trojscan.results.loss_unit` of the model's label count (ln(labels) / ln 2, the
+scale of the scan's own threshold), so that one detector decides binary and 5-label
+models alike: a trigger's cross-entropy competes with more labels on a model with more.
+
 Both follow scikit-learn's conventions (``fit``, ``decision_function``, ``predict_proba``,
 ``predict``; label 1 = trojaned, 0 = clean) but take scan results
 (:class:`~trojscan.results.ScanResult`), not feature matrices. They are saved as plain JSON
@@ -33,9 +38,9 @@ from sklearn.linear_model import LogisticRegression
 
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json, read_json
-from trojscan.results import DetectorVerdict, ScanResult
+from trojscan.results import DetectorVerdict, ScanResult, loss_unit
 
-DETECTOR_VERSION = 1
+DETECTOR_VERSION = 2
 #: Losses are clamped to this before taking logs (a perfect trigger has loss ~0).
 MIN_LOSS = 1e-6
 #: Names of the features of :func:`features`, in the order of the feature matrix.
@@ -48,7 +53,8 @@ def _log(loss: float) -> float:
 
 
 def features(record: ScanResult) -> dict[str, float]:
-    """The features of one scan result (names and order as in :data:`FEATURES`).
+    """The features of one scan result (names and order as in :data:`FEATURES`); every
+    loss in units of :func:`~trojscan.results.loss_unit` of the model's label count.
 
     * ``log_loss``: log of the lowest inversion loss of a full trigger over the
       candidates (DBS Eq. 4's score), clamped at :data:`MIN_LOSS`;
@@ -64,15 +70,15 @@ def features(record: ScanResult) -> dict[str, float]:
       without shortened triggers (``ScanConfig.shorten`` off, or written before it) gets
       ``log_hard_loss`` instead.
     """
-    best = record.best
-    losses = sorted(c.loss for c in record.candidates if c.loss is not None)
+    best, unit = record.best, loss_unit(len(record.labels))
+    losses = sorted(c.loss / unit for c in record.candidates if c.loss is not None)
     gap = _log(losses[1]) - _log(losses[0]) if len(losses) > 1 else 0.0
     shortest = {n: record.shortest(n) for n in (1, 2)}
-    return {"log_loss": _log(losses[0] if losses else record.score),
+    return {"log_loss": _log(losses[0] if losses else record.normalised_score),
             "hard_asr": float(best.hard_asr),
-            "log_hard_loss": _log(best.hard_loss), "gap": gap,
+            "log_hard_loss": _log(best.hard_loss / unit), "gap": gap,
             "accepted": float(best.accepted),
-            **{f"log_short_{n}": _log(found[1].loss if found else best.hard_loss)
+            **{f"log_short_{n}": _log((found[1].loss if found else best.hard_loss) / unit)
                for n, found in shortest.items()}}
 
 
@@ -83,7 +89,7 @@ def feature_matrix(records: Sequence[ScanResult]) -> np.ndarray:
 
 
 def _log_scores(records: Sequence[ScanResult]) -> np.ndarray:
-    return np.array([_log(r.score) for r in records], dtype=float)
+    return np.array([_log(r.normalised_score) for r in records], dtype=float)
 
 
 def _labels(records: Sequence[ScanResult], y: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -154,7 +160,9 @@ class Detector(ABC):
 
 
 class ThresholdDetector(Detector):
-    """The DBS rule with a learnt threshold: trojaned when the score is under it.
+    """The DBS rule with a learnt threshold: trojaned when the score (normalised by the
+    label count, :attr:`~trojscan.results.ScanResult.normalised_score`) is under it; the
+    threshold is in a binary model's units.
 
     ``fit`` tries every cut between two neighbouring distinct training scores (at their
     midpoint in log space) and the two cuts outside them (everything clean, everything

@@ -15,6 +15,7 @@ model directory and a SHA-256 of its weights).
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -28,6 +29,13 @@ from trojscan.fsutil import atomic_write_text, read_json
 RESULT_VERSION = 2
 #: Format versions this trojscan reads.
 READABLE_VERSIONS = (1, 2)
+
+
+def loss_unit(n_labels: int) -> float:
+    """The uninformed cross-entropy ln(n_labels) in units of a binary model's ln 2 (1 for 2
+    labels, 2.32 for 5): a trigger's loss competes with more labels on a model with more,
+    so losses of models with different label counts compare once divided by it."""
+    return math.log(max(n_labels, 2)) / math.log(2)
 
 
 @dataclass
@@ -183,6 +191,13 @@ class ScanResult:
                  for s in [*(c.shortened or ()), *([c.screened] if c.screened else [])]
                  if s.length == length]
         return min(found, key=lambda pair: pair[1].loss, default=None)
+
+    @property
+    def normalised_score(self) -> float:
+        """``score`` divided by :func:`loss_unit` of the model's label count: the scale
+        of the scan's own threshold (:meth:`trojscan.scan.ScanConfig.beta_for`), on which
+        models with different label counts compare."""
+        return self.score / loss_unit(len(self.labels))
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "scan result") -> ScanResult:

@@ -50,6 +50,7 @@ from trojscan.results import (
     ScanResult,
     ShortTrigger,
     library_versions,
+    loss_unit,
 )
 from trojscan.subjects.base import SPREAD, Candidate, Subject, subject_classes
 from trojscan.subjects.loading import load_subject
@@ -182,7 +183,7 @@ class ScanConfig:
         if self.threshold is not None:
             return self.threshold
         if self.decision_length:
-            return SHORT_THRESHOLD * (math.log(max(n_labels, 2)) / math.log(2))
+            return SHORT_THRESHOLD * loss_unit(n_labels)
         return DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:

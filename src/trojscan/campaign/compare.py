@@ -3,13 +3,13 @@ inversion method) on the same zoo, like Tables 1 and 4 of the DBS paper.
 
 Each results directory is measured against the zoo manifest by
 :func:`trojscan.campaign.report.evaluate`; the table has the methods as columns and, as rows,
-the models compared, scan errors, accuracy, precision, recall, ROC AUC of the raw score,
-the accuracy of a threshold fitted per method (out of fold, seeded stratified k-fold: the
-methods' scores have different scales, and the paper, too, fits each method's bound), trigger
-recovery, target accuracy and mean seconds per model. By default only the models that
-every run scanned (and the manifest has) count, so that each column is measured on the same
-models; a model that failed in some run is then left out of all columns and shows in that
-run's scan errors.
+the models compared, scan errors, accuracy, precision, recall, ROC AUC of the score (in
+units of ln(labels)), the accuracy of a threshold fitted per method (out of fold, seeded
+stratified k-fold: the methods' scores have different scales, and the paper, too, fits each
+method's bound), trigger recovery, target accuracy and mean seconds per model. By default
+only the models that every run scanned (and the manifest has) count, so that each column is
+measured on the same models; a model that failed in some run is then left out of all columns
+and shows in that run's scan errors.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("accuracy", "accuracy", ("fixed", "accuracy")),
     ("precision", "precision", ("fixed", "precision")),
     ("recall", "recall", ("fixed", "recall")),
-    ("roc_auc", "ROC AUC (raw score)", ("roc_auc",)),
+    ("roc_auc", "ROC AUC (score / ln labels)", ("roc_auc",)),
     ("cv_accuracy", "accuracy, threshold fitted (k-fold CV)", ("cross_validated", "accuracy")),
     ("trigger_recovery", "trigger recovered (any word)", ("trigger_recovery", "recovered")),
     ("target_accuracy", "target correct (poisoned)", ("target_accuracy", "poisoned")),

@@ -5,12 +5,15 @@ manifest holds the ground truth (1 = trojaned for a model with ``poisoned`` true
 Ground truth comes only from the manifest. :func:`evaluate` measures, over the models that
 are in both:
 
-* the scans' own verdicts (``fixed``) and the ROC of the raw score (lower loss = more
-  suspicious);
+* the scans' own verdicts (``fixed``) and the ROC of the score in units of ln(labels)
+  (lower loss = more suspicious);
 * a detector (:mod:`trojscan.detect`) fitted on some models and tested on others:
-  stratified k-fold cross-validation and a stratified half / half split;
+  stratified k-fold cross-validation, a stratified half / half split, and fitted on every
+  training recipe (architecture, corpus, corpus size and schedule) but one and tested on
+  the one left out, in turn, likewise for each architecture and each corpus;
 * whether the inverted trigger recovers the planted one, and its target the planted target;
-* scan times, and all of it broken down by architecture, corpus, attack type and insertion;
+* scan times, and all of it broken down by architecture, corpus, training recipe, attack
+  type and insertion;
 * with the zoo's model directories (:func:`search_gaps`), the **search gap** of every
   poisoned model: the loss of its true trigger, as hard tokens at each trigger position, on
   the scan's own examples, next to the loss the scan reached on the true target. A scan
@@ -140,13 +143,27 @@ def insertion(entry: Mapping[str, Any]) -> str:
     return str(entry["attack"].get("insertion")) if entry["poisoned"] else "clean"
 
 
+def recipe(entry: Mapping[str, Any]) -> str:
+    """How the model was trained, e.g. ``minilm/bbc 2 ep, lr 0.0001, all texts``:
+    architecture, corpus, epochs, peak learning rate and the cap on training texts (clean
+    and poisoned models of one recipe differ only in their data's poison)."""
+    train = entry.get("train_config") or {}
+    rate = entry.get("learning_rate") or train.get("learning_rate")
+    return (f"{entry.get('architecture')}/{entry.get('corpus')} {train.get('epochs', '?')} ep, "
+            f"lr {'?' if rate is None else f'{rate:g}'}, "
+            f"{train.get('max_train_examples') or 'all'} texts")
+
+
 #: Groupings of the breakdown, each a function of a manifest entry.
 BREAKDOWNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "architecture": lambda entry: str(entry.get("architecture")),
     "corpus": lambda entry: str(entry.get("corpus")),
+    "recipe": recipe,
     "attack": attack_type,
     "insertion": insertion,
 }
+#: Groupings the detector is tested on when held out of its training.
+HELD_OUT = ("recipe", "architecture", "corpus")
 
 
 def trigger_recovered(true_trigger: str, tokens: Sequence[str],
@@ -248,6 +265,32 @@ def cross_validate(records: Sequence[ScanResult], truth: np.ndarray, kind: str, 
     return out
 
 
+def held_out(records: Sequence[ScanResult], truth: np.ndarray, groups: Sequence[str],
+             kind: str) -> dict[str, Any]:
+    """A ``kind`` detector fitted on the models of every group but one and tested on that
+    one's, for each group in turn: per group the test metrics, and pooled over every
+    held-out prediction the metrics and the AUC. A group whose removal leaves one class in
+    training gets a ``note`` instead and stays out of the pooled figures."""
+    labels = np.asarray(groups)
+    predicted, proba = np.zeros(len(truth), dtype=int), np.zeros(len(truth))
+    tested = np.zeros(len(truth), dtype=bool)
+    per: dict[str, Any] = {}
+    for value in sorted(set(groups)):
+        test, train = np.flatnonzero(labels == value), np.flatnonzero(labels != value)
+        if len(set(truth[train].tolist())) < 2:
+            per[value] = {"n": len(test), "note": "the other groups hold one class only"
+                          if len(train) else "no other group to fit on"}
+            continue
+        predicted[test], proba[test] = _fit_predict(kind, records, truth, train, test)
+        tested[test] = True
+        per[value] = metrics(truth[test], predicted[test])
+    if not tested.any():
+        return {"detector": kind, "groups": per, "note": "no group could be held out"}
+    return {"detector": kind, "groups": per,
+            **metrics(truth[tested], predicted[tested]),
+            "roc_auc": _roc(truth[tested], proba[tested])[0]}
+
+
 def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
     best, attack = record.best, entry.get("attack") or {}
@@ -266,7 +309,7 @@ def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                                if poisoned else None),
             "seconds": record.seconds,
             "architecture": str(entry.get("architecture")), "corpus": str(entry.get("corpus")),
-            "attack": attack_type(entry)}
+            "recipe": recipe(entry), "attack": attack_type(entry)}
 
 
 def _poisoned_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -337,7 +380,7 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
         row.update(true_loss=None if gap is None else gap["true_best"],
                    search_gap=None if gap is None else gap["gap"],
                    searched=None if gap is None else gap["searched"])
-    auc, roc = _roc(y, -np.array([r["score"] for r in rows]))
+    auc, roc = _roc(y, -np.array([r.normalised_score for r in matched]))
     seconds = np.array([r["seconds"] for r in rows])
     summary = _poisoned_summary(rows)
     return {
@@ -351,6 +394,8 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
         "roc_auc": auc,
         "roc": roc,
         "cross_validated": cross_validate(matched, y, detector_kind, folds, seed),
+        "held_out": {name: held_out(matched, y, [BREAKDOWNS[name](truth[m]) for m in ids],
+                                    detector_kind) for name in HELD_OUT},
         "trigger_recovery": {"poisoned": summary["poisoned"],
                              "recovered": summary["trigger_recovery"],
                              "all_words_recovered": summary["all_words_recovered"]},
@@ -402,10 +447,14 @@ def markdown(report: Mapping[str, Any]) -> str:
         ("accuracy (scan verdicts)", fixed["accuracy"]), ("precision", fixed["precision"]),
         ("recall", fixed["recall"]), ("F1", fixed["f1"]),
         ("TP / FP / TN / FN", f"{fixed['tp']} / {fixed['fp']} / {fixed['tn']} / {fixed['fn']}"),
-        ("ROC AUC of the raw score", report["roc_auc"]),
+        ("ROC AUC of the score (in units of ln(labels))", report["roc_auc"]),
         (f"cross-validated {cv['detector']} accuracy", cv.get("accuracy", cv.get("note"))),
         ("cross-validated AUC", cv.get("roc_auc")),
         ("split test accuracy", split.get("accuracy", split.get("note"))),
+        *((f"{cv['detector']} accuracy / AUC on each {name} held out of its training",
+           test["note"] if "note" in test
+           else f"{_fmt(test['accuracy'])} / {_fmt(test['roc_auc'])}")
+          for name, test in report["held_out"].items()),
         ("trigger recovered (any word)", recovery["recovered"]),
         ("trigger recovered (all words)", recovery["all_words_recovered"]),
         ("target correct (poisoned)", target["poisoned"]),
@@ -421,6 +470,11 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [f"## By {name}", ""]
         lines += _table((name, *columns), [(value, *(g[c] for c in columns))
                                            for value, g in groups.items()])
+    for name, test in report["held_out"].items():
+        lines += [f"## {cv['detector'].capitalize()} detector fitted without each {name}", ""]
+        lines += _table((f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),
+                        [(value, g["n"], g.get("accuracy"), g.get("recall"), g.get("fp"),
+                          g.get("note")) for value, g in test["groups"].items()])
     per_model = ("model_id", "truth", "verdict", "score", "true_loss", "target_name",
                  "true_target", "trigger_text", "true_trigger", "recovered", "seconds")
     lines += ["## Models", ""]
@@ -429,14 +483,14 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def roc_png(report: Mapping[str, Any]) -> bytes:
-    """A PNG of the raw score's ROC and, if there is one, the cross-validated detector's."""
+    """A PNG of the score's ROC and, if there is one, the cross-validated detector's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5, 5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    curves = [("raw score", report["roc"], report["roc_auc"]),
+    curves = [("score / ln(labels)", report["roc"], report["roc_auc"]),
               (f"{report['cross_validated']['detector']} detector (cross-validated)",
                report["cross_validated"].get("roc"), report["cross_validated"].get("roc_auc"))]
     for label, roc, auc in curves:

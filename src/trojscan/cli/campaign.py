@@ -119,7 +119,8 @@ def campaign_fit(
 
     detector, n, trojaned, accuracy = fit_detector(results, manifest, kind)
     save_detector(detector, out)
-    extra = (f", threshold {detector.threshold:.4g}"
+    extra = (f", threshold {detector.threshold:.4g} (binary units: x ln(labels)/ln 2 on a "
+             "model with more labels)"
              if isinstance(detector, ThresholdDetector) else "")
     out_console.print(f"{kind} detector fitted on {n} models ({trojaned} trojaned){extra}; "
                       f"training accuracy {accuracy:.3f}; written to {out}")
