@@ -74,6 +74,7 @@ def test_the_scan_flags_the_poisoned_toy_and_not_the_clean_one(method: str) -> N
         if verdict == "trojaned":
             assert result.best.target_name == "positive"
             assert result.best.trigger_tokens == [TRIGGER]
+            assert result.flip_rates == {"negative": 1.0}  # the short trigger, every label
 
 
 def test_a_method_refuses_a_family_it_cannot_search(poisoned: ToySubject) -> None:

@@ -157,6 +157,9 @@ class ScanResult:
         model: the model scanned (None in version 1 results).
         detector: the detector's decision, when one was applied.
         model_id: the model's id in a campaign.
+        flip_rates: the short trigger's attack success rate on the examples of each label
+            but the target (by label name), at the short trigger's position: every rate
+            high, a universal backdoor; only its victims', a label-specific one.
     """
 
     verdict: Literal["trojaned", "clean"]
@@ -177,6 +180,7 @@ class ScanResult:
     detector: DetectorVerdict | None = None
     model_id: str | None = None
     short_trigger: ShortTrigger | None = None
+    flip_rates: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are

@@ -300,6 +300,20 @@ class _Stages:
                                         CHUNK_ROWS)
         return best, replace(inv, candidate=best, hard_loss=loss, hard_asr=asr)
 
+    def flip_rates(self, candidate: Candidate, short: ShortTrigger) -> dict[str, float]:
+        """The attack success rate of ``short`` (hard tokens, at ``candidate``'s position)
+        on the examples of each label but the target, by label name; a label without
+        examples is left out. One evaluation per label."""
+        labels, rates = self.subject.labels, {}
+        for label in range(len(labels)):
+            alone = Candidate((label,), candidate.target, candidate.position)
+            victims = tuple(self.subject.victims(self.examples, alone, self.config.max_victims))
+            if label != candidate.target and victims:
+                _, asr, _ = best_position(self.subject, InversionTask(alone, victims),
+                                          short.trigger_ids, Budget(None), CHUNK_ROWS)
+                rates[labels[label]] = asr
+        return rates
+
     def screen(self, candidates: list[Candidate], config: ScreenConfig,
                ) -> list[tuple[Candidate, Candidate, ShortTrigger]]:
         """The lone-token screen's best one-token trigger of every candidate as (candidate,
@@ -420,6 +434,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
              for c, t in screened.items() if (c.target, c.victims, c.position) not in listed]
     score = short.loss if short else best.loss
     beta = config.beta_for(len(labels))
+    flips = stages.flip_rates(best_cand, short) if short else None
     return ScanResult(
         verdict="trojaned" if score < beta else "clean",
         score=score,
@@ -436,6 +451,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         versions=library_versions(),
         config=asdict(config),
         task=subject.task,
+        flip_rates=flips,
     )
 
 

@@ -43,6 +43,10 @@ def scan_with_progress(model_dir: Path, examples: Path, config: ScanConfig | Non
         return scan(model_dir, examples, config, device, allow_pickle, on_progress)
 
 
+#: A label counts as flipped by the trigger when at least this share of its examples is.
+FLIPPED = 0.5
+
+
 def print_verdict(result: ScanResult) -> None:
     """Verdict, target, trigger and time of a scan, on stdout."""
     best = result.best
@@ -68,6 +72,13 @@ def print_verdict(result: ScanResult) -> None:
     else:
         out_console.print(f"trigger: {best.trigger_text!r}  hard-token loss "
                           f"{best.hard_loss:.4f}, flips {best.hard_asr:.0%} of the examples")
+    if result.flip_rates and len(result.flip_rates) > 1:
+        flipped = [name for name, rate in result.flip_rates.items() if rate >= FLIPPED]
+        reach = ("every label but the target: a universal trigger"
+                 if len(flipped) == len(result.flip_rates)
+                 else f"{', '.join(flipped) or 'no label'} only: label-specific")
+        rates = ", ".join(f"{name} {rate:.0%}" for name, rate in result.flip_rates.items())
+        out_console.print(f"flips:   {rates} ({reach})")
     out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
 
 
