@@ -45,6 +45,8 @@ from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
 
 REPORT_VERSION = 1
+#: A search gap this small counts as reaching the true trigger's loss (float noise).
+SEARCH_TOLERANCE = 1e-4
 
 
 def load_results(results_dir: Path) -> tuple[dict[str, ScanResult], dict[str, dict[str, Any]]]:
@@ -96,10 +98,15 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
     ``true_loss`` / ``true_asr``: the true trigger's loss and attack success rate at each
     trigger position the model's family takes, as hard tokens on the scan's own clean
     examples (its victims, at most the scan's ``max_victims``); ``true_best``: the lowest
-    of those losses. ``inverted_loss``: the lowest loss the scan reached on the true target
-    (a candidate the pre-run dropped counts with its pre-run loss, and ``dropped`` says so).
+    of those losses. ``inverted_loss``: the lowest hard-token loss of a trigger the scan
+    measured on the true candidate (the true target with the true victims; any candidate of
+    the true target when the scan had none with those victims): a fully inverted trigger at
+    the position it was reported at, each of its shortened triggers, the screen's token,
+    all measured like the true trigger; without any of those, the lowest pre-run loss (a
+    relaxed loss). ``dropped``: no candidate of the true target was fully inverted.
     ``gap``: ``inverted_loss - true_best``; ``searched``: the scan reached the true
-    trigger's loss (gap <= 0).
+    trigger's loss (gap at most :data:`SEARCH_TOLERANCE`: the same tokens measured in two
+    batches of other padding differ by float noise).
     """
     out: dict[str, dict[str, Any]] = {}
     for model_id in sorted(m for m in records if m in truth and truth[m]["poisoned"]):
@@ -116,15 +123,19 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
                                      Candidate(planted.victims, planted.target, p),
                                      planted.trigger, cap) for p in subject.positions}
         on_target = [c for c in record.candidates if c.target == planted.target]
-        full = [c.loss for c in on_target if c.loss is not None]
-        inverted = min(full) if full else min(c.prerun_loss for c in on_target
+        on_true = [c for c in on_target if tuple(c.victims) == tuple(planted.victims)]
+        hard = [loss for c in (on_true or on_target) for loss in (
+            [c.hard_loss] if c.hard_loss is not None else []) + [
+            t.loss for t in [*(c.shortened or ()), *([c.screened] if c.screened else [])]]]
+        full = [c for c in on_target if c.loss is not None]
+        inverted = min(hard) if hard else min(c.prerun_loss for c in on_target
                                               if c.prerun_loss is not None)
         true_best = min(loss for loss, _ in measured.values())
         out[model_id] = {"true_loss": {p: m[0] for p, m in measured.items()},
                          "true_asr": {p: m[1] for p, m in measured.items()},
                          "true_best": true_best, "inverted_loss": inverted,
                          "dropped": not full, "gap": inverted - true_best,
-                         "searched": inverted <= true_best}
+                         "searched": inverted - true_best <= SEARCH_TOLERANCE}
     return out
 
 
