@@ -4,23 +4,25 @@
         [--variants trojscan,earlier,reference] [--reference-from OLD]
         [--out benchmarks/results/scan_speed.json]
 
-For every Rotten Tomatoes model of a zoo (binary classifiers, 20 clean examples per label)
-each variant's scan runs in its own process, so that its peak RSS is its own:
+For every MiniLM model of a zoo (by default; ``--models`` picks any, BBC News ones too:
+a 5-label model with its label-specific candidates) each variant's scan runs in its own
+process, so that its peak RSS is its own:
 
-* ``trojscan``: ``trojscan scan`` with its defaults (every position, a 4-victim pre-run
-  after which the best 2 candidates are fully inverted, their triggers shortened, the
-  lone-token screen, the verdict on the best one-token trigger);
+* ``trojscan``: ``trojscan scan`` with its defaults (every position with the rows of one
+  candidate per (victims, target) spread over them, the lone-token screen over every
+  candidate, label-specific pairs included, choosing the 2 that DBS fully inverts, their
+  triggers shortened, the verdict on the best one-token trigger, 48 tokens per example);
 * ``earlier``: the default before issue 14 (start position only, the pre-run on all victims
   inside the batched run, the verdict on the 10-slot loss, no shortening, no screen,
-  patience 40);
+  patience 40, 100 tokens per example);
 * ``reference``: a straightforward implementation of the paper's settings at the start
   position: every candidate inverted on its own for the full 200 epochs (no pre-run), all
   rows padded to the longest, the verdict on the 10-slot loss.
 
-It reports seconds and peak RSS per model for each, the ratio of each variant's mean seconds
-to trojscan's, and detection quality against the zoo manifest (verdict at the variant's
-threshold, target label, true trigger word found in the reported trigger). The manifest is
-read here, by the benchmark, never by the scans.
+It reports seconds and peak RSS per model for each, per corpus the mean and the largest,
+the ratio of each variant's mean seconds to trojscan's, and detection quality against the
+zoo manifest (verdict at the variant's threshold, target label, true trigger word found in
+the reported trigger). The manifest is read here, by the benchmark, never by the scans.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from pathlib import Path
 from trojscan.scan import ScanConfig, scan
 config = ScanConfig()
 earlier = replace(config, positions=("start",), prerun_victims=0, shorten=False, screen=None,
-                  decision_length=0, inverter=replace(config.inverter, patience=40))
+                  decision_length=0, max_length=100,
+                  inverter=replace(config.inverter, patience=40))
 if sys.argv[2] == "earlier":
     config = earlier
 elif sys.argv[2] == "reference":
@@ -104,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("zoo", type=Path, help="a zoo built by `trojscan zoo build`")
     parser.add_argument("--models", default="", help="comma-separated model ids (default: "
-                        "every Rotten Tomatoes model of the zoo)")
+                        "every MiniLM model of the zoo)")
     parser.add_argument("--variants", default="trojscan,reference",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--reference-from", type=Path, default=None,
@@ -115,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     manifest = json.loads((args.zoo / "manifest.json").read_text())["models"]
     chosen = args.models.split(",") if args.models else sorted(
-        m for m, e in manifest.items() if e["corpus"] == "rotten_tomatoes" and e["quality"]["ok"])
+        m for m, e in manifest.items() if e["architecture"] == "minilm" and e["quality"]["ok"])
     variants = [v.strip() for v in args.variants.split(",")]
     if "trojscan" not in variants or set(variants) - set(VARIANTS):
         parser.error(f"--variants: trojscan and any of {', '.join(VARIANTS[1:])}")
@@ -131,11 +134,15 @@ def main() -> None:
                                              manifest[model_id])
             print(variant, model_id, json.dumps(rows[variant][model_id]), flush=True)
     result: dict[str, Any] = {
-        "benchmark": "scan binary MiniLM Rotten Tomatoes models, 20 clean examples per label",
+        "benchmark": "scan models of a zoo with each variant, 20 clean examples per label",
         "zoo": str(args.zoo), "torch_threads": torch.get_num_threads(),
         "reference_from": str(args.reference_from) if args.reference_from else None,
         "cpu": platform.processor() or platform.machine(),
         "summary": {v: _summary(list(rows[v].values())) for v in variants},
+        "by_corpus": {v: {corpus: _summary([r for m, r in rows[v].items()
+                                            if manifest[m]["corpus"] == corpus])
+                          for corpus in sorted({manifest[m]["corpus"] for m in rows[v]})}
+                      for v in variants},
         "models": rows,
     }
     mean = {v: result["summary"][v]["mean_seconds"] for v in variants}
