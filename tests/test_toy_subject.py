@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from toy_subject import TRIGGER, ToyBatch, ToySubject, toy_examples
+from toy_subject import TRIGGER, WORDS, ToyBatch, ToySubject, toy_examples
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
 from trojscan.inversion.screen import ScreenConfig
@@ -131,6 +131,29 @@ def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> N
     assert screened[0].trigger_text != TRIGGER and screened[0].loss > screened[1].loss
     clean = ToySubject(planted=0.0)
     assert scan_subject(clean, toy_examples(clean), config).verdict == "clean"
+
+
+def test_the_screens_gradient_tokens_find_a_word_that_does_not_fire_alone() -> None:
+    # As a label-specific trigger, which fires only inside its victims' text: the word alone
+    # is made to look harmless (its lone-token loss raised), so the lone ranking's top 4
+    # miss it; the first-order ranking on the victims' rows (ScreenConfig.gradient) has it.
+    subject = ToySubject()
+    lone = subject.lone_token_losses
+    planted = WORDS.index(TRIGGER)
+
+    def hidden(ids: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        return lone(ids, chunk_rows) + 100.0 * (ids == planted).float().unsqueeze(-1)
+
+    subject.lone_token_losses = hidden  # type: ignore[method-assign]
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
+                        shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2))
+    missed = scan_subject(subject, toy_examples(subject), config)
+    assert missed.verdict == "clean"
+    found = scan_subject(subject, toy_examples(subject),
+                         replace(config, screen=ScreenConfig(top=4, rows=2, keep=2, gradient=2)))
+    assert found.verdict == "trojaned" and found.short_trigger.trigger_text == TRIGGER
+    with pytest.raises(ValueError, match="gradient"):
+        ScreenConfig(gradient=-1)
 
 
 def test_a_dropped_candidate_that_decides_reports_its_screened_trigger() -> None:

@@ -24,8 +24,9 @@ loss (the strongest measured on a sentiment model, "superb", 0.32 against 0.03-0
 planted tokens; on BBC the best natural pair 0.35 against 0.08-0.14).
 
 Evaluations (see :mod:`trojscan.inversion.common`): ``top`` per target (on ``rows`` rows),
-``keep`` per task on all its victims and one per position of a resolved task; the
-vocabulary pass, shared by all tasks, is not counted.
+``keep`` per task on all its victims and one per position of a resolved task; with
+``gradient``, one more per task (a forward and backward pass) and up to ``gradient`` more
+tokens on all its victims. The vocabulary pass, shared by all tasks, is not counted.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from typing import Any
 import torch
 
 from trojscan.inversion.base import InversionTask
-from trojscan.inversion.common import Budget, best_position, score_rows, score_triggers
+from trojscan.inversion.common import (
+    Budget,
+    best_position,
+    flip_candidates,
+    score_rows,
+    score_triggers,
+)
 from trojscan.inversion.shorten import Shortened
 from trojscan.subjects.base import SPREAD, Candidate, Subject
 
@@ -56,6 +63,12 @@ class ScreenConfig:
         keep: tokens per task that go on to all its victims.
         resolve: tasks, the best by then, whose token is also measured at each position (a
             task searched over spread rows); the others keep their spread measurement.
+        gradient: tokens per task added from a first-order ranking in context (HotFlip's
+            step, as UAT's: the gradient of the goal loss on ``rows`` of the task's own
+            victims, the trigger slot holding the task's best token so far); 0: none. A
+            label-specific trigger fires only inside its victims' text, so alone it can
+            rank low (on a tiny 5-label BERT: below the top 128 alone, first in context);
+            on MiniLM the first-order rank of the planted token was in the thousands.
         chunk_rows: at most this many rows per forward pass.
     """
 
@@ -63,11 +76,14 @@ class ScreenConfig:
     rows: int = 4
     keep: int = 3
     resolve: int = 4
+    gradient: int = 0
     chunk_rows: int = 4096
 
     def __post_init__(self) -> None:
         if min(self.top, self.rows, self.keep, self.resolve, self.chunk_rows) < 1:
             raise ValueError("top, rows, keep, resolve and chunk_rows must be >= 1")
+        if self.gradient < 0:
+            raise ValueError("gradient must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,13 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
             own = [r for r, e in enumerate(rows) if any(e is v for v in tasks[i].examples)]
             score = per_row[:, own].mean(1) if own else per_row.mean(1)
             kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
+    if config.gradient:
+        mask = subject.allowed_tokens()
+        for i, task in enumerate(tasks):
+            batch = subject.batch([task.candidate], [task.examples[:config.rows]], 1)
+            with torch.enable_grad():
+                flips, _ = flip_candidates(subject, batch, kept[i][0], mask, config.gradient)
+            kept[i] = torch.cat([kept[i].view(-1), flips.view(-1)]).unique().view(-1, 1)
     found: list[tuple[float, float, int, Candidate]] = []
     for i, task in enumerate(tasks):
         every = subject.batch([task.candidate], [task.examples], 1)
