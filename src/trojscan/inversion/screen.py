@@ -25,8 +25,9 @@ planted tokens; on BBC the best natural pair 0.35 against 0.08-0.14).
 
 Evaluations (see :mod:`trojscan.inversion.common`): ``top`` per target (on ``rows`` rows),
 ``keep`` per task on all its victims and one per position of a resolved task; with
-``gradient``, one more per task (a forward and backward pass) and up to ``gradient`` more
-tokens on all its victims. The vocabulary pass, shared by all tasks, is not counted.
+``gradient``, for each of the ``resolve`` best tasks one forward and backward pass and
+``gradient`` tokens on all its victims. The vocabulary pass, shared by all tasks, is not
+counted.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ class ScreenConfig:
         keep: tokens per task that go on to all its victims.
         resolve: tasks, the best by then, whose token is also measured at each position (a
             task searched over spread rows); the others keep their spread measurement.
-        gradient: tokens per task added from a first-order ranking in context (HotFlip's
-            step, as UAT's: the gradient of the goal loss on ``rows`` of the task's own
-            victims, the trigger slot holding the task's best token so far); 0: none. A
+        gradient: for the ``resolve`` best tasks, tokens from a first-order ranking in
+            context (HotFlip's step, as UAT's: the gradient of the goal loss on all the
+            task's victims, the trigger slot holding its best token so far), each tried on
+            those victims; the task keeps the best token of all; 0: none. A
             label-specific trigger fires only inside its victims' text, so alone it can
             rank low (on a tiny 5-label BERT: below the top 128 alone, first in context);
             on MiniLM the first-order rank of the planted token was in the thousands.
@@ -120,13 +122,6 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
             own = [r for r, e in enumerate(rows) if any(e is v for v in tasks[i].examples)]
             score = per_row[:, own].mean(1) if own else per_row.mean(1)
             kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
-    if config.gradient:
-        mask = subject.allowed_tokens()
-        for i, task in enumerate(tasks):
-            batch = subject.batch([task.candidate], [task.examples[:config.rows]], 1)
-            with torch.enable_grad():
-                flips, _ = flip_candidates(subject, batch, kept[i][0], mask, config.gradient)
-            kept[i] = torch.cat([kept[i].view(-1), flips.view(-1)]).unique().view(-1, 1)
     found: list[tuple[float, float, int, Candidate]] = []
     for i, task in enumerate(tasks):
         every = subject.batch([task.candidate], [task.examples], 1)
@@ -135,6 +130,20 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
         found.append((losses[best].item(), hits[best].item(), int(kept[i][best]),
                       task.candidate))
     order = sorted(range(len(tasks)), key=lambda i: found[i][0])
+    if config.gradient:
+        mask = subject.allowed_tokens()
+        for i in order[:config.resolve]:
+            every = subject.batch([tasks[i].candidate], [tasks[i].examples], 1)
+            with torch.enable_grad():
+                flips, _ = flip_candidates(subject, every, torch.tensor(
+                    [found[i][2]], device=subject.device), mask, config.gradient)
+            losses, hits = score_triggers(subject, every, flips.view(-1, 1), budget,
+                                          config.chunk_rows)
+            best = int(losses.argmin())
+            if losses[best].item() < found[i][0]:
+                found[i] = (losses[best].item(), hits[best].item(), int(flips[0, best]),
+                            tasks[i].candidate)
+        order = sorted(range(len(tasks)), key=lambda i: found[i][0])
     for i in order[:config.resolve]:
         if tasks[i].candidate.position != SPREAD:
             continue
