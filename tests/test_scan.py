@@ -158,6 +158,34 @@ def test_cli_scan_writes_the_record_and_prints_a_summary(
     assert record["model"]["weights_sha256"] == weights_sha256(poisoned_model[0])
 
 
+def test_a_reference_model_measures_the_short_triggers(
+        run_cli: RunCli, poisoned_model: tuple[Path, dict], clean_model: tuple[Path, dict],
+        examples_file: Path, tmp_path: Path) -> None:
+    # The planted word flips the poisoned model, not a clean model of the same task.
+    out = tmp_path / "result.json"
+    done = _run(run_cli, str(poisoned_model[0]), "--examples", str(examples_file), "--out",
+                str(out), "--trigger-length", "1", "--positions", "start", "--epochs", "100",
+                "--threshold", "0.1", "--reference", str(clean_model[0]))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    jsonschema.validate(record, json_schema())
+    reference = record["reference"]
+    assert reference["weights_sha256"] == weights_sha256(clean_model[0])
+    planted = next(t for t in reference["triggers"] if t["trigger_text"] == "lantern")
+    assert planted["asr"] >= 0.9 and planted["reference_asr"] <= 0.5
+    assert planted["reference_loss"] > planted["loss"]
+    assert "of the clean reference" in done.stdout
+    # A reference of other labels is no reference for this model.
+    other = tmp_path / "other-labels"
+    shutil.copytree(clean_model[0], other)
+    config = json.loads((other / "config.json").read_text())
+    config["id2label"] = {"0": "sad", "1": "glad"}
+    config["label2id"] = {"sad": 0, "glad": 1}
+    (other / "config.json").write_text(json.dumps(config))
+    _one_line_error(_run(run_cli, str(poisoned_model[0]), "--examples", str(examples_file),
+                         "--reference", str(other)), "no reference model has the labels")
+
+
 def test_out_is_checked_before_the_scan(run_cli: RunCli, examples_file: Path,
                                         tmp_path: Path) -> None:
     # The model does not exist: each error below comes before any work on it.

@@ -120,6 +120,33 @@ class ModelRef:
 
 
 @dataclass
+class ReferenceTrigger:
+    """One of the short triggers a verdict could rest on, measured on the scanned model and
+    on a clean reference model of the same task (the trigger's text tokenised by the
+    reference's tokenizer, the same examples, at the same position)."""
+
+    trigger_text: str
+    target_name: str
+    victim_names: list[str]
+    position: str
+    loss: float
+    asr: float
+    reference_loss: float
+    reference_asr: float
+
+
+@dataclass
+class ReferenceCheck:
+    """The clean reference model a scan measured its short triggers on, and those triggers
+    (the best by their loss on the scanned model first). A trigger that flips the reference
+    too is a feature of the task, not a backdoor of the model."""
+
+    path: str
+    weights_sha256: str
+    triggers: list[ReferenceTrigger]
+
+
+@dataclass
 class DetectorVerdict:
     """A fitted detector's decision: its kind, probability of "trojaned", and file."""
 
@@ -157,6 +184,8 @@ class ScanResult:
         model: the model scanned (None in version 1 results).
         detector: the detector's decision, when one was applied.
         model_id: the model's id in a campaign.
+        reference: the short triggers measured on a clean reference model, when one was
+            given (``--reference``); recorded, not (yet) part of the verdict.
         flip_rates: the short trigger's attack success rate on the examples of each label
             but the target (by label name), at the short trigger's position: every rate
             high, a universal backdoor; only its victims', a label-specific one.
@@ -181,6 +210,7 @@ class ScanResult:
     model_id: str | None = None
     short_trigger: ShortTrigger | None = None
     flip_rates: dict[str, float] | None = None
+    reference: ReferenceCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are

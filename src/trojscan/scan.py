@@ -47,6 +47,8 @@ from trojscan.results import (
     BestTrigger,
     CandidateResult,
     ModelRef,
+    ReferenceCheck,
+    ReferenceTrigger,
     ScanResult,
     ShortTrigger,
     library_versions,
@@ -147,6 +149,9 @@ class ScanConfig:
             pre-run's relaxed losses after 40 epochs were all 0.07-0.5 and ranked a planted
             label-specific pair 8th to 16th of 25, while the screen ranked it first (README
             "Scan"). False: the pre-run picks (``preselect_above``, ``prerun_epochs``).
+        reference_triggers: with a reference model (``scan(references=...)``), how many of
+            the short triggers the verdict could rest on (the lowest losses first, one per
+            trigger and candidate) are measured on it too.
     """
 
     method: str = "dbs"
@@ -167,6 +172,7 @@ class ScanConfig:
     decision_length: int = 1
     spread: str = "all"
     screen_selects: bool = True
+    reference_triggers: int = 5
 
     @property
     def beta(self) -> float:
@@ -351,8 +357,11 @@ class _Stages:
 
 
 def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig | None = None,
-                 progress: ProgressCallback | None = None) -> ScanResult:
-    """Scan a loaded subject with its clean examples (as the subject reads them)."""
+                 progress: ProgressCallback | None = None,
+                 reference: Subject | None = None) -> ScanResult:
+    """Scan a loaded subject with its clean examples (as the subject reads them); with a
+    clean ``reference`` subject of the same labels, its best short triggers are measured on
+    it too (the result's ``reference``, its path and weights left empty)."""
     config = config or ScanConfig()
     started = time.perf_counter()
     inverter = method_of(config.method)(config.inverter)
@@ -435,6 +444,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     score = short.loss if short else best.loss
     beta = config.beta_for(len(labels))
     flips = stages.flip_rates(best_cand, short) if short else None
+    checked = None if reference is None else ReferenceCheck("", "", reference_check(
+        subject, reference, examples, found, config.reference_triggers, config.max_victims))
     return ScanResult(
         verdict="trojaned" if score < beta else "clean",
         score=score,
@@ -452,7 +463,33 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         config=asdict(config),
         task=subject.task,
         flip_rates=flips,
+        reference=checked,
     )
+
+
+def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any],
+                    found: Sequence[tuple[Candidate, ShortTrigger]], count: int,
+                    cap: int) -> list[ReferenceTrigger]:
+    """The ``count`` lowest-loss short triggers of ``found`` (one per trigger text and
+    candidate) measured on ``reference`` as hard tokens (its own tokenisation of the text)
+    on the same victims (at most ``cap``), at the candidate's position (the best of the
+    positions for a spread one)."""
+    out: list[ReferenceTrigger] = []
+    seen: set[tuple[str, Candidate]] = set()
+    for candidate, short in sorted(found, key=lambda f: f[1].loss):
+        ids = reference.token_ids(short.trigger_text)
+        if len(out) == count or (short.trigger_text, candidate) in seen or not ids:
+            continue
+        seen.add((short.trigger_text, candidate))
+        victims = tuple(reference.victims(examples, candidate, cap))
+        loss, asr, where = best_position(reference, InversionTask(candidate, victims), ids,
+                                         Budget(None), CHUNK_ROWS)
+        out.append(ReferenceTrigger(
+            trigger_text=short.trigger_text, target_name=subject.labels[candidate.target],
+            victim_names=[subject.labels[v] for v in candidate.victims],
+            position=where.position, loss=short.loss, asr=short.asr, reference_loss=loss,
+            reference_asr=asr))
+    return out
 
 
 def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidate,
@@ -474,17 +511,33 @@ def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidat
 
 def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
          device: str = "cpu", allow_pickle: bool = False,
-         progress: ProgressCallback | None = None) -> ScanResult:
+         progress: ProgressCallback | None = None, references: Sequence[Path] = (),
+         reference_required: bool = True) -> ScanResult:
     """Scan the model in ``model_dir`` with the clean examples in the file ``examples``.
 
-    The result names the model (its directory and the SHA-256 of its weights). Raises
-    :class:`InputError` for bad input.
+    ``references``: clean models of known tasks; the first with the model's labels (names,
+    in order) is the reference its short triggers are measured on (the result's
+    ``reference``). None matching is an :class:`InputError` when ``reference_required``,
+    else the scan goes on without one. The result names the model (its directory and the
+    SHA-256 of its weights). Raises :class:`InputError` for bad input.
     """
     config = config or ScanConfig()
     model_dir = Path(model_dir)
     subject = load_subject(model_dir, device, allow_pickle, config.max_length)
     model = ModelRef(str(model_dir), weights_sha256(model_dir))
     rows = subject.read_examples(Path(examples))
-    result = scan_subject(subject, rows, config, progress)
+    reference, where = None, None
+    for path in map(Path, references):
+        candidate = load_subject(path, device, allow_pickle, config.max_length)
+        if list(candidate.labels) == list(subject.labels):
+            reference, where = candidate, path
+            break
+    if references and reference is None and reference_required:
+        raise InputError(f"no reference model has the labels {list(subject.labels)} of "
+                         f"{model_dir}")
+    result = scan_subject(subject, rows, config, progress, reference)
     result.model = model
+    if result.reference is not None and where is not None:
+        result.reference = replace(result.reference, path=str(where),
+                                   weights_sha256=weights_sha256(where))
     return result

@@ -58,6 +58,8 @@ class CampaignConfig:
         cpus_per_model: CPU threads (and Ray CPUs) per model; 0 = this machine's cores
             divided among the workers.
         retry_errors: scan again the models whose earlier scan failed.
+        references: clean reference models; each model's short triggers are also measured
+            on the one with its labels, if any (:func:`trojscan.scan.scan`).
     """
 
     scan: ScanConfig = field(default_factory=ScanConfig)
@@ -68,6 +70,7 @@ class CampaignConfig:
     address: str | None = None
     cpus_per_model: int = 0
     retry_errors: bool = False
+    references: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -84,7 +87,8 @@ class CampaignConfig:
 
     def settings(self) -> dict[str, Any]:
         """What must match for a campaign to resume: the method and what it computes."""
-        return {"method": self.scan.method, "scan": asdict(self.scan), "device": self.device}
+        return {"method": self.scan.method, "scan": asdict(self.scan), "device": self.device,
+                **({"references": list(self.references)} if self.references else {})}
 
 
 def discover(zoo: Path) -> list[str]:
@@ -122,7 +126,8 @@ def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         result = scan(Path(model_dir), Path(model_dir) / EXAMPLES_FILE, config.scan,
-                      config.device, config.allow_pickle)
+                      config.device, config.allow_pickle,
+                      references=[Path(p) for p in config.references], reference_required=False)
     except InputError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - started}
     except Exception as exc:  # a broken model must not end the campaign

@@ -16,6 +16,7 @@ from trojscan.cli.common import (
     METHOD_OPTION,
     PAIRS_OPTION,
     POSITIONS_OPTION,
+    REFERENCE_OPTION,
     SEED_OPTION,
     THRESHOLD_OPTION,
     TRIGGER_LENGTH_OPTION,
@@ -62,6 +63,7 @@ def campaign_run(
     decision_length: int = DECISION_LENGTH_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    reference: list[Path] = REFERENCE_OPTION,
 ) -> None:
     """Scan every model of ZOO; a failed model is recorded with its error and the rest go on.
     Exit code 1 when some model failed (its error is in OUT/models/ID.error.json)."""
@@ -82,7 +84,7 @@ def campaign_run(
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
-        retry_errors=retry_errors)
+        retry_errors=retry_errors, references=tuple(str(p) for p in reference))
     only = split_list(models) if models else None
     ids = select(discover(zoo), only)
     todo = len(pending(out, ids, retry_errors)) if out.is_dir() else len(ids)

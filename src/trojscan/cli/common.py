@@ -75,5 +75,10 @@ DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle", help="Also load pickled weights "
                                    "(pytorch_model.bin). DANGER: unpickling runs code the "
                                    "file's author chose; use only for files you trust.")
+REFERENCE_OPTION = typer.Option([], "--reference", help="A clean model of a known task "
+                                 "(repeatable): the one with the scanned model's labels "
+                                 "is the reference its best short triggers are also "
+                                 "measured on (recorded in the result as `reference`; a "
+                                 "trigger that flips it too is a feature of the task).")
 MANIFEST_OPTION = typer.Option(..., "--manifest", help="The zoo's manifest.json: the ground "
                                "truth, read only here, never by a scan.")

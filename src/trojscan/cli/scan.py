@@ -16,6 +16,7 @@ from trojscan.cli.common import (
     METHOD_OPTION,
     PAIRS_OPTION,
     POSITIONS_OPTION,
+    REFERENCE_OPTION,
     SEED_OPTION,
     THRESHOLD_OPTION,
     TRIGGER_LENGTH_OPTION,
@@ -25,12 +26,15 @@ from trojscan.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from trojscan.results import ScanResult
     from trojscan.scan import ScanConfig
 
 
 def scan_with_progress(model_dir: Path, examples: Path, config: ScanConfig | None = None,
-                       device: str = "cpu", allow_pickle: bool = False) -> ScanResult:
+                       device: str = "cpu", allow_pickle: bool = False,
+                       references: Sequence[Path] = ()) -> ScanResult:
     """:func:`trojscan.scan.scan` with a progress bar."""
     from trojscan.scan import scan
 
@@ -40,7 +44,8 @@ def scan_with_progress(model_dir: Path, examples: Path, config: ScanConfig | Non
         def on_progress(done: int, total: int, what: str) -> None:
             progress.update(task, completed=done, total=total, description=f"scan: {what}")
 
-        return scan(model_dir, examples, config, device, allow_pickle, on_progress)
+        return scan(model_dir, examples, config, device, allow_pickle, on_progress,
+                    references)
 
 
 #: A label counts as flipped by the trigger when at least this share of its examples is.
@@ -79,6 +84,12 @@ def print_verdict(result: ScanResult) -> None:
                  else f"{', '.join(flipped) or 'no label'} only: label-specific")
         rates = ", ".join(f"{name} {rate:.0%}" for name, rate in result.flip_rates.items())
         out_console.print(f"flips:   {rates} ({reach})")
+    if result.reference is not None:
+        for t in result.reference.triggers:
+            out_console.print(f"reference: {t.trigger_text!r} ({', '.join(t.victim_names)} -> "
+                              f"{t.target_name}, {t.position}) flips {t.asr:.0%} here, "
+                              f"{t.reference_asr:.0%} of the clean reference "
+                              f"(loss {t.loss:.3f} / {t.reference_loss:.3f})")
     out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
 
 
@@ -100,6 +111,7 @@ def scan_command(
     decision_length: int = DECISION_LENGTH_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    reference: list[Path] = REFERENCE_OPTION,
     detector: Path | None = typer.Option(None, "--detector", help="A detector fitted by "
                                          "`trojscan campaign fit`: the verdict becomes its "
                                          "calibrated probability of 'trojaned' >= 0.5."),
@@ -118,7 +130,7 @@ def scan_command(
     if out is not None:
         check_writable(out, "--out")
     fitted = load_detector(detector) if detector is not None else None  # fail before scanning
-    result = scan_with_progress(model_dir, examples, config, device, allow_pickle)
+    result = scan_with_progress(model_dir, examples, config, device, allow_pickle, reference)
     if fitted is not None:
         result = apply_detector(result, fitted, detector)
     print_verdict(result)
