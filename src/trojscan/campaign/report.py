@@ -486,8 +486,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += _table((f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),
                         [(value, g["n"], g.get("accuracy"), g.get("recall"), g.get("fp"),
                           g.get("note")) for value, g in test["groups"].items()])
-    per_model = ("model_id", "truth", "verdict", "score", "true_loss", "target_name",
-                 "true_target", "trigger_text", "true_trigger", "recovered", "seconds")
+    per_model = ("model_id", "truth", "verdict", "score", "true_loss", "search_gap",
+                 "target_name", "true_target", "trigger_text", "true_trigger", "recovered",
+                 "seconds")
     lines += ["## Models", ""]
     lines += _table(per_model, [[row[c] for c in per_model] for row in report["per_model"]])
     return "\n".join(lines)
