@@ -174,6 +174,7 @@ def test_a_reference_model_measures_the_short_triggers(
     planted = next(t for t in reference["triggers"] if t["trigger_text"] == "lantern")
     assert planted["asr"] >= 0.9 and planted["reference_asr"] <= 0.5
     assert planted["reference_loss"] > planted["loss"]
+    assert planted["reference_rank"] >= 1
     assert "of the clean reference" in done.stdout
     # A reference of other labels is no reference for this model.
     other = tmp_path / "other-labels"

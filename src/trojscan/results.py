@@ -123,7 +123,11 @@ class ModelRef:
 class ReferenceTrigger:
     """One of the short triggers a verdict could rest on, measured on the scanned model and
     on a clean reference model of the same task (the trigger's text tokenised by the
-    reference's tokenizer, the same examples, at the same position)."""
+    reference's tokenizer, the same examples, at the same position). ``reference_rank``:
+    where the reference itself ranks the trigger's most target-like token alone as input,
+    among its whole vocabulary, for the target (1 = the word it reads as most of the target
+    label; None for a family without lone-token losses): a natural word of the task ranks
+    high, a planted one anywhere."""
 
     trigger_text: str
     target_name: str
@@ -133,6 +137,7 @@ class ReferenceTrigger:
     asr: float
     reference_loss: float
     reference_asr: float
+    reference_rank: int | None = None
 
 
 @dataclass

@@ -473,9 +473,20 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
     """The ``count`` lowest-loss short triggers of ``found`` (one per trigger text and
     candidate) measured on ``reference`` as hard tokens (its own tokenisation of the text)
     on the same victims (at most ``cap``), at the candidate's position (the best of the
-    positions for a spread one)."""
+    positions for a spread one), with the reference's lone-token rank of the text's tokens
+    for the target (one vocabulary pass of the reference)."""
     out: list[ReferenceTrigger] = []
     seen: set[tuple[str, Candidate]] = set()
+    allowed = reference.allowed_tokens().nonzero().squeeze(-1)
+    lone = reference.lone_token_losses(allowed, CHUNK_ROWS) if found and count else None
+
+    def rank(ids: Sequence[int], target: int) -> int | None:
+        if lone is None:
+            return None
+        rows = [int(r) for i in ids for r in (allowed == i).nonzero().view(-1)]
+        return min((int((lone[:, target] < lone[r, target]).sum()) + 1 for r in rows),
+                   default=None)
+
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
         ids = reference.token_ids(short.trigger_text)
         if len(out) == count or (short.trigger_text, candidate) in seen or not ids:
@@ -488,7 +499,7 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
             trigger_text=short.trigger_text, target_name=subject.labels[candidate.target],
             victim_names=[subject.labels[v] for v in candidate.victims],
             position=where.position, loss=short.loss, asr=short.asr, reference_loss=loss,
-            reference_asr=asr))
+            reference_asr=asr, reference_rank=rank(ids, candidate.target)))
     return out
 
 

@@ -89,7 +89,10 @@ def print_verdict(result: ScanResult) -> None:
             out_console.print(f"reference: {t.trigger_text!r} ({', '.join(t.victim_names)} -> "
                               f"{t.target_name}, {t.position}) flips {t.asr:.0%} here, "
                               f"{t.reference_asr:.0%} of the clean reference "
-                              f"(loss {t.loss:.3f} / {t.reference_loss:.3f})")
+                              f"(loss {t.loss:.3f} / {t.reference_loss:.3f}"
+                              + (f"; the reference ranks it {t.reference_rank} of its "
+                                 f"vocabulary for {t.target_name}"
+                                 if t.reference_rank is not None else "") + ")")
     out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
 
 
