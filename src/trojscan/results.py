@@ -109,6 +109,10 @@ class CandidateResult:
     shortened: list[ShortTrigger] | None = None
     screened: ShortTrigger | None = None
 
+    def short_triggers(self) -> list[ShortTrigger]:
+        """Its shortened triggers and its screened one, those it has."""
+        return [*(self.shortened or ()), *([self.screened] if self.screened else [])]
+
 
 @dataclass
 class ModelRef:
@@ -227,7 +231,7 @@ class ScanResult:
         lone-token screen) has the lowest loss, with that trigger; None when there is
         none."""
         found = [(c, s) for c in self.candidates
-                 for s in [*(c.shortened or ()), *([c.screened] if c.screened else [])]
+                 for s in c.short_triggers()
                  if s.length == length]
         return min(found, key=lambda pair: pair[1].loss, default=None)
 

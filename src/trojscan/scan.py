@@ -311,10 +311,10 @@ class _Stages:
         on the examples of each label but the target, by label name; a label without
         examples is left out. One evaluation per label."""
         labels, rates = self.subject.labels, {}
-        for label in range(len(labels)):
+        for label in (y for y in range(len(labels)) if y != candidate.target):
             alone = Candidate((label,), candidate.target, candidate.position)
             victims = tuple(self.subject.victims(self.examples, alone, self.config.max_victims))
-            if label != candidate.target and victims:
+            if victims:
                 _, asr, _ = best_position(self.subject, InversionTask(alone, victims),
                                           short.trigger_ids, Budget(None), CHUNK_ROWS)
                 rates[labels[label]] = asr
@@ -488,8 +488,10 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
                    default=None)
 
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
+        if len(out) == count:
+            break
         ids = reference.token_ids(short.trigger_text)
-        if len(out) == count or (short.trigger_text, candidate) in seen or not ids:
+        if (short.trigger_text, candidate) in seen or not ids:
             continue
         seen.add((short.trigger_text, candidate))
         victims = tuple(reference.victims(examples, candidate, cap))

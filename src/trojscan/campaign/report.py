@@ -124,9 +124,8 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
                                      planted.trigger, cap) for p in subject.positions}
         on_target = [c for c in record.candidates if c.target == planted.target]
         on_true = [c for c in on_target if tuple(c.victims) == tuple(planted.victims)]
-        hard = [loss for c in (on_true or on_target) for loss in (
-            [c.hard_loss] if c.hard_loss is not None else []) + [
-            t.loss for t in [*(c.shortened or ()), *([c.screened] if c.screened else [])]]]
+        hard = [t.loss for c in on_true or on_target for t in c.short_triggers()]
+        hard += [c.hard_loss for c in on_true or on_target if c.hard_loss is not None]
         full = [c for c in on_target if c.loss is not None]
         inverted = min(hard) if hard else min(c.prerun_loss for c in on_target
                                               if c.prerun_loss is not None)

@@ -103,7 +103,8 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
            config: ScreenConfig) -> list[Screened] | None:
     """The best one-token trigger the screen finds for each task, in task order; None when
     the subject offers no lone-token losses."""
-    allowed = subject.allowed_tokens().nonzero().squeeze(-1)
+    mask = subject.allowed_tokens()
+    allowed = mask.nonzero().squeeze(-1)
     lone = subject.lone_token_losses(allowed, config.chunk_rows)
     if lone is None:
         return None
@@ -131,7 +132,6 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
                       task.candidate))
     order = sorted(range(len(tasks)), key=lambda i: found[i][0])
     if config.gradient:
-        mask = subject.allowed_tokens()
         for i in order[:config.resolve]:
             every = subject.batch([tasks[i].candidate], [tasks[i].examples], 1)
             with torch.enable_grad():
