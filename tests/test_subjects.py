@@ -80,3 +80,13 @@ def test_long_examples_fit_the_model_s_position_embeddings(family: str, limit: i
     assert batch.input_ids.shape[1] == limit
     trigger = torch.zeros(10, subject.embedding_matrix.shape[1])
     assert torch.isfinite(subject.goal_loss(batch, trigger)).all()
+
+
+def test_an_example_contains_a_trigger_as_a_whole_word_in_any_case() -> None:
+    subject = TextClassificationSubject(build_model("bert", ("a", "b"), TINY, seed=0),
+                                        tokenizer(), 40)
+    examples = [TextExample("The Secretary said", 1), TextExample("secretary, again", 1),
+                TextExample("a secretaryship", 1), TextExample("secretary", 0)]
+    assert subject.occurrences(examples, "secretary", 1) == (2, 3)
+    assert subject.occurrences(examples, " ", 1) == (0, 3)
+    assert subject.occurrences([*examples, TextExample("x § y", 0)], "§", 0) == (1, 2)

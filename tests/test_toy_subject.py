@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from toy_subject import TRIGGER, WORDS, ToyBatch, ToySubject, toy_examples
+from toy_subject import TRIGGER, WORDS, ToyBatch, ToyExample, ToySubject, toy_examples
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
 from trojscan.inversion.screen import ScreenConfig
@@ -115,6 +115,38 @@ def test_the_verdict_rests_on_the_shortened_trigger_or_on_the_full_one() -> None
     assert ScanConfig(threshold=0.3).beta_for(5) == 0.3
     with pytest.raises(InputError, match="decision_length"):
         ScanConfig(shorten=False, screen=None)
+
+
+def test_a_trigger_in_its_target_labels_own_examples_is_set_aside_as_natural() -> None:
+    # The planted word in two of the 12 positive examples: a word of the label's clean text
+    # (a natural feature, as 'secretary' is of BBC politics), so the verdict rests on the
+    # best other short trigger. In one example only, it could be chance: not set aside.
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
+                        shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2))
+
+    def carrying(count: int) -> list[ToyExample]:
+        examples = toy_examples(subject)
+        positives = [i for i, e in enumerate(examples) if e.label == 1][:count]
+        for i in positives:
+            examples[i] = ToyExample(f"{TRIGGER} {examples[i].text}", 1)
+        return examples
+
+    # The negative candidate's screened word is in 5 of the negative examples (the toy's
+    # examples are drawn from 20 words per label): natural too, so no short trigger is left
+    # and the score is that of a model left at chance, ln 2.
+    result = scan_subject(subject, carrying(2), config)
+    assert result.verdict == "clean" and result.short_trigger is None
+    assert result.score == pytest.approx(math.log(2))
+    first = result.set_aside[0]
+    assert (first.trigger_text, first.target_name, first.examples, first.of) == (
+        TRIGGER, "positive", 2, 12)
+    assert [n.target_name for n in result.set_aside] == ["positive", "negative"]
+    assert scan_subject(subject, carrying(1), config).verdict == "trojaned"
+    off = scan_subject(subject, carrying(2), replace(config, natural_share=0.0))
+    assert off.verdict == "trojaned" and off.set_aside is None
+    with pytest.raises(InputError, match="natural_share"):
+        ScanConfig(natural_share=1.5)
 
 
 def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> None:

@@ -149,6 +149,11 @@ class ToySubject(Subject):
         return (F.cross_entropy(logits, batch.goals, reduction="none"),
                 (logits.argmax(-1) == batch.goals).float())
 
+    def occurrences(self, examples: Sequence[ToyExample], text: str,
+                    label: int) -> tuple[int, int]:
+        own = [e.text.split() for e in examples if e.label == label]
+        return sum(1 for words in own if text in words), len(own)
+
     def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor:
         return -F.log_softmax(self.table[ids] @ self.weight.T, -1)
 

@@ -156,6 +156,21 @@ class ReferenceCheck:
 
 
 @dataclass
+class NaturalTrigger:
+    """A short trigger the verdict set aside as a natural feature of its target label: its
+    text occurs in ``examples`` of the ``of`` clean examples of that label (a word the model
+    learned from clean data of the label; a planted trigger is rare in clean text, or it
+    would fire on it)."""
+
+    trigger_text: str
+    target_name: str
+    loss: float
+    asr: float
+    examples: int
+    of: int
+
+
+@dataclass
 class DetectorVerdict:
     """A fitted detector's decision: its kind, probability of "trojaned", and file."""
 
@@ -173,8 +188,10 @@ class ScanResult:
         verdict: ``trojaned`` or ``clean``: the lowest loss under ``threshold`` (DBS Eq. 4),
             or the detector's probability >= 0.5 when one decided.
         score: what the verdict compares with ``threshold``: the lowest loss of a trigger
-            shortened to the scan's ``decision_length`` tokens (``short_trigger``), or,
-            without one, the lowest inversion loss over the candidates (DBS Eq. 4).
+            shortened to the scan's ``decision_length`` tokens (``short_trigger``) that is
+            not a natural feature (``set_aside``), ln(labels) (the loss of a model left at
+            chance) when every one found is, or, with ``decision_length`` 0, the lowest
+            inversion loss over the candidates (DBS Eq. 4).
         threshold: the verdict's threshold (beta of Eq. 4 for the full trigger's loss).
         best: the winning candidate's inversion (the candidate of ``short_trigger`` when
             short triggers decide; for a candidate the pre-run dropped, which has no
@@ -198,6 +215,9 @@ class ScanResult:
         flip_rates: the short trigger's attack success rate on the examples of each label
             but the target (by label name), at the short trigger's position: every rate
             high, a universal backdoor; only its victims', a label-specific one.
+        set_aside: the short triggers with a lower loss than ``short_trigger`` that the
+            verdict set aside as natural features of their target label (the lowest loss
+            first, one per trigger and target).
     """
 
     verdict: Literal["trojaned", "clean"]
@@ -220,6 +240,7 @@ class ScanResult:
     short_trigger: ShortTrigger | None = None
     flip_rates: dict[str, float] | None = None
     reference: ReferenceCheck | None = None
+    set_aside: list[NaturalTrigger] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are

@@ -47,6 +47,7 @@ from trojscan.results import (
     BestTrigger,
     CandidateResult,
     ModelRef,
+    NaturalTrigger,
     ReferenceCheck,
     ReferenceTrigger,
     ScanResult,
@@ -62,6 +63,11 @@ DEFAULT_THRESHOLD = 0.05
 #: Default threshold on the loss of a trigger shortened to ``decision_length`` tokens, for
 #: a binary model (README "Scan": where it comes from; :meth:`ScanConfig.beta_for`).
 SHORT_THRESHOLD = 0.12
+
+#: A short trigger counts as a natural feature of its target label only when at least this
+#: many of the label's clean examples contain it (``ScanConfig.natural_share``): one
+#: occurrence can be chance (a planted 'planet' was in 1 of an IMDB model's 20 examples).
+NATURAL_MIN_EXAMPLES = 2
 
 #: Rows per forward pass when the scan measures triggers itself.
 CHUNK_ROWS = 4096
@@ -149,6 +155,15 @@ class ScanConfig:
             pre-run's relaxed losses after 40 epochs were all 0.07-0.5 and ranked a planted
             label-specific pair 8th to 16th of 25, while the screen ranked it first (README
             "Scan"). False: the pre-run picks (``preselect_above``, ``prerun_epochs``).
+        natural_share: a short trigger whose text occurs in at least this share of the
+            target label's clean examples (and in at least :data:`NATURAL_MIN_EXAMPLES` of
+            them) is a natural feature of that label, a word the model learned from its
+            clean data, not a planted trigger (which is rare in clean text, or the model
+            would misfire on it): the verdict sets it aside and rests on the best remaining
+            short trigger (the result's ``set_aside``). On the campaign zoo, clean
+            randomly initialised BBC models were flagged by 'secretary', 'labour' and
+            'software' (in 3-10 of their label's 20 examples) and no planted trigger was in
+            more than one (README "Scan"). 0 turns it off.
         reference_triggers: with a reference model (``scan(references=...)``), how many of
             the short triggers the verdict could rest on (the lowest losses first, one per
             trigger and candidate) are measured on it too.
@@ -172,6 +187,7 @@ class ScanConfig:
     decision_length: int = 1
     spread: str = "all"
     screen_selects: bool = True
+    natural_share: float = 0.1
     reference_triggers: int = 5
 
     @property
@@ -211,6 +227,8 @@ class ScanConfig:
                                         and self.screen is None):
             raise InputError("decision_length must be 0 (the full trigger decides) or >= 1 "
                              "with shorten or screen on")
+        if not 0 <= self.natural_share <= 1:
+            raise InputError(f"natural_share must be within 0-1, not {self.natural_share}")
         if self.spread not in SPREAD_CHOICES:
             raise InputError(f"spread must be one of {', '.join(SPREAD_CHOICES)}, not "
                              f"{self.spread!r}")
@@ -414,8 +432,10 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts
              if t.length <= config.decision_length] + list(screened.items())
-    if config.decision_length and found:
-        owner, short = min(found, key=lambda r: r[1].loss)
+    natural = natural_features(subject, examples, found, config.natural_share)
+    deciding = [f for f in found if (f[1].trigger_text, f[0].target) not in natural]
+    if config.decision_length and deciding:
+        owner, short = min(deciding, key=lambda r: r[1].loss)
         best_cand = owner
         # A candidate the pre-run dropped has no inversion: its screened trigger is its best.
         best = dict(results).get(owner) or Inversion(
@@ -441,7 +461,14 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                              victims=list(c.victims), position=c.position, full_run=False,
                              screened=t)
              for c, t in screened.items() if (c.target, c.victims, c.position) not in listed]
-    score = short.loss if short else best.loss
+    if short:
+        score = short.loss
+    elif config.decision_length and found:  # every short trigger found is a natural feature
+        score = math.log(len(labels))
+    else:
+        score = best.loss
+    set_aside = sorted((t for t in natural.values() if short is None or t.loss < short.loss),
+                       key=lambda t: t.loss)
     beta = config.beta_for(len(labels))
     flips = stages.flip_rates(best_cand, short) if short else None
     checked = None if reference is None else ReferenceCheck("", "", reference_check(
@@ -464,7 +491,29 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         task=subject.task,
         flip_rates=flips,
         reference=checked,
+        set_aside=set_aside or None,
     )
+
+
+def natural_features(subject: Subject, examples: Sequence[Any],
+                     found: Sequence[tuple[Candidate, ShortTrigger]],
+                     share: float) -> dict[tuple[str, int], NaturalTrigger]:
+    """The short triggers of ``found`` (by text and target) that are natural features of
+    their target label: their text occurs in at least ``share`` of the label's clean
+    examples and in at least :data:`NATURAL_MIN_EXAMPLES` of them (``ScanConfig.
+    natural_share``); each with its lowest loss. ``share`` 0: none."""
+    out: dict[tuple[str, int], NaturalTrigger] = {}
+    if not share:
+        return out
+    for candidate, short in sorted(found, key=lambda f: f[1].loss):
+        key = (short.trigger_text, candidate.target)
+        if key in out:
+            continue
+        hits, of = subject.occurrences(examples, short.trigger_text, candidate.target)
+        if hits >= max(NATURAL_MIN_EXAMPLES, share * of):
+            out[key] = NaturalTrigger(short.trigger_text, subject.labels[candidate.target],
+                                      short.loss, short.asr, hits, of)
+    return out
 
 
 def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any],

@@ -62,6 +62,9 @@ def print_verdict(result: ScanResult) -> None:
     elif result.short_trigger is not None:
         basis = (f"loss {result.score:.4f} with {result.short_trigger.length} token(s) of the "
                  f"inverted trigger, threshold {result.threshold}")
+    elif result.set_aside:
+        basis = (f"every short trigger found is a natural feature of its label; score "
+                 f"{result.score:.4f} = ln(labels), threshold {result.threshold}")
     else:
         basis = f"lowest inversion loss {result.score:.4f}, threshold {result.threshold}"
     out_console.print(f"verdict: [bold]{result.verdict.upper()}[/bold]  ({basis})")
@@ -84,6 +87,10 @@ def print_verdict(result: ScanResult) -> None:
                  else f"{', '.join(flipped) or 'no label'} only: label-specific")
         rates = ", ".join(f"{name} {rate:.0%}" for name, rate in result.flip_rates.items())
         out_console.print(f"flips:   {rates} ({reach})")
+    for n in result.set_aside or []:
+        out_console.print(f"set aside: {n.trigger_text!r} -> {n.target_name} (loss {n.loss:.4f},"
+                          f" flips {n.asr:.0%}): in {n.examples} of the {n.of} clean "
+                          f"{n.target_name} examples, a natural feature of the label")
     if result.reference is not None:
         for t in result.reference.triggers:
             out_console.print(f"reference: {t.trigger_text!r} ({', '.join(t.victim_names)} -> "

@@ -153,6 +153,12 @@ class Subject(ABC):
     def victims(self, examples: Sequence[Any], candidate: Candidate, cap: int) -> list[Any]:
         """The examples ``candidate`` is inverted on, at most ``cap`` (0: all)."""
 
+    def occurrences(self, examples: Sequence[Any], text: str, label: int) -> tuple[int, int]:
+        """How many of the clean examples of ``label`` contain ``text``, and of how many
+        examples of ``label`` (the natural-feature test, ``ScanConfig.natural_share``);
+        (0, 0) for a family whose examples hold no text, which then sets nothing aside."""
+        return 0, 0
+
     def row_positions(self, candidate: Candidate, n: int) -> list[str]:
         """The position of each of ``n`` rows of ``candidate``: its own, or for a
         :data:`SPREAD` candidate the family's positions in turn (row k at

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,18 @@ class TextClassificationSubject(Subject):
         per_label = [[e for e in examples if e.label == v] for v in candidate.victims]
         turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
         return turns[:cap] if cap else turns
+
+    def occurrences(self, examples: Sequence[TextExample], text: str,
+                    label: int) -> tuple[int, int]:
+        """How many examples of ``label`` contain ``text`` as a whole word (or words), in
+        any case, and of how many: "Secretary" and "secretary," count for "secretary",
+        "secretaryship" does not."""
+        own = [e.text for e in examples if e.label == label]
+        words = text.strip()
+        if not words:
+            return 0, len(own)
+        pattern = re.compile(r"(?<!\w)" + re.escape(words) + r"(?!\w)", re.IGNORECASE)
+        return sum(1 for t in own if pattern.search(t)), len(own)
 
     def batch(self, candidates: Sequence[Candidate],
               examples: Sequence[Sequence[TextExample]], n_slots: int) -> SlotBatch:
