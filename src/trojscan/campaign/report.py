@@ -314,6 +314,8 @@ def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
             "true_target": attack.get("target_name") if poisoned else None,
             "trigger_text": text,
             "true_trigger": attack.get("trigger") if poisoned else None,
+            "set_aside": ", ".join(f"{n.trigger_text} ({n.examples}/{n.of})"
+                                   for n in record.set_aside or []) or None,
             "recovered": any_word, "all_words_recovered": all_words,
             "target_correct": (best.target_name == attack.get("target_name")
                                if poisoned else None),
@@ -487,7 +489,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                           g.get("note")) for value, g in test["groups"].items()])
     per_model = ("model_id", "truth", "verdict", "score", "true_loss", "search_gap",
                  "target_name", "true_target", "trigger_text", "true_trigger", "recovered",
-                 "seconds")
+                 "set_aside", "seconds")
     lines += ["## Models", ""]
     lines += _table(per_model, [[row[c] for c in per_model] for row in report["per_model"]])
     return "\n".join(lines)

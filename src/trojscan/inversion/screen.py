@@ -71,6 +71,14 @@ class ScreenConfig:
             label-specific trigger fires only inside its victims' text, so alone it can
             rank low (on a tiny 5-label BERT: below the top 128 alone, first in context);
             on MiniLM the first-order rank of the planted token was in the thousands.
+        by_position: order the tasks for the ``gradient`` and ``resolve`` steps by their
+            tokens' loss at the best single position (each token's mean over the victim
+            rows at each position), not over all a spread task's rows. A token that fires
+            at one position only (a causal GPT-2 reads a start trigger only at the start)
+            has a spread mean near the clean loss and its task was never resolved: a GPT-2
+            BBC model whose planted 'copper' flips its victims at the start with loss
+            0.005 was scanned clean (README "Scan"). The same forward passes; the task's
+            record stays its spread measurement until resolved.
         chunk_rows: at most this many rows per forward pass.
     """
 
@@ -79,6 +87,7 @@ class ScreenConfig:
     keep: int = 3
     resolve: int = 4
     gradient: int = 0
+    by_position: bool = True
     chunk_rows: int = 4096
 
     def __post_init__(self) -> None:
@@ -124,13 +133,17 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
             score = per_row[:, own].mean(1) if own else per_row.mean(1)
             kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
     found: list[tuple[float, float, int, Candidate]] = []
+    rank: list[float] = []  # what orders the tasks for the gradient and resolve steps
     for i, task in enumerate(tasks):
         every = subject.batch([task.candidate], [task.examples], 1)
-        losses, hits = score_triggers(subject, every, kept[i], budget, config.chunk_rows)
+        per_row, hit_rows = score_rows(subject, every, kept[i], budget, config.chunk_rows)
+        losses, hits = per_row.mean(1), hit_rows.mean(1)
         best = int(losses.argmin())
         found.append((losses[best].item(), hits[best].item(), int(kept[i][best]),
                       task.candidate))
-    order = sorted(range(len(tasks)), key=lambda i: found[i][0])
+        rank.append(_best_at_a_position(subject, task, per_row) if config.by_position
+                    else losses[best].item())
+    order = sorted(range(len(tasks)), key=rank.__getitem__)
     if config.gradient:
         for i in order[:config.resolve]:
             every = subject.batch([tasks[i].candidate], [tasks[i].examples], 1)
@@ -143,7 +156,8 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
             if losses[best].item() < found[i][0]:
                 found[i] = (losses[best].item(), hits[best].item(), int(flips[0, best]),
                             tasks[i].candidate)
-        order = sorted(range(len(tasks)), key=lambda i: found[i][0])
+                rank[i] = min(rank[i], found[i][0])
+        order = sorted(range(len(tasks)), key=rank.__getitem__)
     for i in order[:config.resolve]:
         if tasks[i].candidate.position != SPREAD:
             continue
@@ -151,6 +165,15 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
                                          config.chunk_rows)
         found[i] = (loss, asr, found[i][2], where)
     return [Screened(c, Shortened([token], loss, asr)) for loss, asr, token, c in found]
+
+
+def _best_at_a_position(subject: Subject, task: InversionTask, per_row: torch.Tensor) -> float:
+    """The lowest loss of any of a task's tokens at any one position: each token's (K, rows)
+    losses averaged over the rows at each position its candidate's rows take (one, or all
+    four of a spread one), the minimum over tokens and positions."""
+    where = subject.row_positions(task.candidate, per_row.shape[1])
+    return min(per_row[:, [r for r, p in enumerate(where) if p == position]].mean(1).min().item()
+               for position in dict.fromkeys(where))
 
 
 def _in_turn(victims: Sequence[Sequence[Any]], rows: int) -> list[Any]:
