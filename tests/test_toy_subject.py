@@ -9,12 +9,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from toy_subject import TRIGGER, WORDS, ToyBatch, ToyExample, ToySubject, toy_examples
+from toy_subject import (
+    TRIGGER,
+    WORDS,
+    PositionalToy,
+    ToyBatch,
+    ToyExample,
+    ToySubject,
+    toy_examples,
+)
 from trojscan.errors import InputError
 from trojscan.inversion.base import InversionTask, Preselection, make_config, method_of
-from trojscan.inversion.screen import ScreenConfig
+from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.scan import SHORT_THRESHOLD, ScanConfig, scan_subject, trigger_check
-from trojscan.subjects.base import Candidate
+from trojscan.subjects.base import SPREAD, Candidate
 
 SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "gcg", "ascc", "genetic"]
 
@@ -186,6 +194,27 @@ def test_the_screens_gradient_tokens_find_a_word_that_does_not_fire_alone() -> N
     assert found.verdict == "trojaned" and found.short_trigger.trigger_text == TRIGGER
     with pytest.raises(ValueError, match="gradient"):
         ScreenConfig(gradient=-1)
+
+
+def test_the_screen_resolves_a_task_whose_token_fires_at_one_position_only() -> None:
+    # Spread over start and end rows, 'lantern' (which this toy reads at the start only)
+    # averages 3.7 and a strong natural word of the other target less, so with one task
+    # resolved the natural word's is; ranked by the best single position, lantern's is.
+    subject = PositionalToy()
+    examples = toy_examples(subject)
+    tasks = [InversionTask(Candidate((1 - t,), t, SPREAD),
+                           tuple(e for e in examples if e.label != t)) for t in (0, 1)]
+
+    def lantern(by_position: bool) -> tuple[str, float]:
+        found = screen(subject, tasks, ScreenConfig(top=4, rows=2, keep=2, resolve=1,
+                                                    by_position=by_position))
+        assert subject.describe(found[1].trigger.trigger_ids)[1] == TRIGGER
+        return found[1].candidate.position, found[1].trigger.loss
+
+    position, loss = lantern(by_position=False)
+    assert position == SPREAD and loss > 3.0
+    position, loss = lantern(by_position=True)
+    assert position == "start" and loss < 0.01
 
 
 def test_a_dropped_candidate_that_decides_reports_its_screened_trigger() -> None:

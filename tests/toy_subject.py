@@ -172,3 +172,37 @@ def toy_examples(subject: ToySubject, per_label: int = 12,
             picks = pool[torch.randint(len(pool), (5,), generator=generator)]
             out.append(ToyExample(" ".join(WORDS[i] for i in picks.tolist()), label))
     return out
+
+
+class PositionalToy(ToySubject):
+    """The toy with two trigger positions, before the example's words (``start``) or after
+    them (``end``), that reads only the first five tokens of a row: a trigger fires at the
+    start only, as a causal model's can. ``w5`` is made a strong negative word
+    (``natural``), which fires at the start only too."""
+
+    positions = ("start", "end")
+
+    def __init__(self, natural: float = 4.0) -> None:
+        super().__init__()
+        self.table[WORDS.index("w5"), 0] = -natural
+
+    def batch(self, candidates: Sequence[Candidate], examples: Sequence[Sequence[ToyExample]],
+              n_slots: int) -> ToyBatch:
+        rows, goals, owner = [], [], []
+        for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
+            for example, where in zip(group, self.row_positions(candidate, len(group)),
+                                      strict=True):
+                words = [WORDS.index(w) for w in example.text.split()]
+                slots = [-1] * n_slots
+                rows.append(slots + words if where == "start" else words + slots)
+                goals.append(candidate.target)
+                owner.append(index)
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        return ToyBatch(ids, torch.tensor(goals), torch.tensor(owner))
+
+    def _logits(self, batch: ToyBatch, filled: torch.Tensor) -> torch.Tensor:
+        mask = (batch.ids != 0).float()
+        mask[:, 5:] = 0.0
+        mask = mask.unsqueeze(-1)
+        return ((filled * mask).sum(1) / mask.sum(1)) @ self.weight.T
