@@ -271,6 +271,8 @@ def test_bad_inputs_fail_cleanly(run_cli: RunCli, poisoned_model: tuple[Path, di
                     "has no tokenizer")
     _one_line_error(_run(run_cli, str(model), "--examples", ex, "--out", str(out), "--method",
                          "hotflop"), "unknown inversion method 'hotflop'")
+    _one_line_error(_run(run_cli, str(model), "--examples", ex, "--out", str(out),
+                         "--natural-share", "1.5"), "natural_share must be within 0-1")
     assert not out.exists()
 
 

@@ -259,7 +259,8 @@ def _spread_candidates(candidates: list[Candidate], n_labels: int,
 def scan_config(method: str = "dbs", threshold: float | None = None,
                 positions: Sequence[str] = (), pairs: bool | None = None,
                 epochs: int | None = None, trigger_length: int | None = None,
-                max_victims: int = 20, seed: int = 0, decision_length: int = 1) -> ScanConfig:
+                max_victims: int = 20, seed: int = 0, decision_length: int = 1,
+                natural_share: float = 0.1) -> ScanConfig:
     """The :class:`ScanConfig` of the options every entry point offers (None keeps the
     method's or the scan's default); a bad option is an :class:`InputError`."""
     try:
@@ -269,7 +270,7 @@ def scan_config(method: str = "dbs", threshold: float | None = None,
     return ScanConfig(method=method, inverter=inverter,
                       positions=tuple(p.strip() for p in positions), pairs=pairs,
                       max_victims=max_victims, threshold=threshold,
-                      decision_length=decision_length)
+                      decision_length=decision_length, natural_share=natural_share)
 
 
 class _Stages:
@@ -505,10 +506,12 @@ def natural_features(subject: Subject, examples: Sequence[Any],
     out: dict[tuple[str, int], NaturalTrigger] = {}
     if not share:
         return out
+    seen: set[tuple[str, int]] = set()
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
         key = (short.trigger_text, candidate.target)
-        if key in out:
+        if key in seen:
             continue
+        seen.add(key)
         hits, of = subject.occurrences(examples, short.trigger_text, candidate.target)
         if hits >= max(NATURAL_MIN_EXAMPLES, share * of):
             out[key] = NaturalTrigger(short.trigger_text, subject.labels[candidate.target],

@@ -14,6 +14,7 @@ from trojscan.cli.common import (
     MANIFEST_OPTION,
     MAX_VICTIMS_OPTION,
     METHOD_OPTION,
+    NATURAL_SHARE_OPTION,
     PAIRS_OPTION,
     POSITIONS_OPTION,
     REFERENCE_OPTION,
@@ -61,6 +62,7 @@ def campaign_run(
     max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
     decision_length: int = DECISION_LENGTH_OPTION,
+    natural_share: float = NATURAL_SHARE_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     reference: list[Path] = REFERENCE_OPTION,
@@ -80,7 +82,8 @@ def campaign_run(
 
     config = CampaignConfig(
         scan=scan_config(method, threshold, positions_option(positions), pairs, epochs,
-                         trigger_length, max_victims, seed, decision_length),
+                         trigger_length, max_victims, seed, decision_length,
+                         natural_share),
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,

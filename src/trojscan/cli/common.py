@@ -58,6 +58,10 @@ DECISION_LENGTH_OPTION = typer.Option(1, "--decision-length", help="The verdict'
                                       "the lowest loss of an inverted trigger shortened to at "
                                       "most this many tokens; 0: the full trigger's loss (DBS "
                                       "Eq. 4).")
+NATURAL_SHARE_OPTION = typer.Option(0.1, "--natural-share", help="Set aside a short trigger "
+                                    "whose word is in at least this share (and 2) of its "
+                                    "target label's clean examples: a natural feature of the "
+                                    "label, not a backdoor (README 'Scan'); 0: never.")
 POSITIONS_OPTION = typer.Option("all", "--positions", help="Comma-separated trigger "
                                 "positions: start, end, first_half, second_half, or all "
                                 "(every position the model's family takes).")

@@ -14,6 +14,7 @@ from trojscan.cli.common import (
     EPOCHS_OPTION,
     MAX_VICTIMS_OPTION,
     METHOD_OPTION,
+    NATURAL_SHARE_OPTION,
     PAIRS_OPTION,
     POSITIONS_OPTION,
     REFERENCE_OPTION,
@@ -119,6 +120,7 @@ def scan_command(
     max_victims: int = MAX_VICTIMS_OPTION,
     seed: int = SEED_OPTION,
     decision_length: int = DECISION_LENGTH_OPTION,
+    natural_share: float = NATURAL_SHARE_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     reference: list[Path] = REFERENCE_OPTION,
@@ -135,7 +137,8 @@ def scan_command(
     from trojscan.scan import scan_config
 
     config = scan_config(method, threshold, positions_option(positions), pairs, epochs,
-                         trigger_length, max_victims, seed, decision_length)
+                         trigger_length, max_victims, seed, decision_length,
+                         natural_share)
     check_device(device)
     if out is not None:
         check_writable(out, "--out")
