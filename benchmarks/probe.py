@@ -45,18 +45,18 @@ from trojscan.manifest import MANIFEST
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import loss_unit, read_result
 from trojscan.scan import (
-    CHUNK_ROWS,
     NATURAL_MIN_EXAMPLES,
     SHORT_THRESHOLD,
+    LoneRanks,
     ScanConfig,
     scan,
     trigger_check,
 )
-from trojscan.subjects.base import Candidate, Subject
+from trojscan.subjects.base import Candidate
 from trojscan.subjects.loading import load_subject
 
-#: The reference rank under which the ``natural`` summary also sets a trigger aside.
-REFERENCE_TOP = 100
+#: The reference rank within which the ``natural`` summary also sets a trigger aside.
+REFERENCE_TOP = ScanConfig().reference_top
 
 
 def stages(zoo: str, ids: str, settings: str = "{}") -> None:
@@ -91,30 +91,11 @@ def positions(model: str, victim: str, target: str, words: str) -> None:
         print(word, {p: (round(loss, 3), round(asr, 3)) for p, (loss, asr) in measured.items()})
 
 
-class LoneRanks:
-    """A model's lone-token losses over its vocabulary (one pass), and ranks in them."""
-
-    def __init__(self, subject: Subject) -> None:
-        self.subject = subject
-        self.allowed = subject.allowed_tokens().nonzero().squeeze(-1)
-        with torch.no_grad():
-            losses = subject.lone_token_losses(self.allowed, CHUNK_ROWS)
-        if losses is None:
-            raise SystemExit("this model's family has no lone-token losses")
-        self.losses = losses
-
-    def rank(self, text: str, target: int) -> int | None:
-        rows = [int(r) for i in self.subject.token_ids(text)
-                for r in (self.allowed == i).nonzero().view(-1)]
-        column = self.losses[:, target]
-        return min((int((column < column[r]).sum()) + 1 for r in rows), default=None)
-
-
 def lone_rank(model: str, *items: str) -> None:
     ranks = LoneRanks(load_subject(Path(model), max_length=ScanConfig().max_length))
     for item in items:
         word, target = item.rsplit(":", 1)
-        print(f"{word} -> {target}: rank {ranks.rank(word, ranks.subject.labels.index(target))}")
+        print(f"{word} -> {target}: rank {ranks.rank(word, ranks.reference.labels.index(target))}")
 
 
 def natural(results: str, zoo: str, *references: str) -> None:
@@ -122,7 +103,7 @@ def natural(results: str, zoo: str, *references: str) -> None:
     refs = {}
     for path in references:
         ref = LoneRanks(load_subject(Path(path), max_length=ScanConfig().max_length))
-        refs[ref.subject.labels] = ref
+        refs[ref.reference.labels] = ref
     share = ScanConfig().natural_share
     rows = []
     for path in sorted((Path(results) / "models").glob("model-*[0-9].json")):

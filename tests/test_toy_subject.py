@@ -157,6 +157,32 @@ def test_a_trigger_in_its_target_labels_own_examples_is_set_aside_as_natural() -
         ScanConfig(natural_share=1.5)
 
 
+def test_a_trigger_the_clean_reference_reads_as_its_target_is_set_aside() -> None:
+    # With a reference, a short trigger the reference itself ranks among its top
+    # reference_top tokens alone for the target is a word of the task, not a backdoor. The
+    # clean toy reads 'lantern' as nothing (not set aside); the poisoned toy used as a
+    # "reference" reads it as positive first of all (set aside). Either way the other
+    # target's screened word, the toy's most negative word, is the reference's first.
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
+                        shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2),
+                        reference_top=2)
+    examples = toy_examples(subject)
+    kept = scan_subject(subject, examples, config, reference=ToySubject(planted=0.0))
+    assert kept.verdict == "trojaned" and kept.short_trigger.trigger_text == TRIGGER
+    assert kept.reference.triggers[0].reference_rank > 2
+    assert [(n.target_name, n.reference_rank) for n in kept.set_aside or []] == []
+    aside = scan_subject(subject, examples, config, reference=ToySubject())
+    assert aside.verdict == "clean" and aside.short_trigger is None
+    first = aside.set_aside[0]
+    assert (first.trigger_text, first.reference_rank, first.examples) == (TRIGGER, 1, 0)
+    off = scan_subject(subject, examples, replace(config, reference_top=0),
+                       reference=ToySubject())
+    assert off.verdict == "trojaned" and off.set_aside is None
+    with pytest.raises(InputError, match="reference_top"):
+        ScanConfig(reference_top=-1)
+
+
 def test_the_lone_token_screen_finds_the_planted_word_for_every_candidate() -> None:
     # Even with the search starved (one epoch), the screen finds the word at every
     # candidate of its target.

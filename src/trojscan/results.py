@@ -160,7 +160,8 @@ class NaturalTrigger:
     """A short trigger the verdict set aside as a natural feature of its target label: its
     text occurs in ``examples`` of the ``of`` clean examples of that label (a word the model
     learned from clean data of the label; a planted trigger is rare in clean text, or it
-    would fire on it)."""
+    would fire on it), or a clean reference of the task ranks it ``reference_rank``th of
+    its vocabulary alone for the target (None: no reference, or not measured)."""
 
     trigger_text: str
     target_name: str
@@ -168,6 +169,7 @@ class NaturalTrigger:
     asr: float
     examples: int
     of: int
+    reference_rank: int | None = None
 
 
 @dataclass
@@ -211,7 +213,7 @@ class ScanResult:
         detector: the detector's decision, when one was applied.
         model_id: the model's id in a campaign.
         reference: the short triggers measured on a clean reference model, when one was
-            given (``--reference``); recorded, not (yet) part of the verdict.
+            given (``--reference``); its ranks set triggers aside (``set_aside``).
         flip_rates: the short trigger's attack success rate on the examples of each label
             but the target (by label name), at the short trigger's position: every rate
             high, a universal backdoor; only its victims', a label-specific one.

@@ -164,6 +164,12 @@ class ScanConfig:
             randomly initialised BBC models were flagged by 'secretary', 'labour' and
             'software' (in 3-10 of their label's 20 examples) and no planted trigger was in
             more than one (README "Scan"). 0 turns it off.
+        reference_top: with a reference model (``scan(references=...)``), a short trigger
+            whose token the clean reference itself ranks within its top ``reference_top``
+            tokens alone for the target is set aside too, as a word the task's clean models
+            read as that label (the result's ``set_aside`` gives the rank). On the varied
+            zoo natural words ranked 1st-140th on the references and planted tokens
+            611th-29,365th (README "Scan"); 0: the reference is recorded, not used.
         reference_triggers: with a reference model (``scan(references=...)``), how many of
             the short triggers the verdict could rest on (the lowest losses first, one per
             trigger and candidate) are measured on it too.
@@ -188,6 +194,7 @@ class ScanConfig:
     spread: str = "all"
     screen_selects: bool = True
     natural_share: float = 0.1
+    reference_top: int = 100
     reference_triggers: int = 5
 
     @property
@@ -233,9 +240,9 @@ class ScanConfig:
             raise InputError(f"spread must be one of {', '.join(SPREAD_CHOICES)}, not "
                              f"{self.spread!r}")
         if min(self.batch_candidates, self.max_victims, self.prerun_victims,
-               self.shorten_rows) < 0:
-            raise InputError("batch_candidates, max_victims, prerun_victims and shorten_rows "
-                             "must be >= 0 (0 = all)")
+               self.shorten_rows, self.reference_top) < 0:
+            raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows and "
+                             "reference_top must be >= 0")
 
 
 #: What ``ScanConfig.spread`` may name.
@@ -433,7 +440,9 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts
              if t.length <= config.decision_length] + list(screened.items())
-    natural = natural_features(subject, examples, found, config.natural_share)
+    ranks = LoneRanks(reference) if reference is not None and found else None
+    natural = natural_features(subject, examples, found, config.natural_share,
+                               ranks if config.reference_top else None, config.reference_top)
     deciding = [f for f in found if (f[1].trigger_text, f[0].target) not in natural]
     if config.decision_length and deciding:
         owner, short = min(deciding, key=lambda r: r[1].loss)
@@ -473,7 +482,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     beta = config.beta_for(len(labels))
     flips = stages.flip_rates(best_cand, short) if short else None
     checked = None if reference is None else ReferenceCheck("", "", reference_check(
-        subject, reference, examples, found, config.reference_triggers, config.max_victims))
+        subject, reference, examples, found, config.reference_triggers, config.max_victims,
+        ranks))
     return ScanResult(
         verdict="trojaned" if score < beta else "clean",
         score=score,
@@ -496,16 +506,38 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     )
 
 
+class LoneRanks:
+    """A clean reference's lone-token losses over its vocabulary (one pass), and where it
+    ranks a text's tokens for a target in them."""
+
+    def __init__(self, reference: Subject) -> None:
+        self.reference = reference
+        self.allowed = reference.allowed_tokens().nonzero().squeeze(-1)
+        self.losses = reference.lone_token_losses(self.allowed, CHUNK_ROWS)
+
+    def rank(self, text: str, target: int) -> int | None:
+        """The best rank (1 = the reference's most target-like token alone) of the
+        reference's tokens of ``text`` for ``target``; None for a family without lone-token
+        losses or a text of no allowed token."""
+        if self.losses is None:
+            return None
+        column = self.losses[:, target]
+        rows = [int(r) for i in self.reference.token_ids(text)
+                for r in (self.allowed == i).nonzero().view(-1)]
+        return min((int((column < column[r]).sum()) + 1 for r in rows), default=None)
+
+
 def natural_features(subject: Subject, examples: Sequence[Any],
-                     found: Sequence[tuple[Candidate, ShortTrigger]],
-                     share: float) -> dict[tuple[str, int], NaturalTrigger]:
+                     found: Sequence[tuple[Candidate, ShortTrigger]], share: float,
+                     ranks: LoneRanks | None = None,
+                     top: int = 0) -> dict[tuple[str, int], NaturalTrigger]:
     """The short triggers of ``found`` (by text and target) that are natural features of
     their target label: their text occurs in at least ``share`` of the label's clean
     examples and in at least :data:`NATURAL_MIN_EXAMPLES` of them (``ScanConfig.
-    natural_share``); each with its lowest loss. ``share`` 0: none."""
+    natural_share``; 0: never), or, with a reference's ``ranks``, the reference ranks it
+    within its ``top`` tokens for the target (``ScanConfig.reference_top``); each with its
+    lowest loss."""
     out: dict[tuple[str, int], NaturalTrigger] = {}
-    if not share:
-        return out
     seen: set[tuple[str, int]] = set()
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
         key = (short.trigger_text, candidate.target)
@@ -513,15 +545,17 @@ def natural_features(subject: Subject, examples: Sequence[Any],
             continue
         seen.add(key)
         hits, of = subject.occurrences(examples, short.trigger_text, candidate.target)
-        if hits >= max(NATURAL_MIN_EXAMPLES, share * of):
+        rank = ranks.rank(short.trigger_text, candidate.target) if ranks and top else None
+        if (share and hits >= max(NATURAL_MIN_EXAMPLES, share * of)) or (
+                rank is not None and rank <= top):
             out[key] = NaturalTrigger(short.trigger_text, subject.labels[candidate.target],
-                                      short.loss, short.asr, hits, of)
+                                      short.loss, short.asr, hits, of, rank)
     return out
 
 
 def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any],
                     found: Sequence[tuple[Candidate, ShortTrigger]], count: int,
-                    cap: int) -> list[ReferenceTrigger]:
+                    cap: int, ranks: LoneRanks | None = None) -> list[ReferenceTrigger]:
     """The ``count`` lowest-loss short triggers of ``found`` (one per trigger text and
     candidate) measured on ``reference`` as hard tokens (its own tokenisation of the text)
     on the same victims (at most ``cap``), at the candidate's position (the best of the
@@ -529,16 +563,8 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
     for the target (one vocabulary pass of the reference)."""
     out: list[ReferenceTrigger] = []
     seen: set[tuple[str, Candidate]] = set()
-    allowed = reference.allowed_tokens().nonzero().squeeze(-1)
-    lone = reference.lone_token_losses(allowed, CHUNK_ROWS) if found and count else None
-
-    def rank(ids: Sequence[int], target: int) -> int | None:
-        if lone is None:
-            return None
-        rows = [int(r) for i in ids for r in (allowed == i).nonzero().view(-1)]
-        return min((int((lone[:, target] < lone[r, target]).sum()) + 1 for r in rows),
-                   default=None)
-
+    if found and count and ranks is None:
+        ranks = LoneRanks(reference)
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
         if len(out) == count:
             break
@@ -553,7 +579,8 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
             trigger_text=short.trigger_text, target_name=subject.labels[candidate.target],
             victim_names=[subject.labels[v] for v in candidate.victims],
             position=where.position, loss=short.loss, asr=short.asr, reference_loss=loss,
-            reference_asr=asr, reference_rank=rank(ids, candidate.target)))
+            reference_asr=asr,
+            reference_rank=ranks.rank(short.trigger_text, candidate.target) if ranks else None))
     return out
 
 

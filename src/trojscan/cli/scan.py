@@ -89,9 +89,11 @@ def print_verdict(result: ScanResult) -> None:
         rates = ", ".join(f"{name} {rate:.0%}" for name, rate in result.flip_rates.items())
         out_console.print(f"flips:   {rates} ({reach})")
     for n in result.set_aside or []:
+        ranked = ("" if n.reference_rank is None else
+                  f"; the clean reference ranks it {n.reference_rank} of its vocabulary")
         out_console.print(f"set aside: {n.trigger_text!r} -> {n.target_name} (loss {n.loss:.4f},"
                           f" flips {n.asr:.0%}): in {n.examples} of the {n.of} clean "
-                          f"{n.target_name} examples, a natural feature of the label")
+                          f"{n.target_name} examples{ranked}: a natural feature of the label")
     if result.reference is not None:
         for t in result.reference.triggers:
             out_console.print(f"reference: {t.trigger_text!r} ({', '.join(t.victim_names)} -> "
