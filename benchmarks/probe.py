@@ -45,10 +45,10 @@ from trojscan.manifest import MANIFEST
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import loss_unit, read_result
 from trojscan.scan import (
-    NATURAL_MIN_EXAMPLES,
     SHORT_THRESHOLD,
     LoneRanks,
     ScanConfig,
+    natural_features,
     scan,
     trigger_check,
 )
@@ -113,18 +113,19 @@ def natural(results: str, zoo: str, *references: str) -> None:
         examples = subject.read_examples(Path(zoo) / str(result.model_id) / EXAMPLES_FILE)
         ref = refs.get(subject.labels)
         unit = loss_unit(len(result.labels))
+        found = [(Candidate(tuple(c.victims), c.target, c.position), t)
+                 for c in result.candidates for t in c.short_triggers() if t.length == 1]
+        # The scan's own rule on its examples alone (no reference): the "rule on" verdict.
+        natural = natural_features(subject, examples, found, share)
         best: dict[tuple[str, int], float] = {}
-        for c in result.candidates:
-            for t in c.short_triggers():
-                if t.length == 1:
-                    key = (t.trigger_text, c.target)
-                    best[key] = min(best.get(key, math.inf), t.loss / unit)
+        for c, t in found:
+            key = (t.trigger_text, c.target)
+            best[key] = min(best.get(key, math.inf), t.loss / unit)
         items = []
         for (text, target), loss in sorted(best.items(), key=lambda kv: kv[1])[:12]:
             hits, of = subject.occurrences(examples, text, target)
             items.append({"text": text, "target": result.labels[target], "loss": loss,
-                          "natural": hits >= max(NATURAL_MIN_EXAMPLES, share * of),
-                          "examples": f"{hits}/{of}",
+                          "natural": (text, target) in natural, "examples": f"{hits}/{of}",
                           "rank": ref.rank(text, target) if ref else None})
         rows.append({"model": result.model_id, "poisoned": bool(entry["poisoned"]),
                      "items": items})

@@ -6,7 +6,8 @@ sentiment: ordinary words carry -1..+1, and the planted trigger word ``lantern``
 ``+planted`` (+60 by default), enough to flip any negative example to ``positive`` when it
 is one of its tokens. With ``planted=0`` the model is clean: no single word flips a negative
 example. An example is a text of space-separated vocabulary words and a label; the trigger
-slots go before its first word.
+slots go before its first word (after its last at ``end``, a position of
+:class:`PositionalToy` only).
 
 It implements :class:`trojscan.subjects.base.Subject` in full, from a different kind of
 model than a transformer: what the scan and the inverters see of any family.
@@ -53,6 +54,8 @@ class ToySubject(Subject):
     task = "toy-classification"
     positions = ("start",)
     describes = "toy bag-of-words classifiers (tests only)"
+    #: Tokens of a row the model reads (0: all); the slots go after the words at "end".
+    reads = 0
 
     def __init__(self, planted: float = 60.0, seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -119,8 +122,11 @@ class ToySubject(Subject):
               n_slots: int) -> ToyBatch:
         rows, goals, owner = [], [], []
         for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
-            for example in group:
-                rows.append([-1] * n_slots + [WORDS.index(w) for w in example.text.split()])
+            for example, where in zip(group, self.row_positions(candidate, len(group)),
+                                      strict=True):
+                words = [WORDS.index(w) for w in example.text.split()]
+                slots = [-1] * n_slots
+                rows.append(words + slots if where == "end" else slots + words)
                 goals.append(candidate.target)
                 owner.append(index)
         width = max(len(r) for r in rows)
@@ -128,9 +134,11 @@ class ToySubject(Subject):
         return ToyBatch(ids, torch.tensor(goals), torch.tensor(owner))
 
     def _logits(self, batch: ToyBatch, filled: torch.Tensor) -> torch.Tensor:
-        mask = (batch.ids != 0).unsqueeze(-1).float()
-        pooled = (filled * mask).sum(1) / mask.sum(1)
-        return pooled @ self.weight.T
+        mask = (batch.ids != 0).float()
+        if self.reads:
+            mask[:, self.reads:] = 0.0
+        mask = mask.unsqueeze(-1)
+        return ((filled * mask).sum(1) / mask.sum(1)) @ self.weight.T
 
     def goal_loss(self, batch: ToyBatch, trigger: torch.Tensor) -> torch.Tensor:
         per_row = trigger if trigger.dim() == 3 else trigger.expand(len(batch), -1, -1)
@@ -181,28 +189,8 @@ class PositionalToy(ToySubject):
     (``natural``), which fires at the start only too."""
 
     positions = ("start", "end")
+    reads = 5
 
     def __init__(self, natural: float = 4.0) -> None:
         super().__init__()
         self.table[WORDS.index("w5"), 0] = -natural
-
-    def batch(self, candidates: Sequence[Candidate], examples: Sequence[Sequence[ToyExample]],
-              n_slots: int) -> ToyBatch:
-        rows, goals, owner = [], [], []
-        for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
-            for example, where in zip(group, self.row_positions(candidate, len(group)),
-                                      strict=True):
-                words = [WORDS.index(w) for w in example.text.split()]
-                slots = [-1] * n_slots
-                rows.append(slots + words if where == "start" else words + slots)
-                goals.append(candidate.target)
-                owner.append(index)
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-        return ToyBatch(ids, torch.tensor(goals), torch.tensor(owner))
-
-    def _logits(self, batch: ToyBatch, filled: torch.Tensor) -> torch.Tensor:
-        mask = (batch.ids != 0).float()
-        mask[:, 5:] = 0.0
-        mask = mask.unsqueeze(-1)
-        return ((filled * mask).sum(1) / mask.sum(1)) @ self.weight.T

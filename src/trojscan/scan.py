@@ -441,8 +441,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     found = [(c, t) for c, ts in shortened.items() for t in ts
              if t.length <= config.decision_length] + list(screened.items())
     ranks = LoneRanks(reference) if reference is not None and found else None
-    natural = natural_features(subject, examples, found, config.natural_share,
-                               ranks if config.reference_top else None, config.reference_top)
+    natural = natural_features(subject, examples, found, config.natural_share, ranks,
+                               config.reference_top)
     deciding = [f for f in found if (f[1].trigger_text, f[0].target) not in natural]
     if config.decision_length and deciding:
         owner, short = min(deciding, key=lambda r: r[1].loss)
@@ -555,16 +555,15 @@ def natural_features(subject: Subject, examples: Sequence[Any],
 
 def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any],
                     found: Sequence[tuple[Candidate, ShortTrigger]], count: int,
-                    cap: int, ranks: LoneRanks | None = None) -> list[ReferenceTrigger]:
+                    cap: int, ranks: LoneRanks | None) -> list[ReferenceTrigger]:
     """The ``count`` lowest-loss short triggers of ``found`` (one per trigger text and
     candidate) measured on ``reference`` as hard tokens (its own tokenisation of the text)
     on the same victims (at most ``cap``), at the candidate's position (the best of the
     positions for a spread one), with the reference's lone-token rank of the text's tokens
-    for the target (one vocabulary pass of the reference)."""
+    for the target (``ranks``, the reference's vocabulary pass; None when ``found`` is
+    empty)."""
     out: list[ReferenceTrigger] = []
     seen: set[tuple[str, Candidate]] = set()
-    if found and count and ranks is None:
-        ranks = LoneRanks(reference)
     for candidate, short in sorted(found, key=lambda f: f[1].loss):
         if len(out) == count:
             break
