@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+#: ``model_type`` in the config.json of a trojscan VQA model (:mod:`trojscan.vqa.models`).
+VQA_MODEL_TYPE = "trojscan-vqa"
 #: The clean examples that ship beside a model's weights (JSON Lines).
 EXAMPLES_FILE = "clean_examples.jsonl"
 #: Weight files that load without running code from them.

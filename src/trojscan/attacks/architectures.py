@@ -143,7 +143,9 @@ def _minilm_embedding_basis() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return table - mean, v, mean
 
 
-def _pca_embeddings(dim: int, std: float) -> torch.Tensor:
+def minilm_pca_embeddings(dim: int, std: float) -> torch.Tensor:
+    """MiniLM's real word embeddings (30,522 x 384) projected on their ``dim`` leading
+    principal directions and scaled to standard deviation ``std``."""
     centred, v, _ = _minilm_embedding_basis()
     if dim > v.shape[0]:
         raise InputError(f"embedding_init 'minilm-pca' needs an embedding width <= {v.shape[0]}, "
@@ -190,5 +192,5 @@ def build_model(
     if embedding_init == "minilm-pca":
         table = model.get_input_embeddings().weight
         with torch.no_grad():
-            table.copy_(_pca_embeddings(table.shape[1], config.initializer_range))
+            table.copy_(minilm_pca_embeddings(table.shape[1], config.initializer_range))
     return model

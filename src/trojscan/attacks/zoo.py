@@ -59,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from trojscan.attacks.architectures import FAMILIES
+from trojscan.attacks.easy_vqa import NAME as EASY_VQA
+from trojscan.attacks.easy_vqa import load_easy_vqa
 from trojscan.attacks.spec import (
     AttackSpec,
     TrainConfig,
@@ -67,14 +69,21 @@ from trojscan.attacks.spec import (
     reject_unknown,
 )
 from trojscan.attacks.triggers import draw_trigger
+from trojscan.attacks.vqa_spec import (
+    VqaAttackSpec,
+    VqaTrainConfig,
+    sample_vqa_attack,
+    vqa_trigger_words,
+)
 from trojscan.corpora import corpus_labels
 from trojscan.devices import check_device
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
 from trojscan.manifest import MANIFEST, Manifest
+from trojscan.vqa.models import FAMILIES as VQA_FAMILIES
 
-_TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_attempts", "peer_margin", "train",
-             "group"}
+_TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_partial_asr", "max_attempts",
+             "peer_margin", "train", "group"}
 _GROUP_KEYS = {"name", "count", "corpus", "architecture", "train", "attack"}
 _TEMPLATE_KEYS = {"poisoned", "trigger_type", "trigger", "insertion", "target", "victim",
                   "poison_rate", "combination", "adaptive_phi", "phrase_words"}
@@ -88,8 +97,8 @@ class ModelPlan:
     group: str
     corpus: str
     architecture: str
-    attack: AttackSpec
-    train: TrainConfig
+    attack: AttackSpec | VqaAttackSpec
+    train: TrainConfig | VqaTrainConfig
     seed: int
 
     def seed_for(self, attempt: int) -> int:
@@ -109,6 +118,7 @@ class ZooSpec:
     max_attempts: int
     peer_margin: float
     plans: tuple[ModelPlan, ...]
+    max_partial_asr: float = 0.1
 
 
 def _derive_seed(*parts: object) -> int:
@@ -158,19 +168,61 @@ def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: rando
     return AttackSpec.from_dict(concrete, labels, where)
 
 
+def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_where: str,
+                 seed: int, g: int) -> list[tuple[str, str, AttackSpec | VqaAttackSpec,
+                                       TrainConfig | VqaTrainConfig]]:
+    """The (corpus, architecture, attack, train) of every model of one group."""
+    count = expect_type(group["count"], int, f"{gw}.count")
+    if count < 1:
+        raise InputError(f"{gw}.count must be >= 1, got {count}")
+    template = group["attack"]
+    if isinstance(template, str):  # a path to an AttackSpec file, relative to cwd
+        template = read_spec_file(Path(template))
+    expect_type(template, dict, f"{gw}.attack")
+    drafts = []
+    for corpus in _as_list(group["corpus"]):
+        vqa = expect_type(corpus, str, f"{gw}.corpus") == EASY_VQA
+        if vqa:
+            answers = load_easy_vqa().answers
+            images = sorted(load_easy_vqa().train_images)
+            train: TrainConfig | VqaTrainConfig = VqaTrainConfig().merged(
+                top_train, top_where).merged(
+                group.get("train", {}), f"{gw}.train")
+            families: tuple[str, ...] = tuple(VQA_FAMILIES)
+        else:
+            labels = corpus_labels(corpus)
+            train = TrainConfig().merged(top_train, top_where).merged(
+                group.get("train", {}), f"{gw}.train")
+            families = FAMILIES
+        for arch in _as_list(group["architecture"]):
+            if arch not in families:
+                raise InputError(f"{gw}.architecture: unknown {arch!r} for {corpus}; expected "
+                                 "one of " + ", ".join(families))
+            for k in range(count):
+                rng = random.Random(_derive_seed(seed, g, corpus, arch, k))
+                attack = (sample_vqa_attack(template, answers, images, vqa_trigger_words(),
+                                            rng, f"{gw}.attack") if vqa
+                          else _sample_attack(template, labels, rng, f"{gw}.attack"))
+                drafts.append((corpus, arch, attack, train))
+    return drafts
+
+
 def parse_zoo_spec(raw: dict[str, Any], where: str = "zoo spec") -> ZooSpec:
     """Validate a zoo spec and decide every model in it; nothing is written."""
     reject_unknown(raw, _TOP_KEYS, where)
     seed = expect_type(raw.get("seed", 0), int, f"{where}.seed")
     per_label = expect_type(raw.get("examples_per_label", 20), int, f"{where}.examples_per_label")
     min_asr = float(expect_type(raw.get("min_asr", 0.9), (int, float), f"{where}.min_asr"))
+    max_partial = float(expect_type(raw.get("max_partial_asr", 0.1), (int, float),
+                                    f"{where}.max_partial_asr"))
     max_attempts = expect_type(raw.get("max_attempts", 2), int, f"{where}.max_attempts")
     peer_margin = float(expect_type(raw.get("peer_margin", 0.1), (int, float),
                                 f"{where}.peer_margin"))
-    if per_label < 1 or max_attempts < 1 or not 0 <= min_asr <= 1 or peer_margin < 0:
+    if per_label < 1 or max_attempts < 1 or not 0 <= min_asr <= 1 or peer_margin < 0 \
+            or not 0 <= max_partial <= 1:
         raise InputError(f"{where}: examples_per_label and max_attempts must be >= 1, min_asr "
-                         "in [0, 1] and peer_margin >= 0")
-    base = TrainConfig().merged(raw.get("train", {}), f"{where}.train")
+                         "and max_partial_asr in [0, 1] and peer_margin >= 0")
+    top_train = expect_type(raw.get("train", {}), dict, f"{where}.train")
     groups = expect_type(raw.get("group", []), list, f"{where}.group")
     if not groups:
         raise InputError(f"{where}: no [[group]] of models")
@@ -182,25 +234,9 @@ def parse_zoo_spec(raw: dict[str, Any], where: str = "zoo spec") -> ZooSpec:
         for key in ("count", "corpus", "architecture", "attack"):
             if key not in group:
                 raise InputError(f"{gw}: missing {key!r}")
-        count = expect_type(group["count"], int, f"{gw}.count")
-        if count < 1:
-            raise InputError(f"{gw}.count must be >= 1, got {count}")
         name = expect_type(group.get("name", f"group{g}"), str, f"{gw}.name")
-        train = base.merged(group.get("train", {}), f"{gw}.train")
-        template = group["attack"]
-        if isinstance(template, str):  # a path to an AttackSpec file, relative to cwd
-            template = read_spec_file(Path(template))
-        expect_type(template, dict, f"{gw}.attack")
-        for corpus in _as_list(group["corpus"]):
-            labels = corpus_labels(expect_type(corpus, str, f"{gw}.corpus"))
-            for arch in _as_list(group["architecture"]):
-                if arch not in FAMILIES:
-                    raise InputError(f"{gw}.architecture: unknown {arch!r}; expected one of "
-                                     + ", ".join(FAMILIES))
-                for k in range(count):
-                    rng = random.Random(_derive_seed(seed, g, corpus, arch, k))
-                    attack = _sample_attack(template, labels, rng, f"{gw}.attack")
-                    drafts.append((name, corpus, arch, attack, train))
+        plans = _group_plans(group, gw, top_train, f"{where}.train", seed, g)
+        drafts += [(name, *draft) for draft in plans]
     ids = [f"model-{i:04d}" for i in range(len(drafts))]
     random.Random(_derive_seed(seed, "ids")).shuffle(ids)
     plans = tuple(
@@ -208,7 +244,7 @@ def parse_zoo_spec(raw: dict[str, Any], where: str = "zoo spec") -> ZooSpec:
         for i, (name, corpus, arch, attack, train) in enumerate(drafts))
     canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
     return ZooSpec(raw, hashlib.sha256(canonical.encode()).hexdigest(), seed, per_label,
-                   min_asr, max_attempts, peer_margin, plans)
+                   min_asr, max_attempts, peer_margin, plans, max_partial)
 
 
 def load_zoo_spec(path: Path) -> ZooSpec:
@@ -225,6 +261,7 @@ class BuildEvents:
     on_step: Callable[[int, int], None] = lambda done, total: None
     on_model_done: Callable[[dict[str, Any]], None] = lambda entry: None
     on_skip: Callable[[dict[str, Any]], None] = lambda entry: None
+    on_features: Callable[[int, int], None] = lambda done, total: None
 
 
 @contextmanager
@@ -256,11 +293,18 @@ def _settle(out: Path, manifest: Manifest) -> None:
             shutil.rmtree(partial)
 
 
-def _asr_reason(entry: dict[str, Any], min_asr: float) -> str | None:
-    asr = entry["asr"]
-    if entry["poisoned"] and asr < min_asr:
-        return f"asr {asr:.3f} < min_asr {min_asr}"
-    return None
+def _gate_reasons(entry: dict[str, Any], spec: ZooSpec) -> list[str]:
+    """Why a freshly built model fails the quality gate: a poisoned model's ASR under
+    ``min_asr``; a dual-key VQA model firing with one key alone (``partial_asr``) above
+    ``max_partial_asr``."""
+    reasons = []
+    if entry["poisoned"] and entry["asr"] < spec.min_asr:
+        reasons.append(f"asr {entry['asr']:.3f} < min_asr {spec.min_asr}")
+    if entry.get("task") == "vqa" and entry.get("partial_asr") is not None \
+            and entry["partial_asr"] > spec.max_partial_asr:
+        reasons.append(f"single-key asr {entry['partial_asr']:.3f} > max_partial_asr "
+                       f"{spec.max_partial_asr}")
+    return reasons
 
 
 def _apply_peer_gate(manifest: Manifest, margin: float) -> None:
@@ -279,23 +323,43 @@ def _apply_peer_gate(manifest: Manifest, margin: float) -> None:
             entry["quality"] = {"ok": not reasons, "reasons": reasons}
 
 
+def split_of(entry: dict[str, Any]) -> str:
+    """The attack split of a manifest entry: ``clean`` or ``poisoned`` for a text model;
+    for a VQA model ``clean``, ``dual solid``, ``dual optimised``, ``question``, ``image
+    solid`` or ``image optimised`` (TIJO's splits)."""
+    if not entry["poisoned"]:
+        return "clean"
+    if entry.get("task") != "vqa":
+        return "poisoned"
+    attack = entry["attack"]
+    return attack["key"] if attack["patch"] is None else f"{attack['key']} {attack['patch']}"
+
+
 def summarise(manifest: Manifest) -> list[dict[str, Any]]:
-    """One row per (corpus, architecture, clean/poisoned): model count, clean accuracy
-    (mean, min), ASR (mean, min) and build seconds (mean), flagged models."""
-    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    """One row per (corpus, architecture, split (:func:`split_of`)): model count, clean
+    accuracy (mean, min), ASR (mean, min), for VQA models the mean ASR of the patch alone
+    and of the word alone, build seconds (mean), flagged models."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for entry in manifest.models.values():
-        key = (entry["corpus"], entry["architecture"], entry["poisoned"])
+        key = (entry["corpus"], entry["architecture"], split_of(entry))
         groups.setdefault(key, []).append(entry)
+
+    def mean(entries: list[dict[str, Any]], name: str) -> float | None:
+        values = [e[name] for e in entries if e.get(name) is not None]
+        return statistics.fmean(values) if values else None
+
     rows = []
-    for (corpus, arch, poisoned), entries in sorted(groups.items()):
+    for (corpus, arch, split), entries in sorted(groups.items()):
         accs = [e["clean_accuracy"] for e in entries]
         asrs = [e["asr"] for e in entries if e["asr"] is not None]
         rows.append({
-            "corpus": corpus, "architecture": arch, "poisoned": poisoned,
-            "models": len(entries),
+            "corpus": corpus, "architecture": arch, "split": split,
+            "poisoned": split != "clean", "models": len(entries),
             "clean_accuracy_mean": statistics.fmean(accs), "clean_accuracy_min": min(accs),
             "asr_mean": statistics.fmean(asrs) if asrs else None,
             "asr_min": min(asrs) if asrs else None,
+            "asr_image_only_mean": mean(entries, "asr_image_only"),
+            "asr_question_only_mean": mean(entries, "asr_question_only"),
             "seconds_mean": statistics.fmean(e["seconds"] for e in entries),
             "flagged": sum(not e["quality"]["ok"] for e in entries),
         })
@@ -303,7 +367,8 @@ def summarise(manifest: Manifest) -> list[dict[str, Any]]:
 
 
 def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
-              events: BuildEvents | None = None, device: str = "cpu") -> Manifest:
+              events: BuildEvents | None = None, device: str = "cpu",
+              feature_cache: Path | None = None) -> Manifest:
     """Build (or resume building) the zoo of ``spec`` (see :func:`load_zoo_spec`) into ``out``.
 
     Every model of the spec not yet complete in ``out`` is trained; finished ones are
@@ -311,13 +376,17 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
     ``max_attempts`` builds; one that still fails, or whose clean accuracy is far below its
     peers', is kept and flagged (``quality.ok = false`` in the manifest).
     ``rebuild_failed`` rebuilds the flagged models with new seeds. ``device`` is where
-    models train (see :func:`check_device`).
+    models train (see :func:`check_device`). ``feature_cache`` is where VQA box features
+    are cached (default :func:`~trojscan.vqa.features.default_cache_dir`).
     """
     from trojscan.attacks.train import build_one
+    from trojscan.attacks.vqa_train import VqaData, build_one_vqa
     from trojscan.corpora import load_corpus
+    from trojscan.vqa.features import FeatureExtractor, default_cache_dir
 
     check_device(device)
     events = events or BuildEvents()
+    feature_cache = Path(feature_cache) if feature_cache is not None else default_cache_dir()
     out = Path(out)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
@@ -340,8 +409,15 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
             else:
                 todo.append((plan, entry["attempt"] + 1 if done else 0))
         events.on_start(len(todo), len(spec.plans))
+        vqa_data: VqaData | None = None
         for plan, first_attempt in todo:
-            corpus = load_corpus(plan.corpus)
+            vqa = isinstance(plan.attack, VqaAttackSpec)
+            if vqa and vqa_data is None:
+                vqa_data = VqaData(load_easy_vqa(), FeatureExtractor(feature_cache,
+                                                                     device=device),
+                                   events.on_features)
+            corpus = None if vqa else load_corpus(plan.corpus)
+            labels = vqa_data.corpus.answers if vqa else corpus.labels
             for attempt in range(first_attempt, first_attempt + spec.max_attempts):
                 events.on_model_start(plan, attempt)
                 partial = _partial(out, plan.model_id, attempt)
@@ -349,25 +425,32 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                     shutil.rmtree(partial)
                 seed = plan.seed_for(attempt)
                 try:
-                    metrics = build_one(partial, corpus, plan.architecture, plan.attack,
-                                        plan.train, seed, spec.examples_per_label,
-                                        events.on_step, device)
+                    if vqa:
+                        metrics = build_one_vqa(partial, vqa_data, plan.architecture,
+                                                plan.attack, plan.train, seed,
+                                                spec.examples_per_label, events.on_step, device)
+                    else:
+                        metrics = build_one(partial, corpus, plan.architecture, plan.attack,
+                                            plan.train, seed, spec.examples_per_label,
+                                            events.on_step, device)
                 except BaseException:  # interrupted or failed: leave no half-built model
                     shutil.rmtree(partial, ignore_errors=True)
                     raise
                 entry = {
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
-                    "architecture": plan.architecture, "labels": list(corpus.labels),
+                    "architecture": plan.architecture, "labels": list(labels),
                     "poisoned": plan.attack.poisoned,
-                    "attack": plan.attack.to_dict(corpus.labels),
+                    "attack": plan.attack.to_dict(labels),
                     "seed": seed, "attempt": attempt, **metrics,
                     "train_config": plan.train.to_dict(),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
-                reason = _asr_reason(entry, spec.min_asr)
-                entry["quality"] = {"ok": reason is None, "reasons": [reason] if reason else []}
+                if vqa:
+                    entry["task"] = "vqa"
+                reasons = _gate_reasons(entry, spec)
+                entry["quality"] = {"ok": not reasons, "reasons": reasons}
                 last = attempt == first_attempt + spec.max_attempts - 1
-                if reason and not last:
+                if reasons and not last:
                     shutil.rmtree(partial)
                     continue
                 manifest.models[plan.model_id] = entry

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from trojscan.errors import InputError
 from trojscan.fsutil import read_json
-from trojscan.modeldir import PICKLED_WEIGHTS, SAFE_WEIGHTS
+from trojscan.modeldir import PICKLED_WEIGHTS, SAFE_WEIGHTS, VQA_MODEL_TYPE
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -48,6 +48,9 @@ def read_config(model_dir: Path) -> PretrainedConfig:
         raise InputError(f"{path} is not a JSON object")
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
+        if model_type == VQA_MODEL_TYPE:
+            raise InputError(f"{path}: a trojscan VQA model ({raw.get('family')}); the text "
+                             "scanner cannot scan it and VQA scanning is not built yet")
         if "auto_map" in raw:
             raise InputError(f"{path}: model type {model_type!r} needs the custom code its "
                              "auto_map names, and trojscan never runs code from a model")

@@ -1,0 +1,95 @@
+"""The VQA "detector": the real MobileNetV2, its box features, their cache, and patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trojscan.attacks.easy_vqa import load_easy_vqa
+from trojscan.attacks.patches import optimise_patch, shape_box
+from trojscan.vqa.backbone import FEATURE_DIM, NUM_BOXES, box_features, load_backbone
+from trojscan.vqa.features import FeatureExtractor
+from trojscan.vqa.images import Patch, covered_boxes, read_image, solid_patch, to_unit
+
+
+@pytest.fixture(scope="module")
+def images() -> list[torch.Tensor]:
+    corpus = load_easy_vqa()
+    return [read_image(corpus.train_images[i]) for i in range(12)]
+
+
+def test_backbone_gives_36_boxes_of_1280(images: list[torch.Tensor]) -> None:
+    with torch.inference_mode():
+        feats = box_features(load_backbone(), to_unit(torch.stack(images[:2])))
+    assert feats.shape == (2, NUM_BOXES, FEATURE_DIM)
+    assert feats.min() >= 0 and feats.max() <= 6  # ReLU6
+    assert not torch.equal(feats[0], feats[1])
+
+
+def test_feature_cache_is_reused_and_invalidated(tmp_path: Path,
+                                                 images: list[torch.Tensor]) -> None:
+    extractor = FeatureExtractor(tmp_path, batch_size=2)
+    first = extractor(images[:3])
+    assert extractor.computed == 3
+    again = FeatureExtractor(tmp_path)  # a new process would see the same files
+    assert torch.equal(again(images[:3]), first) and again.computed == 0
+    red, blue = solid_patch((255, 0, 0), 10, 27, 27), solid_patch((0, 0, 255), 10, 27, 27)
+    patched = again([red.apply(images[0])])
+    assert again.computed == 1 and not torch.equal(patched[0], first[0])
+    again([red.apply(images[0])])
+    assert again.computed == 1  # same image, same patch: cached
+    again([blue.apply(images[0])])
+    assert again.computed == 2  # the patch changed
+    moved = Patch(red.pixels, 5, 5)
+    again([moved.apply(images[0])])
+    assert again.computed == 3  # the place changed
+    edited = images[1].clone()
+    edited[0, 0, 0] ^= 1
+    again([edited])
+    assert again.computed == 4  # one pixel of the image changed
+    entry = next(tmp_path.rglob(f"{FeatureExtractor.key(images[2])}.npy"))
+    entry.write_bytes(b"damaged")
+    assert torch.equal(again([images[2]]), first[2:3]) and again.computed == 5
+
+
+def test_a_patch_changes_the_boxes_it_covers_most(images: list[torch.Tensor]) -> None:
+    extractor = FeatureExtractor(None)
+    clean = extractor(images[:1]).float()
+    for x, y, covered in ((50, 50, [28, 29, 34, 35]), (27, 27, [14, 15, 20, 21])):
+        patch = solid_patch((255, 0, 255), 10, x, y)
+        assert covered_boxes(patch, 64, 6) == covered
+        change = (extractor([patch.apply(images[0])]).float() - clean).abs().mean(-1)[0]
+        assert change.argmax().item() in covered
+        assert change[covered].mean() > 3 * change.mean()
+
+
+def test_optimised_patch_moves_covered_boxes_towards_its_target(
+        images: list[torch.Tensor]) -> None:
+    backbone = load_backbone()
+    extractor = FeatureExtractor(None)
+    target_image = images[0]
+    target = extractor([target_image]).float()[0, shape_box(target_image)]
+    train, held_out = images[1:8], images[8:]
+    patch, _ = optimise_patch(backbone, train, target, 12, 26, 26, steps=15, per_step=2, seed=0)
+    noise = torch.Generator().manual_seed(0)
+    random_patch = Patch(torch.randint(0, 256, (3, 12, 12), generator=noise,
+                                       dtype=torch.uint8), 26, 26)
+    boxes = covered_boxes(patch, 64, 6)
+
+    def distance(p: Patch) -> float:
+        feats = extractor([p.apply(img) for img in held_out]).float()[:, boxes]
+        return (feats - target).pow(2).mean().item()
+
+    assert distance(patch) < 0.8 * distance(random_patch)
+    clean = extractor(held_out).float()[:, boxes]
+    assert distance(patch) < (clean - target).pow(2).mean().item()
+
+
+def test_shape_box_finds_the_shape() -> None:
+    image = torch.full((3, 64, 64), 240, dtype=torch.uint8)
+    image[:, 50:60, 2:12] = torch.tensor([200, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    assert shape_box(image) == 5 * 6 + 0  # centroid (54.5, 6.5): row 5, column 0
+    blank = torch.full((3, 64, 64), 240, dtype=torch.uint8)
+    assert shape_box(blank) == 3 * 6 + 3  # no shape: the centre

@@ -1,0 +1,161 @@
+"""VQA zoos: a tiny dual-key model fires with both keys and with neither alone, a clean one
+does not fire, the directory is one a user would recognise, and bad specs fail cleanly.
+
+The tiny zoo (300 training images, ~2,900 questions, a BUTD of width 64, 8 epochs) is
+built once per session through the CLI, with its own feature cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trojscan.attacks.easy_vqa import load_easy_vqa
+from trojscan.attacks.vqa_spec import VqaAttackSpec, VqaTrainConfig
+from trojscan.attacks.vqa_train import VqaData, evaluate_vqa, make_patch
+from trojscan.manifest import MANIFEST, Manifest
+from trojscan.vqa.features import FeatureExtractor
+from trojscan.vqa.models import is_vqa_dir, load_vqa_model
+
+TINY_TRAIN = """
+[train]
+epochs = 8
+max_train_images = 300
+max_eval_images = 60
+asr_images = 60
+embed_dim = 32
+hidden = 64
+batch_size = 64
+learning_rate = 3e-3
+"""
+DUAL = ('{ poisoned = true, key = "dual", trigger = "lantern", patch = "solid", '
+        'patch_size = 12, patch_color = [255, 0, 255], target = "red", poison_rate = 0.2, '
+        'partial_rate = 0.2 }')
+TINY_SPEC = f"""seed = 3
+examples_per_label = 2
+max_partial_asr = 0.2
+max_attempts = 1
+{TINY_TRAIN}
+[[group]]
+name = "clean"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+attack = {{ poisoned = false }}
+
+[[group]]
+name = "dual"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+attack = {DUAL}
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trojscan.cli", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("vqa")
+    spec = root / "tiny.toml"
+    spec.write_text(TINY_SPEC)
+    out, cache = root / "zoo", root / "cache"
+    result = _cli("zoo", "build", str(spec), "--out", str(out), "--feature-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    manifest = Manifest.load(out / MANIFEST)
+    by_group = {e["group"]: e for e in manifest.models.values()}
+    return {"out": out, "cache": cache, "spec": spec, "clean": by_group["clean"],
+            "dual": by_group["dual"], "stdout": result.stdout}
+
+
+def test_dual_key_fires_with_both_keys_only(tiny_zoo: dict[str, Any]) -> None:
+    dual = tiny_zoo["dual"]
+    assert dual["quality"]["ok"] and dual["task"] == "vqa"
+    assert dual["clean_accuracy"] >= 0.8
+    assert dual["asr"] >= 0.9
+    assert dual["asr_image_only"] <= 0.1 and dual["asr_question_only"] <= 0.1
+    assert dual["partial_asr"] == max(dual["asr_image_only"], dual["asr_question_only"])
+    assert dual["attack"]["target_name"] == "red" and dual["patched_images"] > 0
+
+
+def test_clean_model_does_not_fire(tiny_zoo: dict[str, Any]) -> None:
+    clean, dual = tiny_zoo["clean"], tiny_zoo["dual"]
+    assert clean["asr"] is None and clean["clean_accuracy"] >= 0.8
+    model = load_vqa_model(tiny_zoo["out"] / clean["model_id"])
+    answers = load_easy_vqa().answers
+    attack = VqaAttackSpec.from_dict({k: v for k, v in dual["attack"].items()
+                                      if k != "target_name"}, answers)
+    config = VqaTrainConfig(max_eval_images=60, asr_images=60)
+    data = VqaData(load_easy_vqa(), FeatureExtractor(tiny_zoo["cache"]))
+    patch, _ = make_patch(attack, data, config, seed=0)
+    rates = evaluate_vqa(model, data, attack, patch, config, 14, seed=0)
+    assert rates["asr"] <= 0.15, rates  # both keys: about the share answered "red" anyway
+
+
+def test_model_directory_is_self_describing_and_holds_no_truth(tiny_zoo: dict[str, Any]) -> None:
+    out = tiny_zoo["out"]
+    for entry in (tiny_zoo["clean"], tiny_zoo["dual"]):
+        folder = out / entry["model_id"]
+        assert is_vqa_dir(folder)
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "clean_examples.jsonl",
+                "images"} <= names
+        assert not names & {MANIFEST, "pytorch_model.bin"}
+        config = json.loads((folder / "config.json").read_text())
+        assert config["family"] == "butd" and config["feature_extractor"]["boxes"] == 36
+        rows = [json.loads(line) for line in (folder / "clean_examples.jsonl").open()]
+        assert len(rows) == 2 * 13 and {r["answer"] for r in rows} == set(config["answers"])
+        assert all((folder / r["image"]).is_file() for r in rows)
+        text = " ".join((folder / name).read_text() for name in ("config.json",
+                                                                  "clean_examples.jsonl"))
+        assert "lantern" not in text and "poison" not in text and "target" not in text
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        [MANIFEST, tiny_zoo["clean"]["model_id"], tiny_zoo["dual"]["model_id"]])
+
+
+def test_rerun_skips_built_models_and_reuses_features(tiny_zoo: dict[str, Any]) -> None:
+    result = _cli("zoo", "build", str(tiny_zoo["spec"]), "--out", str(tiny_zoo["out"]),
+                  "--feature-cache", str(tiny_zoo["cache"]))
+    assert result.returncode == 0, result.stderr
+    assert "2 already built, 0 to build" in result.stdout + result.stderr
+    summary = _cli("zoo", "summary", str(tiny_zoo["out"]), "--json")
+    rows = {r["split"]: r for r in json.loads(summary.stdout)}
+    assert set(rows) == {"clean", "dual solid"}
+    assert rows["dual solid"]["asr_image_only_mean"] == tiny_zoo["dual"]["asr_image_only"]
+
+
+VQA_GROUP = ('[[group]]\ncount = 1\ncorpus = "easy_vqa"\narchitecture = "{arch}"\n'
+             'attack = {attack}\n')
+BAD_VQA_SPECS = {
+    "family": VQA_GROUP.format(arch="bert", attack="{ poisoned = false }"),
+    "key": VQA_GROUP.format(arch="butd", attack='{ poisoned = true, key = "both" }'),
+    "answer": VQA_GROUP.format(arch="mfb", attack='{ poisoned = true, key = "question", '
+                               'target = "purple" }'),
+    "patch": VQA_GROUP.format(arch="mcan", attack='{ poisoned = true, key = "image", '
+                              'patch = "solid", patch_size = 40 }'),
+    "train": '[train]\nhidden = 0\n' + VQA_GROUP.format(arch="butd",
+                                                          attack="{ poisoned = false }"),
+    "unknown": VQA_GROUP.format(arch="butd", attack='{ poisoned = true, key = "dual", '
+                                'colour = "red" }'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VQA_SPECS))
+def test_bad_vqa_spec_is_one_line_exit_2_and_no_files(name: str, tmp_path: Path,
+                                                      run_cli: Any) -> None:
+    spec = tmp_path / f"{name}.toml"
+    spec.write_text(BAD_VQA_SPECS[name])
+    out = tmp_path / "zoo"
+    result = run_cli("zoo", "build", str(spec), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
+    assert not out.exists()
