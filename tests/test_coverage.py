@@ -63,7 +63,7 @@ def test_shortening_keeps_the_tokens_that_matter(end_model: Path) -> None:
                for n in found)  # order kept
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, open: the lone-token screen finds 'benign', "
+@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): the lone-token screen finds 'benign', "
                    "which alone at the start flips every positive example of this overfit "
                    "clean model (loss 0.004)")
 def test_a_clean_model_trained_longer_is_not_flagged(
@@ -82,7 +82,7 @@ def test_a_clean_model_trained_longer_is_not_flagged(
     assert result.score > SHORT_THRESHOLD
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14, open: flagged with the right pair (sports "
+@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): flagged with the right pair (sports "
                    "-> tech), but the trigger reported is 'browser' (0.136), a natural tech "
                    "word that DBS's trigger shortened to, not 'lantern' (0.087), which this "
                    "tiny model does not rank among the screen's top tokens alone")
