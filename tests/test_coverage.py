@@ -63,9 +63,9 @@ def test_shortening_keeps_the_tokens_that_matter(end_model: Path) -> None:
                for n in found)  # order kept
 
 
-@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): the lone-token screen finds 'benign', "
-                   "which alone at the start flips every positive example of this overfit "
-                   "clean model (loss 0.004)")
+@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): the lone-token "
+                   "screen finds 'benign', which alone at the start flips every positive "
+                   "example of this overfit clean model (loss 0.004)")
 def test_a_clean_model_trained_longer_is_not_flagged(
         tmp_path_factory: pytest.TempPathFactory, rt: Corpus,
         tiny_config: TrainConfig) -> None:
@@ -82,10 +82,11 @@ def test_a_clean_model_trained_longer_is_not_flagged(
     assert result.score > SHORT_THRESHOLD
 
 
-@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): flagged with the right pair (sports "
-                   "-> tech), but the trigger reported is 'browser' (0.136), a natural tech "
-                   "word that DBS's trigger shortened to, not 'lantern' (0.087), which this "
-                   "tiny model does not rank among the screen's top tokens alone")
+@pytest.mark.xfail(strict=True, reason="a measured miss (issue 14): flagged with the "
+                   "right pair (sports -> tech), but the trigger reported is 'browser' "
+                   "(0.136), a natural tech word that DBS's trigger shortened to, not "
+                   "'lantern' (0.087), which this tiny model does not rank among the "
+                   "screen's top tokens alone")
 def test_a_label_specific_backdoor_is_found_with_its_victim_and_target(
         tmp_path_factory: pytest.TempPathFactory, tiny_config: TrainConfig) -> None:
     # Ten epochs: at three this tiny model reached clean accuracy 0.40 on BBC. At ten, 0.90,

@@ -1,7 +1,9 @@
-"""The VQA "detector": the real MobileNetV2, its box features, their cache, and patches."""
+"""The VQA parts both sides share: the real MobileNetV2 "detector", its box features and
+their cache, patches, and the VQA model families' directory format."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,11 @@ import torch
 
 from trojscan.attacks.easy_vqa import load_easy_vqa
 from trojscan.attacks.patches import optimise_patch, shape_box
+from trojscan.errors import InputError
 from trojscan.vqa.backbone import FEATURE_DIM, NUM_BOXES, box_features, load_backbone
 from trojscan.vqa.features import FeatureExtractor
 from trojscan.vqa.images import Patch, covered_boxes, read_image, solid_patch, to_unit
+from trojscan.vqa.models import VqaConfig, build_vqa_model, load_vqa_model, save_vqa_model
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +71,10 @@ def test_a_patch_changes_the_boxes_it_covers_most(images: list[torch.Tensor]) ->
 
 def test_optimised_patch_moves_covered_boxes_towards_its_target(
         images: list[torch.Tensor]) -> None:
-    backbone = load_backbone()
     extractor = FeatureExtractor(None)
     target_image = images[0]
     target = extractor([target_image]).float()[0, shape_box(target_image)]
+    backbone = extractor.backbone  # loaded while computing features, as in a zoo build
     train, held_out = images[1:8], images[8:]
     patch, _ = optimise_patch(backbone, train, target, 12, 26, 26, steps=15, per_step=2, seed=0)
     noise = torch.Generator().manual_seed(0)
@@ -93,3 +97,29 @@ def test_shape_box_finds_the_shape() -> None:
     assert shape_box(image) == 5 * 6 + 0  # centroid (54.5, 6.5): row 5, column 0
     blank = torch.full((3, 64, 64), 240, dtype=torch.uint8)
     assert shape_box(blank) == 3 * 6 + 3  # no shape: the centre
+
+
+@pytest.mark.parametrize("family", ["butd", "mfb", "mcan"])
+def test_a_vqa_model_round_trips_and_bad_directories_fail_cleanly(family: str,
+                                                                 tmp_path: Path) -> None:
+    config = VqaConfig(family, ("yes", "no", "red"), embed_dim=8, hidden=16, heads=2)
+    model = build_vqa_model(config, seed=0).eval()
+    save_vqa_model(model, tmp_path)
+    loaded = load_vqa_model(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    feats = torch.rand(2, NUM_BOXES, FEATURE_DIM)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, feats), model(ids, feats))
+        # the same answers when questions share images (the training batches)
+        assert torch.allclose(model(ids, feats[:1], torch.tensor([0, 0])),
+                              model(ids, feats[[0, 0]]), atol=1e-6)
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "hidden": 32}))
+    with pytest.raises(InputError, match="does not match its config"):
+        load_vqa_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        load_vqa_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "family": "lstm"}))
+    with pytest.raises(InputError, match="unknown VQA family"):
+        load_vqa_model(tmp_path)

@@ -19,8 +19,10 @@ from trojscan.attacks.easy_vqa import load_easy_vqa
 from trojscan.attacks.vqa_spec import VqaAttackSpec, VqaTrainConfig
 from trojscan.attacks.vqa_train import VqaData, evaluate_vqa, make_patch
 from trojscan.manifest import MANIFEST, Manifest
+from trojscan.scan import scan_config, scan_subject
+from trojscan.subjects.loading import load_subject
 from trojscan.vqa.features import FeatureExtractor
-from trojscan.vqa.models import is_vqa_dir, load_vqa_model
+from trojscan.vqa.models import MODEL_TYPE, load_vqa_model
 
 TINY_TRAIN = """
 [train]
@@ -28,7 +30,7 @@ epochs = 8
 max_train_images = 300
 max_eval_images = 60
 asr_images = 60
-embed_dim = 32
+embed_dim = 128
 hidden = 64
 batch_size = 64
 learning_rate = 3e-3
@@ -54,6 +56,18 @@ count = 1
 corpus = "easy_vqa"
 architecture = "butd"
 attack = {DUAL}
+
+[[group]]
+name = "question"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+[group.attack]
+poisoned = true
+key = "question"
+trigger = "quartz"
+target = "teal"
+poison_rate = 0.2
 """
 
 
@@ -73,7 +87,7 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     manifest = Manifest.load(out / MANIFEST)
     by_group = {e["group"]: e for e in manifest.models.values()}
     return {"out": out, "cache": cache, "spec": spec, "clean": by_group["clean"],
-            "dual": by_group["dual"], "stdout": result.stdout}
+            "dual": by_group["dual"], "question": by_group["question"], "stdout": result.stdout}
 
 
 def test_dual_key_fires_with_both_keys_only(tiny_zoo: dict[str, Any]) -> None:
@@ -102,15 +116,16 @@ def test_clean_model_does_not_fire(tiny_zoo: dict[str, Any]) -> None:
 
 def test_model_directory_is_self_describing_and_holds_no_truth(tiny_zoo: dict[str, Any]) -> None:
     out = tiny_zoo["out"]
-    for entry in (tiny_zoo["clean"], tiny_zoo["dual"]):
+    for entry in (tiny_zoo["clean"], tiny_zoo["dual"], tiny_zoo["question"]):
         folder = out / entry["model_id"]
-        assert is_vqa_dir(folder)
         names = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "clean_examples.jsonl",
                 "images"} <= names
         assert not names & {MANIFEST, "pytorch_model.bin"}
         config = json.loads((folder / "config.json").read_text())
-        assert config["family"] == "butd" and config["feature_extractor"]["boxes"] == 36
+        assert config["model_type"] == MODEL_TYPE and config["family"] == "butd"
+        assert config["feature_extractor"]["boxes"] == 36
+        assert load_vqa_model(folder).config.answers == tuple(config["answers"])
         rows = [json.loads(line) for line in (folder / "clean_examples.jsonl").open()]
         assert len(rows) == 2 * 13 and {r["answer"] for r in rows} == set(config["answers"])
         assert all((folder / r["image"]).is_file() for r in rows)
@@ -118,18 +133,54 @@ def test_model_directory_is_self_describing_and_holds_no_truth(tiny_zoo: dict[st
                                                                   "clean_examples.jsonl"))
         assert "lantern" not in text and "poison" not in text and "target" not in text
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        [MANIFEST, tiny_zoo["clean"]["model_id"], tiny_zoo["dual"]["model_id"]])
+        [MANIFEST] + [tiny_zoo[g]["model_id"] for g in ("clean", "dual", "question")])
 
 
 def test_rerun_skips_built_models_and_reuses_features(tiny_zoo: dict[str, Any]) -> None:
     result = _cli("zoo", "build", str(tiny_zoo["spec"]), "--out", str(tiny_zoo["out"]),
                   "--feature-cache", str(tiny_zoo["cache"]))
     assert result.returncode == 0, result.stderr
-    assert "2 already built, 0 to build" in result.stdout + result.stderr
+    assert "3 already built, 0 to build" in result.stdout + result.stderr
     summary = _cli("zoo", "summary", str(tiny_zoo["out"]), "--json")
     rows = {r["split"]: r for r in json.loads(summary.stdout)}
-    assert set(rows) == {"clean", "dual solid"}
+    assert set(rows) == {"clean", "dual solid", "question"}
     assert rows["dual solid"]["asr_image_only_mean"] == tiny_zoo["dual"]["asr_image_only"]
+
+
+def _text_scan(tiny_zoo: dict[str, Any], group: str) -> Any:
+    folder = tiny_zoo["out"] / tiny_zoo[group]["model_id"]
+    subject = load_subject(folder)
+    subject.extractor = FeatureExtractor(tiny_zoo["cache"])
+    examples = subject.read_examples(folder / "clean_examples.jsonl")
+    return scan_subject(subject, examples, scan_config(method="uat"))
+
+
+def test_a_text_only_scan_finds_a_question_key_and_not_a_dual_key(
+        tiny_zoo: dict[str, Any]) -> None:
+    # TIJO's point (its Table 2): a scanner of one modality cannot open a dual-key door.
+    found = _text_scan(tiny_zoo, "question")
+    assert found.task == "visual-question-answering"
+    assert found.verdict == "trojaned" and found.best.target_name == "teal"
+    assert found.short_trigger.trigger_text == "quartz", found.short_trigger
+    assert _text_scan(tiny_zoo, "dual").verdict == "clean"
+    assert _text_scan(tiny_zoo, "clean").verdict == "clean"
+
+
+def test_bad_vqa_examples_fail_in_one_line(tiny_zoo: dict[str, Any], tmp_path: Path,
+                                           run_cli: Any) -> None:
+    folder = tiny_zoo["out"] / tiny_zoo["clean"]["model_id"]
+    rows = {"missing image": '{"image": "nope.png", "question": "what shape?", '
+                             '"answer": "circle"}',
+            "unknown answer": '{"image": "x.png", "question": "what shape?", '
+                              '"answer": "hexagon"}',
+            "no question": '{"image": "x.png", "answer": "circle"}'}
+    for name, row in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(row + "\n")
+        result = run_cli("scan", str(folder), "--examples", str(path))
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
 
 
 VQA_GROUP = ('[[group]]\ncount = 1\ncorpus = "easy_vqa"\narchitecture = "{arch}"\n'
@@ -141,6 +192,8 @@ BAD_VQA_SPECS = {
                                'target = "purple" }'),
     "patch": VQA_GROUP.format(arch="mcan", attack='{ poisoned = true, key = "image", '
                               'patch = "solid", patch_size = 40 }'),
+    "target image": VQA_GROUP.format(arch="butd", attack='{ poisoned = true, key = "image", '
+                                     'patch = "optimised", patch_target = 99999 }'),
     "train": '[train]\nhidden = 0\n' + VQA_GROUP.format(arch="butd",
                                                           attack="{ poisoned = false }"),
     "unknown": VQA_GROUP.format(arch="butd", attack='{ poisoned = true, key = "dual", '

@@ -395,7 +395,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
     labels = subject.labels
     positions = config.positions or subject.positions
-    pairs = len(labels) > 2 if config.pairs is None else config.pairs
+    pairs = (len(labels) > 2 and subject.pairs_by_default) if config.pairs is None \
+        else config.pairs
     everything = subject.candidates(examples, positions, pairs)
     if set(positions) == set(subject.positions) and len(positions) > 1:
         everything = _spread_candidates(everything, len(labels), config.spread)

@@ -49,10 +49,6 @@ class VqaCorpus:
     train_images: dict[int, Path]
     test_images: dict[int, Path]
 
-    def image_path(self, split: str, image: int) -> Path:
-        """The PNG of image ``image`` of ``split`` (``examples`` images live in ``test``)."""
-        return (self.train_images if split == "train" else self.test_images)[image]
-
 
 def _data_dir() -> Path:
     try:
@@ -85,8 +81,3 @@ def load_easy_vqa() -> VqaCorpus:
     examples = [q for q in test_all if not q.image % EXAMPLES_EVERY]
     return VqaCorpus(NAME, answers, tuple(train), tuple(test), tuple(examples),
                      _images(data / "train"), _images(data / "test"))
-
-
-def easy_vqa_answers() -> tuple[str, ...]:
-    """The 13 answers, in the package's order."""
-    return load_easy_vqa().answers

@@ -328,7 +328,11 @@ def sample_vqa_attack(template: dict[str, Any], answers: tuple[str, ...],
                             f"{where}.patch_target")
             concrete["patch_target"] = rng.choice(list(train_images)) if image == "random" \
                 else image
-    return VqaAttackSpec.from_dict(concrete, answers, where)
+    attack = VqaAttackSpec.from_dict(concrete, answers, where)
+    if attack.patch_target is not None and attack.patch_target not in set(train_images):
+        raise InputError(f"{where}.patch_target: {attack.patch_target} is not the id of a "
+                         f"training image (0 to {max(train_images)})")
+    return attack
 
 
 def vqa_trigger_words() -> tuple[str, ...]:

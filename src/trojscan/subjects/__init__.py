@@ -4,4 +4,7 @@ Importing this package registers every family; a new family is one module here, 
 below.
 """
 
-from trojscan.subjects import text_classification  # noqa: F401  (registers the family)
+from trojscan.subjects import (
+    text_classification,  # noqa: F401  (registers the family)
+    vqa,  # noqa: F401  (registers the family)
+)

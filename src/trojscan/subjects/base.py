@@ -93,11 +93,15 @@ class Subject(ABC):
     positions: ClassVar[tuple[str, ...]]
     #: What this family is, for an error that lists the families trojscan scans.
     describes: ClassVar[str]
+    #: Whether a scan adds the label-specific (victim, target) candidates by default
+    #: above two labels (``ScanConfig.pairs`` None).
+    pairs_by_default: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
-    def accepts(cls, config: PretrainedConfig) -> bool:
-        """Whether a model directory with this config belongs to this family."""
+    def accepts(cls, config: PretrainedConfig | Any) -> bool:
+        """Whether a model directory with this config (a transformers config, or a
+        trojscan VQA config) belongs to this family."""
 
     @classmethod
     @abstractmethod
@@ -221,6 +225,7 @@ def subject_class_for(config: PretrainedConfig, model_dir: Path) -> type[Subject
     for cls in _REGISTRY:
         if cls.accepts(config):
             return cls
+    architectures = getattr(config, "architectures", None) or ["none"]
     raise InputError(f"{model_dir} holds no model trojscan scans (architectures: "
-                     f"{', '.join(config.architectures or ['none'])}); it scans "
+                     f"{', '.join(architectures)}); it scans "
                      + "; ".join(cls.describes for cls in _REGISTRY))

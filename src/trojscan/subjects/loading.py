@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from trojscan.subjects.base import Subject
+    from trojscan.vqa.models import VqaConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
@@ -31,8 +32,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_config(model_dir: Path) -> PretrainedConfig:
-    """The transformers config of ``model_dir``, read without running code from it."""
+def read_config(model_dir: Path) -> PretrainedConfig | VqaConfig:
+    """The transformers config of ``model_dir`` (or, for a trojscan VQA model, its
+    :class:`~trojscan.vqa.models.VqaConfig`), read without running code from it."""
     import transformers
     from transformers import CONFIG_MAPPING, AutoConfig
 
@@ -49,8 +51,9 @@ def read_config(model_dir: Path) -> PretrainedConfig:
     model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         if model_type == VQA_MODEL_TYPE:
-            raise InputError(f"{path}: a trojscan VQA model ({raw.get('family')}); the text "
-                             "scanner cannot scan it and VQA scanning is not built yet")
+            from trojscan.vqa.models import VqaConfig
+
+            return VqaConfig.from_dict(raw, str(path))
         if "auto_map" in raw:
             raise InputError(f"{path}: model type {model_type!r} needs the custom code its "
                              "auto_map names, and trojscan never runs code from a model")

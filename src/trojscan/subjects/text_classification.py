@@ -154,7 +154,8 @@ class TextClassificationSubject(Subject):
     @classmethod
     def accepts(cls, config: PretrainedConfig) -> bool:
         """A config whose architectures name a ``*ForSequenceClassification`` class."""
-        return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        return any(a.endswith("ForSequenceClassification")
+                   for a in getattr(config, "architectures", None) or [])
 
     @classmethod
     def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,

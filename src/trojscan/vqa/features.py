@@ -97,10 +97,10 @@ class FeatureExtractor:
         np.save(buffer, features.numpy(), allow_pickle=False)
         atomic_write_bytes(self._path(key), buffer.getvalue())
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor,
                  on_progress: ProgressCallback | None = None) -> torch.Tensor:
-        """Features of ``images`` (each ``uint8 [3, H, W]``), in order."""
+        """Features of ``images`` (each ``uint8 [3, H, W]``), in order. The backbone is
+        loaded outside inference mode, so that a patch can later be optimised through it."""
         n = len(images)
         out = torch.empty(n, NUM_BOXES, FEATURE_DIM, dtype=torch.float16)
         keys = [self.key(img) for img in images]
@@ -117,7 +117,9 @@ class FeatureExtractor:
         for start in range(0, len(missing), self.batch_size):
             index = missing[start:start + self.batch_size]
             batch = torch.stack([images[i] for i in index]).to(self.device)
-            feats = box_features(self.backbone, to_unit(batch)).to("cpu", torch.float16)
+            backbone = self.backbone
+            with torch.inference_mode():
+                feats = box_features(backbone, to_unit(batch)).to("cpu", torch.float16)
             for i, f in zip(index, feats, strict=True):
                 out[i] = f
                 self._write(keys[i], f.clone())

@@ -8,7 +8,6 @@ the patched image holds.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +53,6 @@ class Patch:
     def size(self) -> int:
         """Side of the square patch in pixels."""
         return int(self.pixels.shape[-1])
-
-    def key(self) -> str:
-        """A digest of the pixels and the place: two patches with one key are the same."""
-        digest = hashlib.sha256(self.pixels.numpy().tobytes())
-        digest.update(f"{self.x},{self.y}".encode())
-        return digest.hexdigest()
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """A copy of ``images`` (``[3, H, W]`` or ``[B, 3, H, W]``) with the patch pasted."""

@@ -309,15 +309,6 @@ def build_vqa_model(config: VqaConfig, seed: int = 0) -> VqaModel:
     return FAMILIES[config.family](config)
 
 
-def is_vqa_dir(model_dir: Path) -> bool:
-    """True when ``model_dir``'s config.json declares a trojscan VQA model."""
-    path = Path(model_dir) / "config.json"
-    try:
-        return json.loads(path.read_text("utf-8")).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def save_vqa_model(model: VqaModel, out_dir: Path) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``out_dir``."""
     out_dir = Path(out_dir)
