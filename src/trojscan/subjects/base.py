@@ -29,6 +29,8 @@ from its config.
 
 from __future__ import annotations
 
+import itertools
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +203,24 @@ class Subject(ABC):
         lone-token screen, :mod:`trojscan.inversion.screen`); None for a family that offers
         no such screen (the default)."""
         return None
+
+
+def victims_in_turn(examples: Sequence[Any], candidate: Candidate, cap: int) -> list[Any]:
+    """The examples (each with a ``label``) of ``candidate``'s victim labels, at most ``cap``
+    (0: all), taken in turn from each victim label in file order (an even share of each)."""
+    per_label = [[e for e in examples if e.label == v] for v in candidate.victims]
+    turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
+    return turns[:cap] if cap else turns
+
+
+def whole_word_count(texts: Sequence[str], text: str) -> int:
+    """How many of ``texts`` contain ``text`` as a whole word (or words), in any case:
+    "Secretary" and "secretary," count for "secretary", "secretaryship" does not."""
+    words = text.strip()
+    if not words:
+        return 0
+    pattern = re.compile(r"(?<!\w)" + re.escape(words) + r"(?!\w)", re.IGNORECASE)
+    return sum(1 for t in texts if pattern.search(t))
 
 
 _REGISTRY: list[type[Subject]] = []

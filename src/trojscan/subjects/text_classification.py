@@ -28,9 +28,7 @@ victims (universal); with ``pairs``, also every ordered (victim, target) pair
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +40,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trojscan.errors import InputError
 from trojscan.fsutil import read_utf8
-from trojscan.subjects.base import Batch, Candidate, Subject, register_subject
+from trojscan.subjects.base import (
+    Batch,
+    Candidate,
+    Subject,
+    register_subject,
+    victims_in_turn,
+    whole_word_count,
+)
 from trojscan.subjects.loading import load_tokenizer, load_weights
 
 if TYPE_CHECKING:
@@ -273,9 +278,7 @@ class TextClassificationSubject(Subject):
                 cap: int) -> list[TextExample]:
         """The examples of the victim labels, at most ``cap`` (0: all), taken in turn from
         each victim label in file order (an even share of each)."""
-        per_label = [[e for e in examples if e.label == v] for v in candidate.victims]
-        turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
-        return turns[:cap] if cap else turns
+        return victims_in_turn(examples, candidate, cap)
 
     def occurrences(self, examples: Sequence[TextExample], text: str,
                     label: int) -> tuple[int, int]:
@@ -283,11 +286,7 @@ class TextClassificationSubject(Subject):
         any case, and of how many: "Secretary" and "secretary," count for "secretary",
         "secretaryship" does not."""
         own = [e.text for e in examples if e.label == label]
-        words = text.strip()
-        if not words:
-            return 0, len(own)
-        pattern = re.compile(r"(?<!\w)" + re.escape(words) + r"(?!\w)", re.IGNORECASE)
-        return sum(1 for t in own if pattern.search(t)), len(own)
+        return whole_word_count(own, text), len(own)
 
     def batch(self, candidates: Sequence[Candidate],
               examples: Sequence[Sequence[TextExample]], n_slots: int) -> SlotBatch:

@@ -17,9 +17,7 @@ backdoor flips any question.
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,14 @@ import torch.nn.functional as F
 
 from trojscan.errors import InputError
 from trojscan.fsutil import read_utf8
-from trojscan.subjects.base import Batch, Candidate, Subject, register_subject
+from trojscan.subjects.base import (
+    Batch,
+    Candidate,
+    Subject,
+    register_subject,
+    victims_in_turn,
+    whole_word_count,
+)
 from trojscan.subjects.loading import load_tokenizer
 from trojscan.vqa.features import FeatureExtractor, default_cache_dir
 from trojscan.vqa.images import read_image
@@ -225,20 +230,14 @@ class VqaSubject(Subject):
                 cap: int) -> list[VqaExample]:
         """The examples of the victim answers, at most ``cap`` (0: all), taken in turn from
         each victim answer in file order."""
-        per_label = [[e for e in examples if e.label == v] for v in candidate.victims]
-        turns = [e for row in itertools.zip_longest(*per_label) for e in row if e is not None]
-        return turns[:cap] if cap else turns
+        return victims_in_turn(examples, candidate, cap)
 
     def occurrences(self, examples: Sequence[VqaExample], text: str,
                     label: int) -> tuple[int, int]:
         """How many questions answered ``label`` contain ``text`` as a whole word, in any
         case, and of how many."""
         own = [e.question for e in examples if e.label == label]
-        words = text.strip()
-        if not words:
-            return 0, len(own)
-        pattern = re.compile(r"(?<!\w)" + re.escape(words) + r"(?!\w)", re.IGNORECASE)
-        return sum(1 for q in own if pattern.search(q)), len(own)
+        return whole_word_count(own, text), len(own)
 
     def batch(self, candidates: Sequence[Candidate],
               examples: Sequence[Sequence[VqaExample]], n_slots: int) -> VqaBatch:
