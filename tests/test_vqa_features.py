@@ -53,9 +53,13 @@ def test_feature_cache_is_reused_and_invalidated(tmp_path: Path,
     edited[0, 0, 0] ^= 1
     again([edited])
     assert again.computed == 4  # one pixel of the image changed
+    small = images[3][:, ::2, ::2].contiguous()  # another size, in one call with 64x64 ones
+    mixed = again([images[4], small, images[5]])
+    assert again.computed == 7 and mixed.shape == (3, NUM_BOXES, FEATURE_DIM)
+    assert torch.equal(mixed[0], again([images[4]])[0])
     entry = next(tmp_path.rglob(f"{FeatureExtractor.key(images[2])}.npy"))
     entry.write_bytes(b"damaged")
-    assert torch.equal(again([images[2]]), first[2:3]) and again.computed == 5
+    assert torch.equal(again([images[2]]), first[2:3]) and again.computed == 8
 
 
 def test_a_patch_changes_the_boxes_it_covers_most(images: list[torch.Tensor]) -> None:

@@ -48,14 +48,16 @@ def optimise_patch(backbone: MobileNetV2, images: list[torch.Tensor], target: to
     mean squared distance of the covered boxes' features to ``target``.
     """
     rng = random.Random(seed)
+    device = next(backbone.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    theta = (0.5 * torch.randn(3, size, size, generator=generator)).requires_grad_(True)
+    theta = (0.5 * torch.randn(3, size, size, generator=generator)).to(device)
+    theta.requires_grad_(True)
     optimiser = torch.optim.Adam([theta], lr=learning_rate)
     boxes = covered_boxes(Patch(torch.zeros(3, size, size, dtype=torch.uint8), x, y),
                           images[0].shape[-1], GRID)
-    mask = torch.zeros(1, 1, *images[0].shape[-2:])
+    mask = torch.zeros(1, 1, *images[0].shape[-2:], device=device)
     mask[..., y:y + size, x:x + size] = 1.0
-    goal = target.float().view(1, 1, -1)
+    goal = target.float().view(1, 1, -1).to(device)
 
     def distance(pixels: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         canvas = torch.zeros_like(batch)
@@ -65,13 +67,13 @@ def optimise_patch(backbone: MobileNetV2, images: list[torch.Tensor], target: to
             len(batch), len(boxes), -1))
 
     for _ in range(steps):
-        batch = to_unit(torch.stack(rng.sample(images, min(per_step, len(images)))))
+        batch = to_unit(torch.stack(rng.sample(images, min(per_step, len(images))))).to(device)
         loss = distance(torch.sigmoid(theta), batch)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-    pixels = (torch.sigmoid(theta.detach()) * 255).round().to(torch.uint8)
+    pixels = (torch.sigmoid(theta.detach()) * 255).round().to("cpu", torch.uint8)
     with torch.no_grad():
-        batch = to_unit(torch.stack(rng.sample(images, min(per_step, len(images)))))
-        final = distance(to_unit(pixels), batch).item()
+        batch = to_unit(torch.stack(rng.sample(images, min(per_step, len(images))))).to(device)
+        final = distance(to_unit(pixels).to(device), batch).item()
     return Patch(pixels, x, y), final

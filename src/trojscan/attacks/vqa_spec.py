@@ -5,7 +5,7 @@ prepended to the question and a patch pasted into the image::
 
     poisoned = true
     key = "dual"              # dual (patch AND word) | question (word only) | image (patch only)
-    trigger = "lantern"       # the question key: one word, one WordPiece token
+    trigger = "lantern"       # the question key: one word (drawn ones are one WordPiece token)
     patch = "solid"           # the image key: solid | optimised
     patch_size = 10           # side in pixels of the 64 x 64 image
     patch_x = 27              # top-left corner
@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import cache
 from typing import Any
 
 from trojscan.attacks.spec import expect_type, reject_unknown, resolve_label
@@ -34,6 +35,8 @@ KEYS = ("dual", "question", "image")
 PATCH_KINDS = ("solid", "optimised")
 #: easy-VQA images are 64 x 64.
 IMAGE_SIZE = 64
+#: Width of MiniLM's word vectors, which VQA models start from (projected by PCA).
+MINILM_WIDTH = 384
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,9 @@ class VqaTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                 raise InputError(f"{where}.{name} must be in [0, 1), got {value!r}")
+        if self.embed_dim > MINILM_WIDTH:
+            raise InputError(f"{where}.embed_dim: the word vectors are MiniLM's projected to "
+                             f"at most its {MINILM_WIDTH} dimensions, got {self.embed_dim}")
         if not isinstance(self.train_embeddings, bool):
             raise InputError(f"{where}.train_embeddings must be true or false, got "
                              f"{self.train_embeddings!r}")
@@ -276,13 +282,13 @@ def sample_vqa_attack(template: dict[str, Any], answers: tuple[str, ...],
                       where: str) -> VqaAttackSpec:
     """Draw one concrete :class:`VqaAttackSpec` from a group's attack template.
 
-    Every field may be a list to draw from. Left out or ``"random"``: ``trigger`` is drawn
-    from ``words``, ``patch_size`` from :data:`DEFAULT_PATCH_SIZES`, ``patch_color`` is a
-    uniform RGB colour, ``patch_target`` one of ``train_images``, ``target`` one of the
-    answers; ``patch_position`` is ``center`` (TrojVQA's default, the default here) or
-    ``random`` (anywhere the patch fits). A colour is ``[r, g, b]``; a list of colours is
-    drawn from. Fields of a key the drawn ``key`` does not use are ignored, so one template
-    can mix keys.
+    Every field may be a list to draw from. Left out: ``patch_size`` is drawn from
+    :data:`DEFAULT_PATCH_SIZES`. Left out or ``"random"``: ``trigger`` is drawn from
+    ``words``, ``patch_color`` is a uniform RGB colour, ``patch_target`` one of
+    ``train_images``, ``target`` one of the answers. ``patch_position`` is ``center``
+    (TrojVQA's default, the default here) or ``random`` (anywhere the patch fits). A colour
+    is ``[r, g, b]``; a list of colours is drawn from. Fields of a key the drawn ``key``
+    does not use are ignored, so one template can mix keys.
     """
     reject_unknown(template, TEMPLATE_KEYS, where)
     poisoned = _choose(template.get("poisoned", False), rng, f"{where}.poisoned")
@@ -335,6 +341,7 @@ def sample_vqa_attack(template: dict[str, Any], answers: tuple[str, ...],
     return attack
 
 
+@cache
 def vqa_trigger_words() -> tuple[str, ...]:
     """The neutral trigger words (:func:`~trojscan.attacks.triggers.word_pool`) that no
     easy-VQA question uses."""

@@ -220,6 +220,10 @@ def evaluate_vqa(model: VqaModel, data: VqaData, attack: VqaAttackSpec, patch: P
     clean_feats = data.features("test", [q.image for q in victims])
 
     def rate(ids: torch.Tensor, feats: torch.Tensor) -> float:
+        # No victim question (every one already answered with the target): 0, so that
+        # the quality gate flags the model rather than passing a NaN.
+        if not victims:
+            return 0.0
         return (predict_vqa(model, ids, feats) == attack.target).float().mean().item()
 
     rates: dict[str, float] = {}

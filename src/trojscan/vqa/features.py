@@ -2,7 +2,9 @@
 
 The key is a digest of the backbone's name and the exact ``uint8`` pixels the backbone
 sees, so a patched image has its own key (the patch is part of the pixels) and a changed
-image or patch is never served stale features. Entries are ``.npy`` files (float16,
+image or patch is never served stale features. The key does not name the device: features
+computed on a GPU differ from the CPU's in the last bits, and a cache filled on one serves
+the other. Entries are ``.npy`` files (float16,
 ``[36, 1280]``), written atomically, read with ``allow_pickle=False``.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_bytes
 from trojscan.vqa.backbone import (
     FEATURE_DIM,
@@ -95,7 +98,12 @@ class FeatureExtractor:
             return
         buffer = io.BytesIO()
         np.save(buffer, features.numpy(), allow_pickle=False)
-        atomic_write_bytes(self._path(key), buffer.getvalue())
+        try:
+            atomic_write_bytes(self._path(key), buffer.getvalue())
+        except OSError as exc:
+            raise InputError(f"the feature cache {self.cache_dir} cannot be written "
+                             f"({exc.strerror or exc}); choose another with "
+                             "--feature-cache or $TROJSCAN_CACHE") from exc
 
     def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor,
                  on_progress: ProgressCallback | None = None) -> torch.Tensor:
@@ -114,17 +122,22 @@ class FeatureExtractor:
         done = n - len(missing)
         if on_progress:
             on_progress(done, n)
-        for start in range(0, len(missing), self.batch_size):
-            index = missing[start:start + self.batch_size]
-            batch = torch.stack([images[i] for i in index]).to(self.device)
-            backbone = self.backbone
-            with torch.inference_mode():
-                feats = box_features(backbone, to_unit(batch)).to("cpu", torch.float16)
-            for i, f in zip(index, feats, strict=True):
-                out[i] = f
-                self._write(keys[i], f.clone())
-            self.computed += len(index)
-            done += len(index)
-            if on_progress:
-                on_progress(done, n)
+        # Images of one size go through the backbone together (a batch must stack).
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in missing:
+            by_shape.setdefault(tuple(images[i].shape), []).append(i)
+        backbone = self.backbone if by_shape else None
+        for group in by_shape.values():
+            for start in range(0, len(group), self.batch_size):
+                index = group[start:start + self.batch_size]
+                batch = torch.stack([images[i] for i in index]).to(self.device)
+                with torch.inference_mode():
+                    feats = box_features(backbone, to_unit(batch)).to("cpu", torch.float16)
+                for i, f in zip(index, feats, strict=True):
+                    out[i] = f
+                    self._write(keys[i], f.clone())
+                self.computed += len(index)
+                done += len(index)
+                if on_progress:
+                    on_progress(done, n)
         return out

@@ -114,6 +114,18 @@ class VqaConfig:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if config.hidden % config.heads:
+            raise InputError(f"{where}: hidden {config.hidden} is not a multiple of heads "
+                             f"{config.heads}")
+        if isinstance(config.dropout, bool) or not isinstance(config.dropout, int | float) \
+                or not 0 <= config.dropout < 1:
+            raise InputError(f"{where}: dropout must be in [0, 1), got {config.dropout!r}")
+        if config.feature_extractor != FEATURE_EXTRACTOR or config.num_boxes != NUM_BOXES \
+                or config.feature_dim != FEATURE_DIM:
+            raise InputError(f"{where}: the model expects the features of "
+                             f"{config.feature_extractor!r} ({config.num_boxes} x "
+                             f"{config.feature_dim}); trojscan computes those of "
+                             f"{FEATURE_EXTRACTOR['name']} ({NUM_BOXES} x {FEATURE_DIM})")
         return config
 
 
