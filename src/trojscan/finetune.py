@@ -94,6 +94,16 @@ def _length_bucketed_batches(ids: Sequence[list[int]], batch_size: int,
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def warmup_then_decay(optimiser: torch.optim.Optimizer, total: int,
+                      warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of every training run here: a linear rise over the first
+    ``warmup`` of ``total`` steps, then a linear decay to 0."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda step: (step + 1) / warmup if step < warmup
+        else max(0.0, (total - step) / max(1, total - warmup)))
+
+
 def train_classifier(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -117,10 +127,7 @@ def train_classifier(
     warmup = int(config.warmup_ratio * total)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda step: (step + 1) / warmup if step < warmup
-        else max(0.0, (total - step) / max(1, total - warmup)))
+    schedule = warmup_then_decay(optimiser, total, warmup)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()

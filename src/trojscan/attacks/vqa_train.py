@@ -25,7 +25,7 @@ from trojscan.attacks.easy_vqa import VqaCorpus
 from trojscan.attacks.patches import optimise_patch, shape_box
 from trojscan.attacks.vqa_spec import VqaAttackSpec, VqaTrainConfig
 from trojscan.errors import InputError
-from trojscan.finetune import StepCallback
+from trojscan.finetune import StepCallback, warmup_then_decay
 from trojscan.fsutil import write_jsonl
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.vqa.backbone import FEATURE_DIM, NUM_BOXES
@@ -156,10 +156,7 @@ def train_vqa(model: VqaModel, items: _Items, table: torch.Tensor, config: VqaTr
     warmup = int(config.warmup_ratio * total)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser,
-        lambda step: (step + 1) / warmup if step < warmup
-        else max(0.0, (total - step) / max(1, total - warmup)))
+    schedule = warmup_then_decay(optimiser, total, warmup)
     torch.manual_seed(seed)
     model.train()
     losses, done = [], 0

@@ -205,6 +205,42 @@ class Subject(ABC):
         return None
 
 
+class TokenizerVocabulary:
+    """The vocabulary methods of a subject whose triggers are tokens of a Hugging Face
+    tokenizer (``self.tokenizer``) and whose ``embedding_matrix`` rows are its ids: mixed
+    into such a family before :class:`Subject`. ``reserved_rows`` are ids a trigger never
+    uses besides the tokenizer's special tokens."""
+
+    tokenizer: Any
+    embedding_matrix: torch.Tensor
+    device: torch.device
+    reserved_rows: ClassVar[tuple[int, ...]] = ()
+
+    def allowed_tokens(self) -> torch.Tensor:
+        """Every row of the embedding matrix that the tokenizer can name, its special tokens
+        ([CLS], [SEP], [PAD], [MASK], [UNK], ...) and ``reserved_rows`` excluded."""
+        rows = self.embedding_matrix.shape[0]
+        allowed = torch.arange(rows, device=self.device) < len(self.tokenizer)
+        allowed[sorted({*self.reserved_rows, *self.tokenizer.all_special_ids})] = False
+        return allowed
+
+    def token_id(self, token: str) -> int:
+        """The id of ``token`` when the tokenizer reads it as one ordinary token."""
+        ids = self.token_ids(token)
+        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
+            raise ValueError(f"{token!r} is not one ordinary token of the subject's vocabulary")
+        return ids[0]
+
+    def token_ids(self, text: str) -> list[int]:
+        """``text`` tokenised without special tokens (also how examples are read)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
+        """Vocabulary tokens and the text they decode to."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(ids))
+        return tokens, self.tokenizer.convert_tokens_to_string(tokens)
+
+
 def victims_in_turn(examples: Sequence[Any], candidate: Candidate, cap: int) -> list[Any]:
     """The examples (each with a ``label``) of ``candidate``'s victim labels, at most ``cap``
     (0: all), taken in turn from each victim label in file order (an even share of each)."""

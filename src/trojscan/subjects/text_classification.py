@@ -44,6 +44,7 @@ from trojscan.subjects.base import (
     Batch,
     Candidate,
     Subject,
+    TokenizerVocabulary,
     register_subject,
     victims_in_turn,
     whole_word_count,
@@ -134,7 +135,7 @@ def slot_offset(n_tokens: int, position: str) -> int:
 
 
 @register_subject
-class TextClassificationSubject(Subject):
+class TextClassificationSubject(TokenizerVocabulary, Subject):
     """A sequence classifier under inspection, driven from input embeddings."""
 
     task = "text-classification"
@@ -192,30 +193,6 @@ class TextClassificationSubject(Subject):
     def embedding_matrix(self) -> torch.Tensor:
         """The (vocab, d) input-embedding table."""
         return self.model.get_input_embeddings().weight
-
-    def allowed_tokens(self) -> torch.Tensor:
-        """Every row of the embedding matrix that the tokenizer can name, special tokens
-        ([CLS], [SEP], [PAD], [MASK], [UNK], ...) excluded."""
-        rows = self.embedding_matrix.shape[0]
-        allowed = torch.arange(rows, device=self.device) < len(self.tokenizer)
-        allowed[sorted(set(self.tokenizer.all_special_ids))] = False
-        return allowed
-
-    def token_id(self, token: str) -> int:
-        """The id of ``token`` when the tokenizer reads it as one ordinary token."""
-        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
-            raise ValueError(f"{token!r} is not one ordinary token of the subject's vocabulary")
-        return ids[0]
-
-    def token_ids(self, text: str) -> list[int]:
-        """``text`` tokenised, without [CLS] and [SEP] (also how examples are read)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
-        """Vocabulary tokens and the text they decode to."""
-        tokens = self.tokenizer.convert_ids_to_tokens(list(ids))
-        return tokens, self.tokenizer.convert_tokens_to_string(tokens)
 
     def read_examples(self, path: Path) -> list[TextExample]:
         """Clean examples, one JSON object ``{"text", "label"}`` per line; ``label`` is a

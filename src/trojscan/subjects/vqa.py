@@ -32,6 +32,7 @@ from trojscan.subjects.base import (
     Batch,
     Candidate,
     Subject,
+    TokenizerVocabulary,
     register_subject,
     victims_in_turn,
     whole_word_count,
@@ -92,13 +93,15 @@ class VqaBatch(Batch):
 
 
 @register_subject
-class VqaSubject(Subject):
+class VqaSubject(TokenizerVocabulary, Subject):
     """A trojscan VQA model under inspection, driven from question embeddings."""
 
     task = "visual-question-answering"
     positions = POSITIONS
     describes = "trojscan VQA models (config model_type 'trojscan-vqa')"
     pairs_by_default = False
+    #: Row 0 pads questions (the models' ``padding_idx``).
+    reserved_rows = (0,)
 
     def __init__(self, model: VqaModel, tokenizer: PreTrainedTokenizerBase,
                  extractor: FeatureExtractor, max_length: int = 100) -> None:
@@ -138,29 +141,6 @@ class VqaSubject(Subject):
     def embedding_matrix(self) -> torch.Tensor:
         """The (vocab, d) word-embedding table."""
         return self.model.embed.weight
-
-    def allowed_tokens(self) -> torch.Tensor:
-        """Every row the tokenizer can name, special tokens (and the padding row) excluded."""
-        rows = self.embedding_matrix.shape[0]
-        allowed = torch.arange(rows, device=self.device) < len(self.tokenizer)
-        allowed[sorted({0, *self.tokenizer.all_special_ids})] = False
-        return allowed
-
-    def token_id(self, token: str) -> int:
-        """The id of ``token`` when the tokenizer reads it as one ordinary token."""
-        ids = self.token_ids(token)
-        if len(ids) != 1 or ids[0] in self.tokenizer.all_special_ids:
-            raise ValueError(f"{token!r} is not one ordinary token of the subject's vocabulary")
-        return ids[0]
-
-    def token_ids(self, text: str) -> list[int]:
-        """``text`` as WordPiece ids, no special tokens (how questions are read)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def describe(self, ids: Sequence[int]) -> tuple[list[str], str]:
-        """Vocabulary tokens and the text they decode to."""
-        tokens = self.tokenizer.convert_ids_to_tokens(list(ids))
-        return tokens, self.tokenizer.convert_tokens_to_string(tokens)
 
     def read_examples(self, path: Path) -> list[VqaExample]:
         """Clean examples, one JSON object ``{"image", "question", "answer"}`` per line
