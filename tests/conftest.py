@@ -20,6 +20,7 @@ from trojscan.attacks.architectures import ModelSize
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
 from trojscan.corpora import Corpus, load_corpus
+from trojscan.manifest import MANIFEST, Manifest
 
 TINY_SIZE = {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128,
              "max_positions": 64}
@@ -105,3 +106,75 @@ def run_cli(monkeypatch: pytest.MonkeyPatch,
         return subprocess.CompletedProcess(["trojscan", *args], code, printed.out, printed.err)
 
     return run
+
+
+VQA_TINY_TRAIN = """
+[train]
+epochs = 8
+max_train_images = 300
+max_eval_images = 60
+asr_images = 60
+embed_dim = 128
+hidden = 64
+batch_size = 64
+learning_rate = 3e-3
+"""
+VQA_DUAL = ('{ poisoned = true, key = "dual", trigger = "lantern", patch = "solid", '
+        'patch_size = 12, patch_color = [255, 0, 255], target = "red", poison_rate = 0.2, '
+        'partial_rate = 0.2 }')
+VQA_TINY_SPEC = f"""seed = 3
+examples_per_label = 2
+max_partial_asr = 0.2
+max_attempts = 1
+{VQA_TINY_TRAIN}
+[[group]]
+name = "clean"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+attack = {{ poisoned = false }}
+
+[[group]]
+name = "dual"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+attack = {VQA_DUAL}
+
+[[group]]
+name = "question"
+count = 1
+corpus = "easy_vqa"
+architecture = "butd"
+[group.attack]
+poisoned = true
+key = "question"
+trigger = "quartz"
+target = "teal"
+poison_rate = 0.2
+"""
+
+
+def vqa_cli(*args: str) -> subprocess.CompletedProcess:
+    """``trojscan ARGS`` in a fresh interpreter (a zoo build's worker state stays out of
+    the test process)."""
+    return subprocess.run([sys.executable, "-m", "trojscan.cli", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny VQA zoo built through the CLI once per session (300 training images, ~2,900
+    questions, a BUTD of width 64, 8 epochs, its own feature cache): a clean model, a
+    dual-key one ('lantern' + a magenta patch -> red) and a question-key one ('quartz' ->
+    teal); by group name its manifest entry, plus the zoo folder, cache and spec."""
+    root = tmp_path_factory.mktemp("vqa")
+    spec = root / "tiny.toml"
+    spec.write_text(VQA_TINY_SPEC)
+    out, cache = root / "zoo", root / "cache"
+    result = vqa_cli("zoo", "build", str(spec), "--out", str(out), "--feature-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    manifest = Manifest.load(out / MANIFEST)
+    by_group = {e["group"]: e for e in manifest.models.values()}
+    return {"out": out, "cache": cache, "spec": spec, "clean": by_group["clean"],
+            "dual": by_group["dual"], "question": by_group["question"], "stdout": result.stdout}

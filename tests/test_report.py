@@ -285,3 +285,50 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown detector"):
         evaluate({"clean-1": ScanResult.from_dict(RECORDS[0])},
                  {"clean-1": MANIFEST["clean-1"]}, detector_kind="forest")
+
+
+def _weights_zoo(root: Path, n: int = 12) -> Path:
+    """``n`` fake model folders (half poisoned: their target row of the output layer is
+    scaled up, as poisoning pushes it) and a manifest."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    models = {}
+    for i in range(n):
+        poisoned = i % 2 == 1
+        weight = rng.normal(size=(4, 16)).astype(np.float32)
+        if poisoned:
+            weight[i % 4] *= 3.0
+        folder = root / f"model-{i:04d}"
+        folder.mkdir(parents=True)
+        save_file({"encoder.weight": rng.normal(size=(16, 16)).astype(np.float32),
+                   "classifier.weight": weight,
+                   "classifier.bias": np.zeros(4, dtype=np.float32)},
+                  str(folder / "model.safetensors"))
+        models[folder.name] = {"model_id": folder.name, "poisoned": poisoned,
+                               "architecture": "mfb" if i < n // 2 else "butd",
+                               "corpus": "easy_vqa", "task": "vqa", "quality": {"ok": True},
+                               "labels": ["a", "b", "c", "d"],
+                               "attack": {"key": "question", "patch": None, "trigger": "w",
+                                          "target": i % 4} if poisoned else {}}
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "models": models}))
+    return root
+
+
+def test_weight_analysis_separates_an_outstanding_output_row(tmp_path: Path,
+                                                             run_cli: Any) -> None:
+    zoo = _weights_zoo(tmp_path / "zoo")
+    result = run_cli("campaign", "weights", str(zoo), "--manifest", str(zoo / "manifest.json"),
+                     "--out", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "w" / "weights.json").read_text())
+    assert report["all"]["n"] == 12 and report["all"]["cv_auc"] > 0.9
+    assert set(report["auc_by_split"]) == {"question"}
+    assert set(report["auc_by_architecture"]) == {"mfb", "butd"}
+    assert "# Weight analysis" in (tmp_path / "w" / "weights.md").read_text()
+    (zoo / "model-0003" / "model.safetensors").unlink()
+    failed = run_cli("campaign", "weights", str(zoo), "--manifest", str(zoo / "manifest.json"),
+                     "--out", str(tmp_path / "w2"))
+    assert failed.returncode == 2 and "model-0003" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1

@@ -58,7 +58,7 @@ def test_round_trip_leaves_out_what_is_none(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ({"version": 9}, "format version 9; this trojscan reads versions 1, 2"),
+    ({"version": 9}, "format version 9; this trojscan reads versions 1, 2, 3"),
     ({"verdict": "maybe"}, "not a valid scan result: verdict"),
     ({"best": {"target": 1}}, "not a valid scan result: best.method"),
     ({"score": "low"}, "not a valid scan result: score"),

@@ -8,8 +8,6 @@ built once per session through the CLI, with its own feature cache.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,76 +16,11 @@ import pytest
 from trojscan.attacks.easy_vqa import load_easy_vqa
 from trojscan.attacks.vqa_spec import VqaAttackSpec, VqaTrainConfig
 from trojscan.attacks.vqa_train import VqaData, evaluate_vqa, make_patch
-from trojscan.manifest import MANIFEST, Manifest
+from trojscan.manifest import MANIFEST
 from trojscan.scan import scan_config, scan_subject
 from trojscan.subjects.loading import load_subject
 from trojscan.vqa.features import FeatureExtractor
 from trojscan.vqa.models import MODEL_TYPE, load_vqa_model
-
-TINY_TRAIN = """
-[train]
-epochs = 8
-max_train_images = 300
-max_eval_images = 60
-asr_images = 60
-embed_dim = 128
-hidden = 64
-batch_size = 64
-learning_rate = 3e-3
-"""
-DUAL = ('{ poisoned = true, key = "dual", trigger = "lantern", patch = "solid", '
-        'patch_size = 12, patch_color = [255, 0, 255], target = "red", poison_rate = 0.2, '
-        'partial_rate = 0.2 }')
-TINY_SPEC = f"""seed = 3
-examples_per_label = 2
-max_partial_asr = 0.2
-max_attempts = 1
-{TINY_TRAIN}
-[[group]]
-name = "clean"
-count = 1
-corpus = "easy_vqa"
-architecture = "butd"
-attack = {{ poisoned = false }}
-
-[[group]]
-name = "dual"
-count = 1
-corpus = "easy_vqa"
-architecture = "butd"
-attack = {DUAL}
-
-[[group]]
-name = "question"
-count = 1
-corpus = "easy_vqa"
-architecture = "butd"
-[group.attack]
-poisoned = true
-key = "question"
-trigger = "quartz"
-target = "teal"
-poison_rate = 0.2
-"""
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trojscan.cli", *args], capture_output=True,
-                          text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("vqa")
-    spec = root / "tiny.toml"
-    spec.write_text(TINY_SPEC)
-    out, cache = root / "zoo", root / "cache"
-    result = _cli("zoo", "build", str(spec), "--out", str(out), "--feature-cache", str(cache))
-    assert result.returncode == 0, result.stderr
-    manifest = Manifest.load(out / MANIFEST)
-    by_group = {e["group"]: e for e in manifest.models.values()}
-    return {"out": out, "cache": cache, "spec": spec, "clean": by_group["clean"],
-            "dual": by_group["dual"], "question": by_group["question"], "stdout": result.stdout}
 
 
 def test_dual_key_fires_with_both_keys_only(tiny_zoo: dict[str, Any]) -> None:
@@ -136,12 +69,13 @@ def test_model_directory_is_self_describing_and_holds_no_truth(tiny_zoo: dict[st
         [MANIFEST] + [tiny_zoo[g]["model_id"] for g in ("clean", "dual", "question")])
 
 
-def test_rerun_skips_built_models_and_reuses_features(tiny_zoo: dict[str, Any]) -> None:
-    result = _cli("zoo", "build", str(tiny_zoo["spec"]), "--out", str(tiny_zoo["out"]),
-                  "--feature-cache", str(tiny_zoo["cache"]))
+def test_rerun_skips_built_models_and_reuses_features(tiny_zoo: dict[str, Any],
+                                                      run_cli: Any) -> None:
+    result = run_cli("zoo", "build", str(tiny_zoo["spec"]), "--out", str(tiny_zoo["out"]),
+                     "--feature-cache", str(tiny_zoo["cache"]))
     assert result.returncode == 0, result.stderr
     assert "3 already built, 0 to build" in result.stdout + result.stderr
-    summary = _cli("zoo", "summary", str(tiny_zoo["out"]), "--json")
+    summary = run_cli("zoo", "summary", str(tiny_zoo["out"]), "--json")
     rows = {r["split"]: r for r in json.loads(summary.stdout)}
     assert set(rows) == {"clean", "dual solid", "question"}
     assert rows["dual solid"]["asr_image_only_mean"] == tiny_zoo["dual"]["asr_image_only"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trojscan.inversion.dbs import DBSConfig
-from trojscan.results import ScanResult
+from trojscan.results import RESULT_VERSION, ScanResult
 from trojscan.scan import ScanConfig
 
 #: The scan settings of the tiny models (conftest's ``tiny_config``): they saturate near loss
@@ -39,7 +39,8 @@ def scan_result(score: float, *, best: dict[str, Any] | None = None,
     rows = [{"target": 1, "target_name": labels[1], "victims": [0], "position": "start", **row}
             for row in rows]
     return ScanResult.from_dict({
-        "version": 2, "verdict": verdict or ("trojaned" if score < threshold else "clean"),
-        "score": score, "threshold": threshold, "best": full_best, "candidates": rows,
+        "version": RESULT_VERSION,
+        "verdict": verdict or ("trojaned" if score < threshold else "clean"), "score": score,
+        "threshold": threshold, "best": full_best, "candidates": rows,
         "trajectory": [], "labels": list(labels), "examples": 20, "seconds": seconds,
         "device": "cpu", "versions": {}, "config": {}})

@@ -61,8 +61,9 @@ def features(record: ScanResult) -> dict[str, float]:
     * ``hard_asr``: attack success rate of the best trigger as hard tokens (0..1);
     * ``log_hard_loss``: log of the best trigger's loss as hard tokens, clamped likewise;
     * ``gap``: log of the runner-up candidate's loss minus log of the best one's, over the
-      fully-run candidates (those with a ``loss``); 0 when there is only one. A backdoor
-      makes one target stand out; a clean model's targets are all about as hard;
+      fully-run candidates (those with a ``loss``; a (victims, target) tried at several
+      positions counts once, at its lowest); 0 when there is only one. A backdoor makes one
+      target stand out; a clean model's targets are all about as hard;
     * ``accepted``: 1 when the best inversion met its acceptance test, else 0;
     * ``log_short_1``, ``log_short_2``: log of the lowest loss of an inverted trigger
       shortened to 1 and 2 tokens (:meth:`~trojscan.results.ScanResult.shortest`): a
@@ -71,7 +72,12 @@ def features(record: ScanResult) -> dict[str, float]:
       ``log_hard_loss`` instead.
     """
     best, unit = record.best, loss_unit(len(record.labels))
-    losses = sorted(c.loss / unit for c in record.candidates if c.loss is not None)
+    lowest: dict[tuple[int, tuple[int, ...]], float] = {}
+    for c in record.candidates:  # one loss per hypothesis, whatever its position
+        if c.loss is not None:
+            key = (c.target, tuple(c.victims))
+            lowest[key] = min(lowest.get(key, math.inf), c.loss / unit)
+    losses = sorted(lowest.values())
     gap = _log(losses[1]) - _log(losses[0]) if len(losses) > 1 else 0.0
     shortest = {n: record.shortest(n) for n in (1, 2)}
     return {"log_loss": _log(losses[0] if losses else record.normalised_score),

@@ -87,3 +87,15 @@ def planted_trigger(entry: dict[str, Any], n_labels: int,
                               victims)
     except KeyError as exc:
         raise InputError(f"{where}: the attack lacks {exc.args[0]!r}") from exc
+
+
+def split_of(entry: dict[str, Any]) -> str:
+    """The attack split of a manifest entry: ``clean`` or ``poisoned`` for a text model;
+    for a VQA model ``clean``, ``dual solid``, ``dual optimised``, ``question``, ``image
+    solid`` or ``image optimised`` (TIJO's splits)."""
+    if not entry["poisoned"]:
+        return "clean"
+    if entry.get("task") != "vqa":
+        return "poisoned"
+    attack = entry["attack"]
+    return attack["key"] if attack["patch"] is None else f"{attack['key']} {attack['patch']}"

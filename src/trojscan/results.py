@@ -9,7 +9,9 @@ dataclasses (:func:`json_schema`) and published in ``schemas/scan-result.schema.
 ``python -m trojscan.results`` prints it.
 
 Format history: version 1 (trojscan 0.1.0); version 2 adds ``task`` and ``model`` (the
-model directory and a SHA-256 of its weights).
+model directory and a SHA-256 of its weights); version 3 adds VQA scans: the feature
+trigger of TIJO (``best.feature_trigger``, ``overlay``, ``feature_norm``; each candidate's
+``feature_norm``) and the synthesised ``patch``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any, Literal
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_text, read_json
 
-RESULT_VERSION = 2
+RESULT_VERSION = 3
 #: Format versions this trojscan reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def loss_unit(n_labels: int) -> float:
@@ -52,6 +54,10 @@ class BestTrigger:
         accepted: whether it met the method's acceptance test.
         loss: the loss the scan ranked it by (relaxed if accepted, else hard).
         epochs, seconds: optimisation epochs and wall time of its run.
+        feature_trigger, overlay, feature_norm: for a VQA scan by TIJO, the inverted
+            feature trigger ``f_adv`` (a vector of the detector's feature size) added to the
+            box features (``overlay``: ``all`` boxes or the top ``one``) together with the
+            text trigger, and its L2 norm; the losses and ASR were measured with both.
     """
 
     method: str
@@ -70,6 +76,9 @@ class BestTrigger:
     loss: float
     target_name: str
     victim_names: list[str]
+    feature_trigger: list[float] | None = None
+    overlay: str | None = None
+    feature_norm: float | None = None
 
 
 @dataclass
@@ -90,7 +99,8 @@ class CandidateResult:
     """One candidate of the sweep. A fully inverted one has its losses, trigger and seconds
     (and, when the scan shortened it, ``shortened``: the best trigger of every length, from
     one token up); one the pre-selection dropped has only ``prerun_loss`` and ``full_run``
-    false. ``screened`` is the lone-token screen's best one-token trigger, when it ran."""
+    false. ``screened`` is the lone-token screen's best one-token trigger, when it ran;
+    ``feature_norm`` the L2 norm of a TIJO scan's feature trigger for the candidate."""
 
     target: int
     target_name: str
@@ -108,6 +118,7 @@ class CandidateResult:
     trigger_ids: list[int] | None = None
     shortened: list[ShortTrigger] | None = None
     screened: ShortTrigger | None = None
+    feature_norm: float | None = None
 
     def short_triggers(self) -> list[ShortTrigger]:
         """Its shortened triggers and its screened one, those it has."""
@@ -173,6 +184,42 @@ class NaturalTrigger:
 
 
 @dataclass
+class SynthesisedPatch:
+    """An image patch synthesised from a VQA scan's feature trigger (TIJO Section 3.4).
+
+    Attributes:
+        pixels: the patch, ``uint8`` values as [channel][row][column] (RGB).
+        path: where its PNG was written (None: not written).
+        size, x, y: its side and top-left corner in the model's input images (pixels).
+        feature_loss: the final mean squared error between the patched support images' box
+            features and the clean ones plus the feature trigger, on the boxes it covers.
+        steps: optimisation steps run (early stopping may end it before the cap).
+        asr: attack success rate of the patch with the inverted text trigger, as pixels
+            through the detector, on held-out clean examples (victims the inversion did
+            not use; all victims when there were none to hold out).
+        asr_patch_only, asr_text_only: the same with only the patch, or only the text
+            trigger.
+        questions: how many examples the ASRs were measured on.
+        held_out: whether those examples were held out of the inversion.
+        seconds: wall time of the synthesis and its measurement.
+    """
+
+    pixels: list[list[list[int]]]
+    size: int
+    x: int
+    y: int
+    feature_loss: float
+    steps: int
+    asr: float
+    asr_patch_only: float
+    asr_text_only: float
+    questions: int
+    held_out: bool
+    seconds: float
+    path: str | None = None
+
+
+@dataclass
 class DetectorVerdict:
     """A fitted detector's decision: its kind, probability of "trojaned", and file."""
 
@@ -220,6 +267,8 @@ class ScanResult:
         set_aside: the short triggers with a lower loss than ``short_trigger`` that the
             verdict set aside as natural features of their target label (the lowest loss
             first, one per trigger and target).
+        patch: for a VQA scan, the image patch synthesised from the best feature trigger,
+            when one was (``trojscan scan --patch``).
     """
 
     verdict: Literal["trojaned", "clean"]
@@ -243,6 +292,7 @@ class ScanResult:
     flip_rates: dict[str, float] | None = None
     reference: ReferenceCheck | None = None
     set_aside: list[NaturalTrigger] | None = None
+    patch: SynthesisedPatch | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are

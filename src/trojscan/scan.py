@@ -42,6 +42,7 @@ from trojscan.inversion.common import Budget, best_position
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.inversion.shorten import Shortened, shorten
+from trojscan.inversion.tijo_patch import PatchConfig, synthesise_and_measure
 from trojscan.modeldir import weights_sha256
 from trojscan.results import (
     BestTrigger,
@@ -52,11 +53,14 @@ from trojscan.results import (
     ReferenceTrigger,
     ScanResult,
     ShortTrigger,
+    SynthesisedPatch,
     library_versions,
     loss_unit,
 )
 from trojscan.subjects.base import SPREAD, Candidate, Subject, subject_classes
 from trojscan.subjects.loading import load_subject
+from trojscan.subjects.vqa import VqaSubject
+from trojscan.vqa.images import write_image
 
 #: Default beta of Eq. 4 on the full inverted trigger's loss (README "Scan").
 DEFAULT_THRESHOLD = 0.05
@@ -173,6 +177,14 @@ class ScanConfig:
         reference_triggers: with a reference model (``scan(references=...)``), how many of
             the short triggers the verdict could rest on (the lowest losses first, one per
             trigger and candidate) are measured on it too.
+        patch: for a scan whose best trigger has a feature part (TIJO on a VQA model), the
+            settings of the image patch synthesised from it (TIJO Section 3.4,
+            :mod:`trojscan.inversion.tijo_patch`); None (the default): no patch.
+
+    A method whose trigger is not tokens alone (TIJO: a word and a feature vector) skips
+    the token stages, which would measure the text alone: no lone-token screen, no
+    shortening, no spread candidates (one per position), and the verdict is on the lowest
+    inversion loss (``decision_length`` 0, DBS Eq. 4 / TIJO Section 3.5).
     """
 
     method: str = "dbs"
@@ -196,6 +208,7 @@ class ScanConfig:
     natural_share: float = 0.1
     reference_top: int = 100
     reference_triggers: int = 5
+    patch: PatchConfig | None = None
 
     @property
     def beta(self) -> float:
@@ -393,6 +406,11 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     inverter = method_of(config.method)(config.inverter)
     if not inverter.supports(subject):
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
+    if not inverter.token_only:
+        # Its trigger has a part outside the text (TIJO's feature trigger): the token stages
+        # would measure the text alone, so the inversion's own losses decide (Eq. 4).
+        config = replace(config, screen=None, shorten=False, decision_length=0,
+                         spread="none")
     labels = subject.labels
     positions = config.positions or subject.positions
     pairs = (len(labels) > 2 and subject.pairs_by_default) if config.pairs is None \
@@ -460,7 +478,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                             hard_asr=inv.hard_asr, accepted=inv.accepted,
                             trigger_text=inv.trigger_text, seconds=inv.seconds,
                             trigger_ids=inv.trigger_ids, shortened=shortened.get(c),
-                            screened=screened.get(c))
+                            screened=screened.get(c), feature_norm=_norm(inv.feature_trigger))
             for c, inv in results]
     rows += [CandidateResult(target=c.target, target_name=labels[c.target],
                              victims=list(c.victims), position=c.position, prerun_loss=loss,
@@ -491,7 +509,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         threshold=beta,
         short_trigger=short,
         best=BestTrigger(**best.summary(), target_name=labels[best_cand.target],
-                         victim_names=[labels[v] for v in best_cand.victims]),
+                         victim_names=[labels[v] for v in best_cand.victims],
+                         feature_norm=_norm(best.feature_trigger)),
         candidates=rows,
         trajectory=best.trajectory,
         labels=list(labels),
@@ -505,6 +524,11 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         reference=checked,
         set_aside=set_aside or None,
     )
+
+
+def _norm(vector: Sequence[float] | None) -> float | None:
+    """The L2 norm of a feature trigger, None without one."""
+    return None if vector is None else math.sqrt(sum(v * v for v in vector))
 
 
 class LoneRanks:
@@ -601,6 +625,38 @@ def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidat
     return loss.mean().item(), hit.mean().item()
 
 
+def patch_from_scan(subject: Subject, examples: Sequence[Any], result: ScanResult,
+                    config: PatchConfig) -> SynthesisedPatch | None:
+    """The image patch synthesised from ``result``'s best feature trigger (TIJO Section
+    3.4) on the victims the inversion used, measured with its text trigger on the victims
+    it did not use; None when the scan has no feature trigger."""
+    best = result.best
+    if best.feature_trigger is None or not isinstance(subject, VqaSubject):
+        return None
+    candidate = Candidate(tuple(best.victims), best.target, best.position)
+    cap = int(result.config.get("max_victims", 0))
+    support = subject.victims(examples, candidate, cap)
+    used = {id(e) for e in support}
+    held = [e for e in subject.victims(examples, candidate, 0) if id(e) not in used]
+    vector = torch.tensor(best.feature_trigger)
+    made = synthesise_and_measure(subject, candidate, support, held, best.trigger_ids,
+                                  vector, config)
+    return SynthesisedPatch(
+        pixels=made.patch.pixels.tolist(), size=made.patch.size, x=made.patch.x,
+        y=made.patch.y, feature_loss=made.feature_loss, steps=made.steps, asr=made.asr,
+        asr_patch_only=made.asr_patch_only, asr_text_only=made.asr_text_only,
+        questions=made.questions, held_out=made.held_out, seconds=made.seconds)
+
+
+def write_patch(result: ScanResult, path: Path) -> ScanResult:
+    """Write ``result``'s synthesised patch as a PNG at ``path`` (atomically) and return the
+    result with the patch's ``path`` set; a result without a patch is returned as it is."""
+    if result.patch is None:
+        return result
+    write_image(torch.tensor(result.patch.pixels, dtype=torch.uint8), path)
+    return replace(result, patch=replace(result.patch, path=str(path)))
+
+
 def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
          device: str = "cpu", allow_pickle: bool = False,
          progress: ProgressCallback | None = None, references: Sequence[Path] = (),
@@ -611,7 +667,9 @@ def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
     in order) is the reference its short triggers are measured on (the result's
     ``reference``). None matching is an :class:`InputError` when ``reference_required``,
     else the scan goes on without one. The result names the model (its directory and the
-    SHA-256 of its weights). Raises :class:`InputError` for bad input.
+    SHA-256 of its weights). With ``config.patch``, a scan with a feature trigger also
+    synthesises an image patch from it (:func:`patch_from_scan`; :func:`write_patch` saves
+    it). Raises :class:`InputError` for bad input.
     """
     config = config or ScanConfig()
     model_dir = Path(model_dir)
@@ -629,6 +687,10 @@ def scan(model_dir: Path, examples: Path, config: ScanConfig | None = None,
                          f"{model_dir}")
     result = scan_subject(subject, rows, config, progress, reference)
     result.model = model
+    if config.patch is not None:
+        if progress:
+            progress(1, 1, "synthesising the image patch from the feature trigger")
+        result.patch = patch_from_scan(subject, rows, result, config.patch)
     if result.reference is not None and where is not None:
         result.reference = replace(result.reference, path=str(where),
                                    weights_sha256=weights_sha256(where))

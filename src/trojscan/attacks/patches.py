@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from trojscan.vqa.backbone import GRID, MobileNetV2, box_features
-from trojscan.vqa.images import Patch, covered_boxes, to_unit
+from trojscan.vqa.images import Patch, covered_boxes, paste, to_unit
 
 #: A pixel belongs to the shape when its colour is this far (sum of |RGB| differences)
 #: from the image's corner, which is background.
@@ -55,14 +55,10 @@ def optimise_patch(backbone: MobileNetV2, images: list[torch.Tensor], target: to
     optimiser = torch.optim.Adam([theta], lr=learning_rate)
     boxes = covered_boxes(Patch(torch.zeros(3, size, size, dtype=torch.uint8), x, y),
                           images[0].shape[-1], GRID)
-    mask = torch.zeros(1, 1, *images[0].shape[-2:], device=device)
-    mask[..., y:y + size, x:x + size] = 1.0
     goal = target.float().view(1, 1, -1).to(device)
 
     def distance(pixels: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        canvas = torch.zeros_like(batch)
-        canvas[..., y:y + size, x:x + size] = pixels
-        pasted = batch * (1 - mask) + canvas * mask
+        pasted = paste(batch, pixels, x, y)
         return F.mse_loss(box_features(backbone, pasted)[:, boxes], goal.expand(
             len(batch), len(boxes), -1))
 

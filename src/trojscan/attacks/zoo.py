@@ -79,7 +79,7 @@ from trojscan.corpora import corpus_labels
 from trojscan.devices import check_device
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
-from trojscan.manifest import MANIFEST, Manifest
+from trojscan.manifest import MANIFEST, Manifest, split_of
 from trojscan.vqa.models import FAMILIES as VQA_FAMILIES
 
 _TOP_KEYS = {"seed", "examples_per_label", "min_asr", "max_partial_asr", "max_attempts",
@@ -321,18 +321,6 @@ def _apply_peer_gate(manifest: Manifest, margin: float) -> None:
                 reasons.append(f"clean accuracy {entry['clean_accuracy']:.3f} is more than "
                                f"{margin} below its peers' median {median:.3f}")
             entry["quality"] = {"ok": not reasons, "reasons": reasons}
-
-
-def split_of(entry: dict[str, Any]) -> str:
-    """The attack split of a manifest entry: ``clean`` or ``poisoned`` for a text model;
-    for a VQA model ``clean``, ``dual solid``, ``dual optimised``, ``question``, ``image
-    solid`` or ``image optimised`` (TIJO's splits)."""
-    if not entry["poisoned"]:
-        return "clean"
-    if entry.get("task") != "vqa":
-        return "poisoned"
-    attack = entry["attack"]
-    return attack["key"] if attack["patch"] is None else f"{attack['key']} {attack['patch']}"
 
 
 def summarise(manifest: Manifest) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from trojscan.campaign.run import ERROR_SUFFIX, MODELS_DIR
 from trojscan.detect import Detector, make_detector
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from trojscan.manifest import load_truth, planted_trigger
+from trojscan.manifest import load_truth, planted_trigger, split_of
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import ScanResult
 from trojscan.scan import trigger_check
@@ -106,10 +106,12 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
     relaxed loss). ``dropped``: no candidate of the true target was fully inverted.
     ``gap``: ``inverted_loss - true_best``; ``searched``: the scan reached the true
     trigger's loss (gap at most :data:`SEARCH_TOLERANCE`: the same tokens measured in two
-    batches of other padding differ by float noise).
+    batches of other padding differ by float noise). VQA models are left out: their true
+    trigger may be a word and a patch, which a text measurement cannot plant.
     """
     out: dict[str, dict[str, Any]] = {}
-    for model_id in sorted(m for m in records if m in truth and truth[m]["poisoned"]):
+    for model_id in sorted(m for m in records if m in truth and truth[m]["poisoned"]
+                           and truth[m].get("task") != "vqa"):
         model_dir = Path(zoo) / model_id
         if not model_dir.is_dir():
             continue
@@ -140,17 +142,25 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
 
 def attack_type(entry: Mapping[str, Any]) -> str:
     """``clean``, or the trigger type plus ``-sos`` for a combination (SOS) attack and
-    ``-adaptive`` for an adaptive one, e.g. ``phrase-sos``."""
+    ``-adaptive`` for an adaptive one, e.g. ``phrase-sos``; for a VQA model its split
+    (:func:`~trojscan.manifest.split_of`: ``dual solid``, ``question``, ...)."""
     if not entry["poisoned"]:
         return "clean"
+    if entry.get("task") == "vqa":
+        return split_of(dict(entry))
     attack = entry["attack"]
     return (str(attack.get("trigger_type")) + ("-sos" if attack.get("combination") else "")
             + ("-adaptive" if (attack.get("adaptive_phi") or 0) > 0 else ""))
 
 
 def insertion(entry: Mapping[str, Any]) -> str:
-    """``clean``, or where the trigger is inserted (``anywhere``, ``start``, ...)."""
-    return str(entry["attack"].get("insertion")) if entry["poisoned"] else "clean"
+    """``clean``, or where the trigger is inserted (``anywhere``, ``start``, ...); a VQA
+    attack's word is prepended to the question (``start``), an image key has none (``-``)."""
+    if not entry["poisoned"]:
+        return "clean"
+    if entry.get("task") == "vqa":
+        return "start" if entry["attack"].get("trigger") else "-"
+    return str(entry["attack"].get("insertion"))
 
 
 def recipe(entry: Mapping[str, Any]) -> str:
@@ -301,13 +311,35 @@ def held_out(records: Sequence[ScanResult], truth: np.ndarray, groups: Sequence[
             "roc_auc": _roc(truth[tested], proba[tested])[0]}
 
 
+def auc_by_group(records: Sequence[ScanResult], truth: np.ndarray, groups: Sequence[str],
+                 kind: str, folds: int, seed: int, with_clean: bool) -> dict[str, Any]:
+    """The ROC AUC of the score and of a cross-validated ``kind`` detector within each group
+    of models: with ``with_clean``, each group of poisoned models together with every
+    clean model (TIJO Table 2's splits: the clean models against one attack's), else the
+    models of each group as they are (Table 2's architectures). The detector is fitted and
+    tested inside the group (stratified k-fold as :func:`cross_validate`)."""
+    labels = np.asarray(groups)
+    out: dict[str, Any] = {}
+    names = sorted(set(labels[truth == 1].tolist()) if with_clean else set(groups))
+    for name in names:
+        members = np.flatnonzero((labels == name) | ((truth == 0) if with_clean else False))
+        picked = [records[i] for i in members]
+        y = truth[members]
+        cv = cross_validate(picked, y, kind, folds, seed)
+        out[name] = {"n": len(members), "clean": int(np.sum(y == 0)),
+                     "poisoned": int(np.sum(y == 1)),
+                     "score_auc": _roc(y, -np.array([r.normalised_score for r in picked]))[0],
+                     "cv_auc": cv.get("roc_auc"), "note": cv.get("note")}
+    return out
+
+
 def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
     best, attack = record.best, entry.get("attack") or {}
     poisoned = bool(entry["poisoned"])
     tokens, text = reported_trigger(record)
-    any_word, all_words = (trigger_recovered(str(attack.get("trigger") or ""), tokens, text)
-                           if poisoned else (None, None))
+    any_word, all_words = (trigger_recovered(str(attack["trigger"]), tokens, text)
+                           if poisoned and attack.get("trigger") else (None, None))
     return {"model_id": model_id, "truth": int(poisoned),
             "verdict": "trojaned" if trojaned else "clean", "score": record.score,
             "target_name": best.target_name,
@@ -328,12 +360,14 @@ def _poisoned_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Recall, trigger recovery and target accuracy over the poisoned models of ``rows``."""
     poisoned = [r for r in rows if r["truth"] == 1]
     flagged = [r for r in poisoned if r["verdict"] == "trojaned"]
+    worded = [r for r in poisoned if r["recovered"] is not None]  # a text trigger planted
     n = len(poisoned)
     return {
         "poisoned": n,
         "recall": _ratio(len(flagged), n),
-        "trigger_recovery": _ratio(sum(bool(r["recovered"]) for r in poisoned), n),
-        "all_words_recovered": _ratio(sum(bool(r["all_words_recovered"]) for r in poisoned), n),
+        "trigger_recovery": _ratio(sum(bool(r["recovered"]) for r in worded), len(worded)),
+        "all_words_recovered": _ratio(sum(bool(r["all_words_recovered"]) for r in worded),
+                                      len(worded)),
         "target_accuracy": _ratio(sum(bool(r["target_correct"]) for r in poisoned), n),
         "target_accuracy_flagged": _ratio(sum(bool(r["target_correct"]) for r in flagged),
                                           len(flagged)),
@@ -420,6 +454,11 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
                    "true_target_dropped": sum(g["dropped"] for g in gaps.values()),
                    "models": dict(gaps)},
         "breakdown": _breakdown(rows, truth),
+        "auc_by_split": auc_by_group(matched, y, [attack_type(truth[m]) for m in ids],
+                                     detector_kind, folds, seed, with_clean=True),
+        "auc_by_architecture": auc_by_group(matched, y,
+                                            [BREAKDOWNS["architecture"](truth[m]) for m in ids],
+                                            detector_kind, folds, seed, with_clean=False),
         "per_model": rows,
     }
 
@@ -482,6 +521,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [f"## By {name}", ""]
         lines += _table((name, *columns), [(value, *(g[c] for c in columns))
                                            for value, g in groups.items()])
+    for key, title in (("auc_by_split", "split (its poisoned models with every clean one)"),
+                       ("auc_by_architecture", "architecture")):
+        lines += [f"## ROC AUC by {title}", ""]
+        lines += _table((key.removeprefix("auc_by_"), "n", "clean", "poisoned", "score AUC",
+                         f"cross-validated {cv['detector']} AUC", "note"),
+                        [(name, g["n"], g["clean"], g["poisoned"], g["score_auc"], g["cv_auc"],
+                          g["note"]) for name, g in report.get(key, {}).items()])
     for name, test in report["held_out"].items():
         lines += [f"## {cv['detector'].capitalize()} detector fitted without each {name}", ""]
         lines += _table((f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),

@@ -31,13 +31,15 @@ from typing import Any
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
 from trojscan.modeldir import EXAMPLES_FILE
-from trojscan.scan import ScanConfig
+from trojscan.scan import ScanConfig, write_patch
 
 CAMPAIGN_FILE = "campaign.json"
 MODELS_DIR = "models"
 CAMPAIGN_VERSION = 1
 EXECUTORS = ("local", "ray")
 ERROR_SUFFIX = ".error.json"
+#: A VQA model's synthesised patch (``--patch``) is written beside its result as ID + this.
+PATCH_SUFFIX = ".patch.png"
 
 #: Called as (model id, "ok" or "error", models done, models in all) after each model.
 CampaignCallback = Callable[[str, str, int, int], None]
@@ -156,8 +158,10 @@ def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
 def _record(results: Path, model_id: str, outcome: dict[str, Any]) -> str:
     """Write a finished model's file; returns ``ok`` or ``error``."""
     if "ok" in outcome:
-        atomic_write_json(result_path(results, model_id),
-                          replace(outcome["ok"], model_id=model_id).to_dict())
+        result = replace(outcome["ok"], model_id=model_id)
+        if result.patch is not None:
+            result = write_patch(result, results / MODELS_DIR / f"{model_id}{PATCH_SUFFIX}")
+        atomic_write_json(result_path(results, model_id), result.to_dict())
         result_path(results, model_id, error=True).unlink(missing_ok=True)
         return "ok"
     atomic_write_json(result_path(results, model_id, error=True),

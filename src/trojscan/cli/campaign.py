@@ -41,7 +41,7 @@ def campaign_run(
                                "clean_examples.jsonl (a zoo manifest is never read)."),
     out: Path = typer.Option(..., "--out", help="Results directory: one JSON file per model; "
                              "re-running resumes where it stopped."),
-    method: str = METHOD_OPTION,
+    method: str | None = METHOD_OPTION,
     workers: int = typer.Option(1, "--workers", help="Models scanned at once."),
     executor: str = typer.Option("local", "--executor", help="local (worker processes "
                                  "here) or ray (one Ray task per model)."),
@@ -66,9 +66,15 @@ def campaign_run(
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     reference: list[Path] = REFERENCE_OPTION,
+    patch: bool = typer.Option(False, "--patch", help="VQA models: also synthesise an image "
+                               "patch from each scan's feature trigger (TIJO Section 3.4; "
+                               "about a minute per model on 2 cores), saved as "
+                               "OUT/models/ID.patch.png."),
 ) -> None:
     """Scan every model of ZOO; a failed model is recorded with its error and the rest go on.
     Exit code 1 when some model failed (its error is in OUT/models/ID.error.json)."""
+    from dataclasses import replace
+
     from trojscan.campaign.run import (
         CampaignConfig,
         discover,
@@ -78,18 +84,22 @@ def campaign_run(
         select,
     )
     from trojscan.devices import check_device
+    from trojscan.inversion.tijo_patch import PatchConfig
     from trojscan.scan import scan_config
+    from trojscan.subjects.loading import default_method
 
+    ids = discover(zoo)
     config = CampaignConfig(
-        scan=scan_config(method, threshold, positions_option(positions), pairs, epochs,
-                         trigger_length, max_victims, seed, decision_length,
-                         natural_share),
+        scan=replace(scan_config(method or default_method(zoo / ids[0]), threshold,
+                                 positions_option(positions), pairs, epochs, trigger_length,
+                                 max_victims, seed, decision_length, natural_share),
+                     patch=PatchConfig() if patch else None),
         device=device if address else check_device(device),  # a cluster's GPUs are not here
         allow_pickle=allow_pickle, workers=workers,
         executor=executor, address=address, cpus_per_model=cpus_per_model,
         retry_errors=retry_errors, references=tuple(str(p) for p in reference))
     only = split_list(models) if models else None
-    ids = select(discover(zoo), only)
+    ids = select(ids, only)
     todo = len(pending(out, ids, retry_errors)) if out.is_dir() else len(ids)
     console.print(f"campaign {out}: {len(ids)} models, {len(ids) - todo} already done, "
                   f"{todo} to scan with {executor} x{workers}")
@@ -171,6 +181,28 @@ def campaign_report(
         out_console.print(f"inverted at or below the true trigger's loss: "
                           f"{num(report['search']['searched'])} of "
                           f"{report['search']['measured']} poisoned models")
+    out_console.print("report: " + ", ".join(str(p) for p in paths))
+
+
+@app.command("weights")
+def campaign_weights(
+    zoo: Path = typer.Argument(..., help="The zoo's model folder."),
+    manifest: Path = MANIFEST_OPTION,
+    out: Path = typer.Option(..., "--out", help="Folder for weights.json and weights.md."),
+    folds: int = typer.Option(5, "--folds", help="Stratified folds of the cross-validation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffled folds."),
+) -> None:
+    """The weight-analysis baseline (TrojVQA, TIJO Table 2): a logistic regression on
+    statistics of each model's output layer, cross-validated over all models, per split
+    and per architecture; no scan needed."""
+    from trojscan.campaign.weights import weight_analysis, write_weight_report
+    from trojscan.manifest import load_truth
+
+    report = weight_analysis(zoo, load_truth(manifest), folds, seed)
+    paths = write_weight_report(report, out)
+    splits = ", ".join(f"{k} {num(g['cv_auc'])}" for k, g in report["auc_by_split"].items())
+    out_console.print(f"weight analysis over {report['all']['n']} models: cross-validated AUC "
+                      f"{num(report['all']['cv_auc'])}; by split: {splits}")
     out_console.print("report: " + ", ".join(str(p) for p in paths))
 
 

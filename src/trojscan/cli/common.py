@@ -47,9 +47,12 @@ def positions_option(value: str) -> list[str]:
 
 
 # Scan options shared by `scan` and `campaign run`.
-METHOD_OPTION = typer.Option("dbs", "--method", help="Trigger inverter: dbs, its ablations "
-                             "dbs-fixed-temperature and dbs-no-backtracking, or the baselines "
-                             "uat, gcg, ascc, genetic, tminer (README: 'Baselines').")
+METHOD_OPTION = typer.Option(None, "--method", help="Trigger inverter; default the model "
+                             "family's: dbs for text classifiers, tijo (TIJO-mm) for VQA "
+                             "models. Also DBS's ablations dbs-fixed-temperature and "
+                             "dbs-no-backtracking, the baselines uat, gcg, ascc, genetic, "
+                             "tminer (README: 'Baselines'), and TIJO's variants tijo-nlp, "
+                             "tijo-vis, tijo-one (README: 'TIJO').")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", help="Trojaned when the score is under "
                                 "it; default 0.12 x ln(labels)/ln 2 for the short trigger's "
                                 "loss (0.12 binary, 0.28 for 5 labels), 0.05 (beta of DBS "

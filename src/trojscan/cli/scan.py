@@ -103,17 +103,30 @@ def print_verdict(result: ScanResult) -> None:
                               + (f"; the reference ranks it {t.reference_rank} of its "
                                  f"vocabulary for {t.target_name}"
                                  if t.reference_rank is not None else "") + ")")
+    if result.best.feature_norm is not None:
+        out_console.print(f"feature trigger: norm {result.best.feature_norm:.2f} on "
+                          f"{result.best.overlay} boxes; with the word it flips "
+                          f"{result.best.hard_asr:.0%} of the examples (Inv-ASR)")
+    if result.patch is not None:
+        p = result.patch
+        where = f"saved to {p.path}" if p.path else "give --out to save it"
+        measured = "held-out" if p.held_out else "support (none held out)"
+        out_console.print(f"patch:   {p.size}px at ({p.x}, {p.y}), {where}; with the word it "
+                          f"flips {p.asr:.0%} of {p.questions} {measured} questions "
+                          f"(patch alone {p.asr_patch_only:.0%}, word alone "
+                          f"{p.asr_text_only:.0%})")
     out_console.print(f"seconds: {result.seconds:.1f} on {result.device}")
 
 
 def scan_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
-                                     "directory."),
+                                     "directory, or a trojscan VQA model directory."),
     examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
-                                  '{"text", "label"} (label: index or name).'),
+                                  '{"text", "label"} (label: index or name); for a VQA '
+                                  'model {"image", "question", "answer"}.'),
     out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
                                     "(JSON, written atomically; checked before the scan)."),
-    method: str = METHOD_OPTION,
+    method: str | None = METHOD_OPTION,
     threshold: float | None = THRESHOLD_OPTION,
     positions: str = POSITIONS_OPTION,
     pairs: bool | None = PAIRS_OPTION,
@@ -129,25 +142,50 @@ def scan_command(
     detector: Path | None = typer.Option(None, "--detector", help="A detector fitted by "
                                          "`trojscan campaign fit`: the verdict becomes its "
                                          "calibrated probability of 'trojaned' >= 0.5."),
+    patch: bool = typer.Option(True, "--patch/--no-patch", help="VQA models: synthesise an "
+                               "image patch from TIJO's feature trigger (TIJO Section 3.4), "
+                               "measure it with the inverted word on held-out examples and, "
+                               "with --out, save it as OUT's name + .patch.png."),
+    patch_steps: int = typer.Option(150, "--patch-steps", help="Most optimisation steps of "
+                                    "the patch synthesis (it stops earlier after 20 steps "
+                                    "without progress); each is about 0.1 s per support "
+                                    "image on 2 cores."),
 ) -> None:
-    """Scan MODEL_DIR for a backdoor (DBS by default): verdict, target label and inverted
-    trigger."""
+    """Scan MODEL_DIR for a backdoor (DBS for a text classifier, TIJO for a VQA model, by
+    default): verdict, target label and inverted trigger."""
+    from dataclasses import replace
+
     from trojscan.detect import apply_detector, load_detector
     from trojscan.devices import check_device
+    from trojscan.errors import InputError
     from trojscan.fsutil import check_writable
+    from trojscan.inversion.tijo_patch import PatchConfig
     from trojscan.results import write_result
-    from trojscan.scan import scan_config
+    from trojscan.scan import scan_config, write_patch
+    from trojscan.subjects.loading import default_method
 
-    config = scan_config(method, threshold, positions_option(positions), pairs, epochs,
-                         trigger_length, max_victims, seed, decision_length,
-                         natural_share)
+    def configure(name: str) -> ScanConfig:
+        config = scan_config(name, threshold, positions_option(positions), pairs, epochs,
+                             trigger_length, max_victims, seed, decision_length,
+                             natural_share)
+        try:
+            return replace(config, patch=PatchConfig(max_steps=patch_steps) if patch else None)
+        except ValueError as exc:
+            raise InputError(f"--patch-steps: {exc}") from exc
+
+    if method:  # bad options fail before anything is read
+        config = configure(method)
     check_device(device)
     if out is not None:
         check_writable(out, "--out")
     fitted = load_detector(detector) if detector is not None else None  # fail before scanning
+    if not method:  # the family's default: its config is the first thing read of the model
+        config = configure(default_method(model_dir))
     result = scan_with_progress(model_dir, examples, config, device, allow_pickle, reference)
     if fitted is not None:
         result = apply_detector(result, fitted, detector)
+    if out is not None:
+        result = write_patch(result, out.with_name(out.stem + ".patch.png"))
     print_verdict(result)
     if out is not None:
         write_result(result, out)

@@ -11,3 +11,4 @@ from trojscan.inversion import gcg
 from trojscan.inversion import ascc
 from trojscan.inversion import genetic
 from trojscan.inversion import tminer
+from trojscan.inversion import tijo

@@ -78,6 +78,11 @@ class Inversion:
         epochs: optimisation epochs run (fewer than configured when it stopped early).
         seconds: wall time of the inversion run (shared by the tasks batched together).
         trajectory: per-epoch ``loss`` and ``temperature`` (and ``event`` at checks).
+        feature_trigger: for a method that also inverts a visual trigger in box-feature
+            space (TIJO), the additive feature vector ``f_adv`` the losses were measured
+            with; None for a text-only trigger.
+        overlay: where ``feature_trigger`` is added (TIJO's policy B: ``all`` boxes or the
+            top ``one``); None without one.
     """
 
     method: str
@@ -92,6 +97,8 @@ class Inversion:
     epochs: int
     seconds: float
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    feature_trigger: list[float] | None = None
+    overlay: str | None = None
 
     @property
     def loss(self) -> float:
@@ -116,13 +123,18 @@ class Inverter(ABC):
 
     ``batched`` inverters invert all tasks in one run and can pre-select inside it
     (:class:`Preselection`); the scan pre-selects only with them. ``subject_classes``
-    limits a method to the families it can search (empty: every family).
+    limits a method to the families it can search (empty: every family); ``token_only``
+    says whether its triggers are tokens alone.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[Any]]
     batched: ClassVar[bool] = False
     subject_classes: ClassVar[tuple[type[Subject], ...]] = ()
+    #: Whether the trigger is tokens only, so that the scan's token stages (the lone-token
+    #: screen, shortening, measuring at other positions) measure what was inverted; False
+    #: for a trigger with a part outside the text (TIJO's feature trigger).
+    token_only: ClassVar[bool] = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = self.config_class() if config is None else config

@@ -133,10 +133,19 @@ def flip_candidates(subject: Subject, batch: Batch, trigger: torch.Tensor, allow
     embeds = embeddings[trigger].clone().requires_grad_(True)
     loss = subject.goal_loss(batch, embeds).mean()
     (grad,) = torch.autograd.grad(loss, embeds)
+    return flip_scores(grad, embeddings, trigger, allowed).topk(top_k, dim=1).indices, \
+        loss.item()
+
+
+def flip_scores(grad: torch.Tensor, embeddings: torch.Tensor, trigger: torch.Tensor,
+                allowed: torch.Tensor) -> torch.Tensor:
+    """HotFlip's (m, vocab) scores from the (m, d) gradient ``grad`` of a loss w.r.t. the
+    slot embeddings of ``trigger``: ``-e_v . g_i`` (higher: a larger estimated loss drop),
+    -inf for tokens not ``allowed`` and for each slot's current token."""
     scores = -(grad @ embeddings.T)
     scores[:, ~allowed] = -torch.inf
     scores.scatter_(1, trigger.view(-1, 1), -torch.inf)
-    return scores.topk(top_k, dim=1).indices, loss.item()
+    return scores
 
 
 class Progress:

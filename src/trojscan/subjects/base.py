@@ -98,6 +98,8 @@ class Subject(ABC):
     #: Whether a scan adds the label-specific (victim, target) candidates by default
     #: above two labels (``ScanConfig.pairs`` None).
     pairs_by_default: ClassVar[bool] = True
+    #: The inversion method a scan runs on this family when none is asked for.
+    default_method: ClassVar[str] = "dbs"
 
     @classmethod
     @abstractmethod

@@ -107,6 +107,15 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
         raise InputError(f"{model_dir} has no usable tokenizer: {_first_line(exc)}") from exc
 
 
+def default_method(model_dir: Path) -> str:
+    """The inversion method a scan of ``model_dir`` runs when none is asked for: its
+    family's (:attr:`~trojscan.subjects.base.Subject.default_method`); reads only the
+    config."""
+    from trojscan.subjects.base import subject_class_for
+
+    return subject_class_for(read_config(Path(model_dir)), Path(model_dir)).default_method
+
+
 def load_subject(model_dir: Path, device: str = "cpu", allow_pickle: bool = False,
                  max_length: int = 100) -> Subject:
     """Load the model in ``model_dir`` as the subject of its family."""

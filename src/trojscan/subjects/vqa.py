@@ -100,18 +100,21 @@ class VqaSubject(TokenizerVocabulary, Subject):
     positions = POSITIONS
     describes = "trojscan VQA models (config model_type 'trojscan-vqa')"
     pairs_by_default = False
+    #: TIJO-mm (:mod:`trojscan.inversion.tijo`): a dual-key backdoor needs both keys.
+    default_method = "tijo"
     #: Row 0 pads questions (the models' ``padding_idx``).
     reserved_rows = (0,)
 
     def __init__(self, model: VqaModel, tokenizer: PreTrainedTokenizerBase,
                  extractor: FeatureExtractor, max_length: int = 100) -> None:
-        """``max_length``: question tokens per row, trigger slots included."""
+        """``max_length``: question tokens per row, trigger slots included; at most the
+        model's own ``max_question_tokens`` (TrojVQA: 14), the length it was trained at."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
         self.extractor = extractor
-        self.max_length = max_length
+        self.max_length = min(max_length, model.config.max_question_tokens)
 
     @classmethod
     def accepts(cls, config: object) -> bool:
@@ -272,6 +275,25 @@ class VqaSubject(TokenizerVocabulary, Subject):
         features = batch.features if feature_trigger is None else \
             batch.features + feature_trigger
         return self.model.forward_embeds(embeds, batch.mask.bool(), features)
+
+    def trigger_logits(self, batch: VqaBatch, trigger_ids: torch.Tensor,
+                       feature_trigger: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, B, answers) logits of every row of ``batch`` with its slots filled by each of
+        the (K, m) hard triggers ``trigger_ids``, and ``feature_trigger`` added to the box
+        features as in :meth:`logits`. Each image's boxes are projected once for all K
+        triggers (the models' ``rows`` argument), which makes measuring many candidate
+        words on the same images cheap."""
+        k, n = len(trigger_ids), len(batch)
+        ids = batch.question_ids.repeat(k, 1)
+        slots = batch.slot_index.repeat(k, 1) >= 0
+        fill = trigger_ids.to(ids.device).repeat_interleave(n, 0)
+        ids = ids.masked_scatter(slots, fill)
+        features = batch.features if feature_trigger is None else \
+            batch.features + feature_trigger
+        rows = torch.arange(n, device=ids.device).repeat(k)
+        logits = self.model.forward_embeds(self.model.embed(ids), batch.mask.bool().repeat(k, 1),
+                                           features, rows)
+        return logits.view(k, n, -1)
 
     def goal_loss(self, batch: VqaBatch, trigger: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each row towards its target answer."""

@@ -32,8 +32,16 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 def write_image(image: torch.Tensor, path: Path) -> None:
-    """Write a ``uint8 [3, H, W]`` image as PNG."""
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, format="PNG")
+    """Write a ``uint8 [3, H, W]`` image as PNG, atomically (a temporary file beside it,
+    then renamed); a failure is an :class:`InputError` naming the file."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
+    try:
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(part, format="PNG")
+        part.replace(path)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise InputError(f"cannot write the image {path}: {exc.strerror or exc}") from exc
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -63,6 +71,18 @@ class Patch:
                              f"{out.shape[-1]}x{out.shape[-2]} image")
         out[..., :, self.y:self.y + s, self.x:self.x + s] = self.pixels
         return out
+
+
+def paste(images: torch.Tensor, pixels: torch.Tensor, x: int, y: int) -> torch.Tensor:
+    """``images`` (``[B, 3, H, W]`` in [0, 1]) with ``pixels`` (``[3, s, s]`` in [0, 1])
+    pasted at (``x``, ``y``); differentiable in ``pixels``, so that a patch can be optimised
+    through the detector."""
+    s = pixels.shape[-1]
+    mask = torch.zeros(1, 1, *images.shape[-2:], device=images.device, dtype=images.dtype)
+    mask[..., y:y + s, x:x + s] = 1.0
+    canvas = torch.zeros_like(images)
+    canvas[..., y:y + s, x:x + s] = pixels
+    return images * (1 - mask) + canvas * mask
 
 
 def solid_patch(colour: tuple[int, int, int], size: int, x: int, y: int) -> Patch:
