@@ -27,9 +27,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from trojscan.campaign.report import evaluate, load_results, trigger_recovered, write_report
+from testkit import scan_result
+from trojscan.campaign.report import (
+    auc_by_group,
+    evaluate,
+    load_results,
+    trigger_recovered,
+    write_report,
+)
 from trojscan.errors import InputError
 from trojscan.manifest import load_truth
 from trojscan.results import ScanResult
@@ -332,3 +340,18 @@ def test_weight_analysis_separates_an_outstanding_output_row(tmp_path: Path,
                      "--out", str(tmp_path / "w2"))
     assert failed.returncode == 2 and "model-0003" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_auc_by_split_pits_each_attack_against_every_clean_model() -> None:
+    # 6 clean (scores 1..6), 6 'dual solid' below every clean one, 6 'question' among them.
+    scores = [1, 2, 3, 4, 5, 6] + [0.01] * 6 + [0.5, 1.5, 2.5, 3.5, 4.5, 5.5]
+    records = [scan_result(s) for s in scores]
+    truth = np.array([0] * 6 + [1] * 12)
+    groups = ["clean"] * 6 + ["dual solid"] * 6 + ["question"] * 6
+    out = auc_by_group(records, truth, groups, "threshold", 3, 0, with_clean=True)
+    assert set(out) == {"dual solid", "question"}
+    assert out["dual solid"]["n"] == 12 and out["dual solid"]["clean"] == 6
+    assert out["dual solid"]["score_auc"] == 1.0 and out["dual solid"]["cv_auc"] > 0.9
+    assert 0.4 < out["question"]["score_auc"] < 0.7
+    archs = auc_by_group(records, truth, ["a"] * 18, "threshold", 3, 0, with_clean=False)
+    assert archs["a"]["n"] == 18
