@@ -12,7 +12,6 @@ architecture. Weights are read from safetensors only (no code runs).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 from trojscan.campaign.report import BREAKDOWNS, attack_type
 from trojscan.errors import InputError
+from trojscan.fsutil import atomic_write_json, atomic_write_text
 
 #: The statistics of the output layer, in the order of the feature matrix.
 WEIGHT_FEATURES = ("max_row_norm_z", "min_row_norm_z", "row_norm_cv", "max_bias_z",
@@ -137,12 +137,10 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def write_weight_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """``weights.json`` and ``weights.md`` in ``out_dir``, written atomically."""
-    from trojscan.fsutil import atomic_write_text
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "weights.json", out_dir / "weights.md"]
-    atomic_write_text(paths[0], json.dumps(report, indent=2) + "\n")
+    atomic_write_json(paths[0], report)
     atomic_write_text(paths[1], markdown(report))
     return paths
 
