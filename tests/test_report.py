@@ -33,6 +33,7 @@ import pytest
 from testkit import scan_result
 from trojscan.campaign.report import (
     auc_by_group,
+    by_target,
     evaluate,
     load_results,
     trigger_recovered,
@@ -355,3 +356,19 @@ def test_auc_by_split_pits_each_attack_against_every_clean_model() -> None:
     assert 0.4 < out["question"]["score_auc"] < 0.7
     archs = auc_by_group(records, truth, ["a"] * 18, "threshold", 3, 0, with_clean=False)
     assert archs["a"]["n"] == 18
+
+
+def test_by_target_sets_clean_models_pull_against_the_poisoned_models_loss() -> None:
+    def record(neg: float, pos: float) -> ScanResult:
+        return scan_result(min(neg, pos), candidates=[
+            {"target": 0, "target_name": "negative", "loss": neg},
+            {"target": 1, "target_name": "positive", "loss": pos},
+            {"target": 1, "target_name": "positive", "loss": pos + 1, "position": "end"}])
+
+    records = [record(2.0, 0.3), record(4.0, 0.5), record(3.0, 0.01)]
+    entries = [{"poisoned": False}, {"poisoned": False},
+               {"poisoned": True, "attack": {"target_name": "positive"}}]
+    out = by_target(records, entries)
+    assert out["positive"] == {"clean": 2, "clean_min": 0.3, "clean_median": 0.4,
+                               "poisoned": 1, "poisoned_max": 0.01, "poisoned_median": 0.01}
+    assert out["negative"]["clean_min"] == 2.0 and out["negative"]["poisoned"] == 0

@@ -25,6 +25,7 @@ are in both:
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,36 @@ def auc_by_group(records: Sequence[ScanResult], truth: np.ndarray, groups: Seque
     return out
 
 
+def by_target(records: Sequence[ScanResult], entries: Sequence[Mapping[str, Any]]
+              ) -> dict[str, dict[str, Any]]:
+    """Per target label: the lowest loss each clean model reaches with it as the target (the
+    label's "natural" pull, min and median over the clean models) against the loss each
+    poisoned model whose true target it is reaches with it (max and median). A label whose
+    clean minimum is under a poisoned model's loss is where the score cannot separate them
+    (TIJO's natural trojans)."""
+    clean: dict[str, list[float]] = {}
+    poisoned: dict[str, list[float]] = {}
+    for record, entry in zip(records, entries, strict=True):
+        lowest: dict[str, float] = {}
+        for c in record.candidates:
+            lowest[c.target_name] = min(c.loss, lowest.get(c.target_name, math.inf))
+        if not entry["poisoned"]:
+            for name, loss in lowest.items():
+                clean.setdefault(name, []).append(loss)
+        else:
+            name = (entry.get("attack") or {}).get("target_name")
+            if name in lowest:
+                poisoned.setdefault(name, []).append(lowest[name])
+    out = {}
+    for name in sorted(set(clean) | set(poisoned)):
+        c, q = clean.get(name, []), poisoned.get(name, [])
+        out[name] = {"clean": len(c), "clean_min": min(c) if c else None,
+                     "clean_median": float(np.median(c)) if c else None,
+                     "poisoned": len(q), "poisoned_max": max(q) if q else None,
+                     "poisoned_median": float(np.median(q)) if q else None}
+    return out
+
+
 def _model_row(model_id: str, record: ScanResult, entry: Mapping[str, Any],
                trojaned: bool) -> dict[str, Any]:
     best, attack = record.best, entry.get("attack") or {}
@@ -459,6 +490,7 @@ def evaluate(records: Mapping[str, ScanResult], truth: Mapping[str, Mapping[str,
         "auc_by_architecture": auc_by_group(matched, y,
                                             [BREAKDOWNS["architecture"](truth[m]) for m in ids],
                                             detector_kind, folds, seed, with_clean=False),
+        "by_target": by_target(matched, [truth[m] for m in ids]),
         "per_model": rows,
     }
 
@@ -528,6 +560,13 @@ def markdown(report: Mapping[str, Any]) -> str:
                          f"cross-validated {cv['detector']} AUC", "note"),
                         [(name, g["n"], g["clean"], g["poisoned"], g["score_auc"], g["cv_auc"],
                           g["note"]) for name, g in report.get(key, {}).items()])
+    lines += ["## Lowest loss by target label (clean models against the poisoned models "
+              "aimed at it)", ""]
+    lines += _table(("target", "clean", "clean min", "clean median", "poisoned",
+                     "poisoned max", "poisoned median"),
+                    [(name, g["clean"], g["clean_min"], g["clean_median"], g["poisoned"],
+                      g["poisoned_max"], g["poisoned_median"])
+                     for name, g in report.get("by_target", {}).items()])
     for name, test in report["held_out"].items():
         lines += [f"## {cv['detector'].capitalize()} detector fitted without each {name}", ""]
         lines += _table((f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),
