@@ -1,11 +1,12 @@
 """TIJO's lowest inversion loss on chosen VQA models under different settings of one knob.
 
     .venv/bin/python benchmarks/tijo_settings.py ZOO MODEL[,MODEL...] --knob feature_lr \
-        --values 0.1,0.03,0.01 [--threads 1] [--out benchmarks/results/tijo_feature_lr.json]
+        --values 0.1,0.03,0.01 [--method tijo] [--threads 1] [--out results.json]
 
-For every model and value: the scan of ``trojscan scan --method tijo`` with that value of the
-``TIJOConfig`` knob, and its three lowest candidates (loss, target, word). The zoo manifest
-gives each model's split, word and target for the printout only; the scan never sees it.
+For every model and value: the scan of ``trojscan scan --method METHOD`` (a TIJO variant)
+with that value of the ``TIJOConfig`` knob, and its three lowest candidates (loss, target,
+word). The zoo manifest gives each model's split, word and target for the printout only; the
+scan never sees it.
 This is how the default ``feature_lr`` was chosen (README "TIJO").
 """
 
@@ -31,12 +32,13 @@ def main() -> None:
     parser.add_argument("models")
     parser.add_argument("--knob", default="feature_lr")
     parser.add_argument("--values", default="0.1,0.03,0.01")
+    parser.add_argument("--method", default="tijo")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     truth = Manifest.load(args.zoo / MANIFEST).models
-    base = scan_config("tijo")
+    base = scan_config(args.method)
     kind = type(getattr(base.inverter, args.knob))
     rows = []
     for model_id in args.models.split(","):
@@ -60,7 +62,8 @@ def main() -> None:
                   + " ; ".join(f"{x['loss']:.3f} {x['target']} {x['word']!r}"
                                for x in row["lowest"]) + f"  {row['seconds']:.0f}s", flush=True)
     if args.out:
-        atomic_write_json(args.out, {"knob": args.knob, "threads": args.threads, "rows": rows})
+        atomic_write_json(args.out, {"method": args.method, "knob": args.knob,
+                                     "threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -217,11 +217,11 @@ def test_uat_rejects_an_initial_token_that_is_not_one_token(subject: TextClassif
 def test_make_config_builds_every_method_from_the_common_options() -> None:
     assert method_names() == ["dbs", "dbs-fixed-temperature", "dbs-no-backtracking", "uat",
                               "gcg", "ascc", "genetic", "tminer", "tijo", "tijo-nlp",
-                              "tijo-vis", "tijo-one"]
+                              "tijo-vis", "tijo-one", "tijo-relaxed"]
     assert set(METHODS) == {"dbs", "uat", "gcg", "ascc", "genetic", "tminer", "tijo"}
     assert {name: method for name, (method, _) in VARIANTS.items()} == {
         "dbs-fixed-temperature": "dbs", "dbs-no-backtracking": "dbs", "tijo-nlp": "tijo",
-        "tijo-vis": "tijo", "tijo-one": "tijo"}
+        "tijo-vis": "tijo", "tijo-one": "tijo", "tijo-relaxed": "tijo"}
     for name in method_names():
         config = make_config(name, trigger_length=3, epochs=7, seed=5)
         assert isinstance(config, method_of(name).config_class)

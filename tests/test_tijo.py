@@ -34,9 +34,10 @@ def _subject(tiny_zoo: dict[str, Any], group: str) -> tuple[VqaSubject, list[Any
 
 @pytest.fixture(scope="module")
 def scans(tiny_zoo: dict[str, Any]) -> dict[tuple[str, str], ScanResult]:
-    """TIJO-mm, -nlp and -vis on the dual-key model; TIJO-mm on the clean one."""
+    """TIJO-mm, -nlp, -vis and -relaxed on the dual-key model; TIJO-mm on the clean one."""
     out = {}
-    for group, methods in (("dual", ("tijo", "tijo-nlp", "tijo-vis")), ("clean", ("tijo",))):
+    for group, methods in (("dual", ("tijo", "tijo-nlp", "tijo-vis", "tijo-relaxed")),
+                           ("clean", ("tijo",))):
         subject, examples = _subject(tiny_zoo, group)
         for method in methods:
             out[group, method] = scan_subject(subject, examples, scan_config(method))
@@ -71,6 +72,18 @@ def test_the_dual_key_model_inverts_lower_than_the_clean_one(
     assert clean.best.trigger_text != "lantern"
 
 
+def test_the_relaxed_word_search_runs_dbs_temperature_rule_and_finds_the_target(
+        scans: dict[tuple[str, str], ScanResult]) -> None:
+    # Measured: at TIJO's 15 steps the relaxed word does not become the planted one (README
+    # "TIJO": it needs ~60 steps to open a zoo model's door, with another word); the target
+    # is found through the joint feature trigger.
+    found = scans["dual", "tijo-relaxed"]
+    assert found.config["method"] == "tijo-relaxed"
+    assert found.best.target_name == "red" and len(found.best.trigger_ids) == 1
+    assert all("temperature" in step for step in found.trajectory[:-1])
+    assert found.trajectory[0]["temperature"] == 2.0
+
+
 def test_overlay_policies() -> None:
     features = torch.zeros(2, 36, 4)
     features[0, 5] = 3.0
@@ -85,6 +98,11 @@ def test_overlay_policies() -> None:
         TIJOConfig(text=False, overlay="none")
     with pytest.raises(ValueError, match="overlay"):
         TIJOConfig(overlay="some")
+    with pytest.raises(ValueError, match="word_search"):
+        TIJOConfig(word_search="beam")
+    with pytest.raises(ValueError, match="focus_factor"):
+        TIJOConfig(focus_factor=0.5)
+    assert make_config("tijo-relaxed").word_search == "relaxed"
     assert make_config("tijo-vis").slots == 0 and make_config("tijo-nlp").overlay == "none"
 
 

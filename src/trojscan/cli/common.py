@@ -52,7 +52,8 @@ METHOD_OPTION = typer.Option(None, "--method", help="Trigger inverter; default t
                              "models. Also DBS's ablations dbs-fixed-temperature and "
                              "dbs-no-backtracking, the baselines uat, gcg, ascc, genetic, "
                              "tminer (README: 'Baselines'), and TIJO's variants tijo-nlp, "
-                             "tijo-vis, tijo-one (README: 'TIJO').")
+                             "tijo-vis, tijo-one, and tijo-relaxed (the word searched as DBS does, "
+                             "ours) (README: 'TIJO').")
 THRESHOLD_OPTION = typer.Option(None, "--threshold", help="Trojaned when the score is under "
                                 "it; default 0.12 x ln(labels)/ln 2 for the short trigger's "
                                 "loss (0.12 binary, 0.28 for 5 labels), 0.05 (beta of DBS "

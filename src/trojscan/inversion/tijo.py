@@ -17,6 +17,15 @@ and each text slot takes the token that minimises the first-order estimate of th
 batch): its ``top_k`` best tokens are then measured as hard tokens with the updated ``f_adv``
 and the best change is kept (the UAT beam search's step; no change when none is better).
 
+Beyond the paper, ``word_search = "relaxed"`` searches the text trigger as DBS does: each slot
+is a point in the convex hull of the token embeddings (``softmax(w / lambda) @ E``), ``w``
+takes an Adam step with ``f_adv`` on the same loss, the temperature ``lambda`` is divided by
+``focus_factor`` after a step whose loss is under ``loss_bound`` and, once lowered, multiplied
+back by ``rollback_factor`` with uniform noise on ``w`` when the loss is above it (DBS's
+Algorithm 1 with a check at every step, as TIJO's budget is 15 steps); every step the
+``top_k`` tokens of each slot's weights are measured as hard tokens with the current
+``f_adv``, and the best hard trigger seen is the result.
+
 The variants of the paper's Table 2 are configurations: TIJO-mm (``tijo``, text and feature
 jointly), TIJO-nlp (``tijo-nlp``: the text trigger only, which is UAT with TIJO's budget) and
 TIJO-vis (``tijo-vis``: the feature trigger only, no word). The overlay ``B`` is ``all`` (the
@@ -53,6 +62,10 @@ from trojscan.subjects.vqa import VqaBatch, VqaSubject
 #: Where the feature trigger may be overlaid (``TIJOConfig.overlay``): every box (B_all),
 #: the top box only (B_one), or nowhere (TIJO-nlp).
 OVERLAYS = ("all", "one", "none")
+
+#: How the text trigger is searched (``TIJOConfig.word_search``): the paper's first-order
+#: token selection (Eq. 2), or a DBS-style relaxation over the convex hull of the embeddings.
+WORD_SEARCHES = ("first-order", "relaxed")
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,22 @@ class TIJOConfig:
             the image. 0: only the words themselves. At 10 a clean BUTD model that reached
             0.036 with 'colour' rose to 0.503, and a dual-key MFB model kept 0.030 with its
             word (README "TIJO").
+        word_search: ``first-order`` (the paper's Eq. 2) or ``relaxed`` (DBS's convex-hull
+            relaxation of each slot, ours; the knobs below apply to it only).
+        word_lr: Adam's learning rate for the relaxed slots' weights ``w`` (DBS Appendix A:
+            "the Adam optimizer with the initial learning rate 0.5").
+        temperature: the relaxation's initial and largest temperature lambda (DBS's code:
+            2, its upper bound u = 2).
+        loss_bound: beta', the loss under which the temperature is lowered (DBS's code
+            0.1).
+        focus_factor: c, lambda is divided by it after a step under the bound (DBS: 2).
+        rollback_factor: d, lambda is multiplied by it (up to ``temperature``) after a step
+            above the bound once focusing has started (DBS's code: 2).
+        noise_scale: delta, the rollback adds U(0, delta) to ``w`` (DBS: 10).
         chunk_rows: at most this many rows per forward pass when measuring candidates.
-        seed: unused by the search (deterministic: every step uses the whole support set
-            and ``f_adv`` starts at zero); kept so that ``--seed`` means the same everywhere.
+        seed: seeds the relaxed search's rollback noise (each candidate its own stream);
+            the first-order search is deterministic (every step uses the whole support set
+            and ``f_adv`` starts at zero).
     """
 
     trigger_length: int = 1
@@ -108,6 +134,13 @@ class TIJOConfig:
     initial_token: str = "the"
     skip_question_words: bool = True
     skip_neighbours: int = 10
+    word_search: str = "first-order"
+    word_lr: float = 0.5
+    temperature: float = 2.0
+    loss_bound: float = 0.1
+    focus_factor: float = 2.0
+    rollback_factor: float = 2.0
+    noise_scale: float = 10.0
     chunk_rows: int = 4096
     seed: int = 0
 
@@ -123,6 +156,13 @@ class TIJOConfig:
             raise ValueError("TIJO needs a text trigger, a feature trigger or both")
         if self.feature_lr <= 0 or self.l2 < 0:
             raise ValueError("feature_lr must be > 0 and l2 >= 0")
+        if self.word_search not in WORD_SEARCHES:
+            raise ValueError(f"word_search must be one of {', '.join(WORD_SEARCHES)}, not "
+                             f"{self.word_search!r}")
+        if min(self.word_lr, self.temperature, self.loss_bound) <= 0 or \
+                min(self.focus_factor, self.rollback_factor) < 1 or self.noise_scale < 0:
+            raise ValueError("word_lr, temperature and loss_bound must be > 0, focus_factor "
+                             "and rollback_factor >= 1, noise_scale >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -178,42 +218,56 @@ class TIJO(OneByOne):
 
     def invert_one(self, subject: Subject, task: InversionTask, generator: torch.Generator,
                    tick: Callable[[int], None]) -> Inversion:
-        """TIJO on one candidate (``generator`` unused: the search is deterministic)."""
+        """TIJO on one candidate (``generator``: the relaxed search's rollback noise)."""
         assert isinstance(subject, VqaSubject)
         config = self.config
         started = time.perf_counter()
         batch = victim_batch(subject, task, config.slots)
         assert isinstance(batch, VqaBatch)
         embeddings = subject.embedding_matrix.detach()
-        allowed = subject.allowed_tokens().clone()
-        if config.skip_question_words:
-            words = sorted({i for e in task.examples for i in subject.token_ids(e.question)})
-            allowed[words] = False
-            if config.skip_neighbours:
-                unit = F.normalize(embeddings, dim=-1)
-                near = (unit[words] @ unit.T).topk(config.skip_neighbours + 1, dim=1).indices
-                allowed[near.flatten()] = False
+        allowed = self._allowed(subject, task, embeddings)
         trigger = initial_trigger(subject, config.initial_token, config.slots) \
             if config.slots else torch.zeros(0, dtype=torch.long, device=subject.device)
         vector = torch.zeros(batch.features.shape[-1], device=subject.device,
                              requires_grad=config.overlay != "none")
         optimiser = torch.optim.Adam([vector], lr=config.feature_lr) \
             if config.overlay != "none" else None
+        relaxed = _Relaxation(config, trigger, allowed, generator) \
+            if config.text and config.word_search == "relaxed" else None
+        best: tuple[float, torch.Tensor] | None = None  # the relaxed search's best hard one
         trajectory: list[dict[str, Any]] = []
         for epoch in range(config.epochs):
-            embeds = embeddings[trigger].clone().requires_grad_(config.text)
+            if relaxed is not None:
+                embeds = relaxed.weights() @ embeddings
+            else:
+                embeds = embeddings[trigger].clone().requires_grad_(config.text)
             logits = subject.logits(batch, embeds,
                                     feature_trigger=overlay(batch.features, vector,
                                                             config.overlay))
             loss = F.cross_entropy(logits, batch.goals)
             objective = loss + config.l2 * vector.pow(2).sum()
-            wanted = [t for t in (embeds, vector) if t.requires_grad]
+            word = relaxed.w if relaxed is not None else embeds
+            wanted = [t for t in (word, vector) if t.requires_grad]
             grads = torch.autograd.grad(objective, wanted)
             if optimiser is not None:
                 vector.grad = grads[-1]
                 optimiser.step()
             step: dict[str, Any] = {"epoch": epoch, "loss": loss.item()}
-            if config.text:
+            if relaxed is not None:
+                step["temperature"] = relaxed.temperature
+                with torch.no_grad():
+                    tried = relaxed.candidates()
+                    losses, _ = _losses(subject, batch, tried, vector.detach(),
+                                        config.overlay, config.chunk_rows)
+                low = int(losses.argmin())
+                step["token_loss"] = losses[low].item()
+                if best is None or step["token_loss"] < best[0]:
+                    best = (step["token_loss"], tried[low])
+                trigger = best[1]
+                event = relaxed.step(grads[0], loss.item())
+                if event:
+                    step["event"] = event
+            elif config.text:
                 with torch.no_grad():
                     trigger, step["token_loss"] = self._token_step(
                         subject, batch, trigger, grads[0], embeddings, allowed,
@@ -237,6 +291,21 @@ class TIJO(OneByOne):
             feature_trigger=feature,
             overlay=config.overlay if feature is not None else None)
 
+    def _allowed(self, subject: VqaSubject, task: InversionTask,
+                 embeddings: torch.Tensor) -> torch.Tensor:
+        """The tokens the text search may use: the subject's, less the support questions'
+        words and their ``skip_neighbours`` nearest tokens when ``skip_question_words``."""
+        config = self.config
+        allowed = subject.allowed_tokens().clone()
+        if config.skip_question_words:
+            words = sorted({i for e in task.examples for i in subject.token_ids(e.question)})
+            allowed[words] = False
+            if config.skip_neighbours:
+                unit = F.normalize(embeddings, dim=-1)
+                near = (unit[words] @ unit.T).topk(config.skip_neighbours + 1, dim=1).indices
+                allowed[near.flatten()] = False
+        return allowed
+
     def _token_step(self, subject: VqaSubject, batch: VqaBatch, trigger: torch.Tensor,
                     grad: torch.Tensor, embeddings: torch.Tensor, allowed: torch.Tensor,
                     vector: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -246,18 +315,69 @@ class TIJO(OneByOne):
         config = self.config
         candidates = flip_scores(grad, embeddings, trigger, allowed).topk(
             config.top_k, dim=1).indices
-        tried = [trigger]
-        for slot in range(len(trigger)):
-            for token in candidates[slot]:
-                changed = trigger.clone()
-                changed[slot] = token
-                tried.append(changed)
-        losses, _ = _losses(subject, batch, torch.stack(tried), vector, config.overlay,
-                            config.chunk_rows)
+        tried = _single_changes(trigger, candidates)
+        losses, _ = _losses(subject, batch, tried, vector, config.overlay, config.chunk_rows)
         best = int(losses.argmin())
         return tried[best], losses[best].item()
+
+
+def _single_changes(trigger: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(1 + m * k, m): ``trigger`` and every trigger that differs from it in one slot ``i``,
+    taking one of that slot's ``k`` ``candidates[i]``."""
+    tried = [trigger]
+    for slot in range(len(trigger)):
+        for token in candidates[slot]:
+            changed = trigger.clone()
+            changed[slot] = token
+            tried.append(changed)
+    return torch.stack(tried)
+
+
+class _Relaxation:
+    """The DBS-style relaxed text trigger (``word_search = "relaxed"``): slot weights ``w``
+    over the allowed tokens, their temperature, and DBS's focus / rollback rule checked after
+    every step."""
+
+    def __init__(self, config: TIJOConfig, trigger: torch.Tensor, allowed: torch.Tensor,
+                 generator: torch.Generator) -> None:
+        self.config = config
+        self.temperature = config.temperature
+        self.generator = generator
+        self.excluded = torch.where(allowed, 0.0, -torch.inf)
+        self.w = torch.zeros(len(trigger), len(allowed), device=allowed.device,
+                             requires_grad=True)
+        self.optimiser = torch.optim.Adam([self.w], lr=config.word_lr)
+
+    def weights(self) -> torch.Tensor:
+        """(m, vocab) each slot's softmax weights at the current temperature."""
+        return torch.softmax((self.w + self.excluded) / self.temperature, dim=-1)
+
+    def candidates(self) -> torch.Tensor:
+        """The hard triggers to measure: the slots' heaviest tokens, and every change of one
+        slot to one of its ``top_k`` heaviest."""
+        top = self.weights().topk(self.config.top_k, dim=-1).indices
+        return _single_changes(top[:, 0], top[:, 1:])
+
+    def step(self, grad: torch.Tensor, loss: float) -> str | None:
+        """Adam on ``w`` with ``grad``, then DBS's temperature rule for ``loss``; the event
+        (``focus`` / ``rollback``) or None."""
+        config = self.config
+        self.w.grad = grad
+        self.optimiser.step()
+        if loss < config.loss_bound:
+            self.temperature /= config.focus_factor
+            return "focus"
+        if self.temperature < config.temperature:
+            self.temperature = min(self.temperature * config.rollback_factor,
+                                   config.temperature)
+            with torch.no_grad():
+                noise = torch.rand(self.w.shape, generator=self.generator)
+                self.w.add_(noise.to(self.w.device) * config.noise_scale)
+            return "rollback"
+        return None
 
 
 register_variant("tijo-nlp", "tijo", overlay="none")
 register_variant("tijo-vis", "tijo", text=False)
 register_variant("tijo-one", "tijo", overlay="one")
+register_variant("tijo-relaxed", "tijo", word_search="relaxed")
