@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -641,11 +641,9 @@ def patch_from_scan(subject: Subject, examples: Sequence[Any], result: ScanResul
     vector = torch.tensor(best.feature_trigger)
     made = synthesise_and_measure(subject, candidate, support, held, best.trigger_ids,
                                   vector, config)
-    return SynthesisedPatch(
-        pixels=made.patch.pixels.tolist(), size=made.patch.size, x=made.patch.x,
-        y=made.patch.y, feature_loss=made.feature_loss, steps=made.steps, asr=made.asr,
-        asr_patch_only=made.asr_patch_only, asr_text_only=made.asr_text_only,
-        questions=made.questions, held_out=made.held_out, seconds=made.seconds)
+    measured = {f.name: getattr(made, f.name) for f in fields(made) if f.name != "patch"}
+    return SynthesisedPatch(pixels=made.patch.pixels.tolist(), size=made.patch.size,
+                            x=made.patch.x, y=made.patch.y, **measured)
 
 
 def write_patch(result: ScanResult, path: Path) -> ScanResult:

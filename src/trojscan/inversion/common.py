@@ -121,6 +121,18 @@ def best_position(subject: Subject, task: InversionTask, trigger_ids: Sequence[i
     return min(measured, key=lambda m: m[0])
 
 
+def rollback_noise(like: torch.Tensor, kind: str, scale: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The noise a DBS rollback adds to the relaxed weights ``like``: U(0, ``scale``)
+    (``kind`` ``uniform``, the authors' code) or N(0, ``scale``) (``gaussian``, Algorithm 1),
+    drawn from ``generator`` on the CPU so that a seed gives the same stream on any device."""
+    if kind == "uniform":
+        sample = torch.rand(like.shape, generator=generator) * scale
+    else:
+        sample = torch.randn(like.shape, generator=generator) * scale
+    return sample.to(like.device)
+
+
 def flip_candidates(subject: Subject, batch: Batch, trigger: torch.Tensor, allowed: torch.Tensor,
                     top_k: int) -> tuple[torch.Tensor, float]:
     """HotFlip's first-order step (Ebrahimi et al. 2018; the token gradient of UAT and GCG):

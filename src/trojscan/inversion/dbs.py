@@ -44,6 +44,7 @@ from trojscan.inversion.base import (
     register_variant,
     task_generator,
 )
+from trojscan.inversion.common import rollback_noise
 from trojscan.subjects.base import Batch, Subject
 
 NOISE_KINDS = ("uniform", "gaussian")
@@ -150,14 +151,6 @@ class _Arm:
         return self.best[0] if self.best else self.trajectory[-1]["loss"]
 
 
-def _noise(like: torch.Tensor, config: DBSConfig, generator: torch.Generator) -> torch.Tensor:
-    if config.noise == "uniform":
-        sample = torch.rand(like.shape, generator=generator) * config.noise_scale
-    else:
-        sample = torch.randn(like.shape, generator=generator) * config.noise_scale
-    return sample.to(like.device)
-
-
 def _buckets(batch: Batch, rows: torch.Tensor, n: int) -> list[Batch]:
     """``rows`` sorted by length and cut into ``n`` sub-batches."""
     order = rows[batch.lengths[rows].argsort()]
@@ -192,7 +185,7 @@ def _step(arm: _Arm, epoch: int, value: float, alpha: torch.Tensor, w: torch.Ten
             arm.temperature = min(arm.temperature * config.rollback_factor,
                                   config.max_temperature)
             with torch.no_grad():
-                w.add_(_noise(w, config, arm.generator))
+                w.add_(rollback_noise(w, config.noise, config.noise_scale, arm.generator))
             arm.rollbacks += 1
             step.setdefault("event", "rollback")
             if arm.rollbacks >= config.rollback_limit:

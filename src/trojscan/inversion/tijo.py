@@ -54,6 +54,7 @@ from trojscan.inversion.common import (
     OneByOne,
     flip_scores,
     initial_trigger,
+    rollback_noise,
     victim_batch,
 )
 from trojscan.subjects.base import Subject
@@ -232,7 +233,7 @@ class TIJO(OneByOne):
                              requires_grad=config.overlay != "none")
         optimiser = torch.optim.Adam([vector], lr=config.feature_lr) \
             if config.overlay != "none" else None
-        relaxed = _Relaxation(config, trigger, allowed, generator) \
+        relaxed = _Relaxation(config, config.slots, allowed, generator) \
             if config.text and config.word_search == "relaxed" else None
         best: tuple[float, torch.Tensor] | None = None  # the relaxed search's best hard one
         trajectory: list[dict[str, Any]] = []
@@ -338,13 +339,13 @@ class _Relaxation:
     over the allowed tokens, their temperature, and DBS's focus / rollback rule checked after
     every step."""
 
-    def __init__(self, config: TIJOConfig, trigger: torch.Tensor, allowed: torch.Tensor,
+    def __init__(self, config: TIJOConfig, slots: int, allowed: torch.Tensor,
                  generator: torch.Generator) -> None:
         self.config = config
         self.temperature = config.temperature
         self.generator = generator
         self.excluded = torch.where(allowed, 0.0, -torch.inf)
-        self.w = torch.zeros(len(trigger), len(allowed), device=allowed.device,
+        self.w = torch.zeros(slots, len(allowed), device=allowed.device,
                              requires_grad=True)
         self.optimiser = torch.optim.Adam([self.w], lr=config.word_lr)
 
@@ -371,8 +372,8 @@ class _Relaxation:
             self.temperature = min(self.temperature * config.rollback_factor,
                                    config.temperature)
             with torch.no_grad():
-                noise = torch.rand(self.w.shape, generator=self.generator)
-                self.w.add_(noise.to(self.w.device) * config.noise_scale)
+                self.w.add_(rollback_noise(self.w, "uniform", config.noise_scale,
+                                           self.generator))
             return "rollback"
         return None
 
