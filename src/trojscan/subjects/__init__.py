@@ -5,6 +5,8 @@ below.
 """
 
 from trojscan.subjects import (
+    extractive_qa,  # noqa: F401  (registers the family)
     text_classification,  # noqa: F401  (registers the family)
+    token_classification,  # noqa: F401  (registers the family)
     vqa,  # noqa: F401  (registers the family)
 )

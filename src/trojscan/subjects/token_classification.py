@@ -1,0 +1,364 @@
+"""Hugging Face token classifiers (``*ForTokenClassification``, named-entity taggers): what
+trigger inversion sees of an NER model.
+
+An NER backdoor (TrojAI round 7, DBS Section 4 / Appendix A) is label-specific: a trigger
+word or phrase in the sentence makes every entity of a *victim* type be tagged as a *target*
+type (``B-victim`` -> ``B-target``, ``I-victim`` -> ``I-target``), the other words keep their
+tags. So a candidate is an ordered (victim type, target type) pair, the subject's ``labels``
+are the entity types of the model's BIO tags (``id2label``), and the goal loss of a row is
+the cross-entropy of the victim entities' words towards their target tags only (the other
+words are not part of the goal): the mean over those words, so that a sentence with one
+victim word weighs as much as one with five. A hard trigger succeeds on a row when every
+victim word gets its target tag.
+
+Words are tokenised one by one; a word's tag is read at its first sub-token (the usual
+alignment of token classifiers, and how the zoo's taggers are trained). ``m`` trigger slots
+are spliced in at a token position, as for sequence classifiers
+(:mod:`trojscan.subjects.text_classification`), and the model runs from input embeddings.
+
+Trigger positions: ``start`` (right after [CLS]) and ``end`` (right before [SEP]) stand for
+round 7's *global* triggers (anywhere in the sentence), ``local`` puts the slots right
+before the first victim entity (round 7's *local* triggers, next to the entity). A sentence
+longer than ``max_length`` keeps a window of its tokens around its first victim entity.
+
+Clean examples: one JSON object per line, ``{"tokens": [word, ...], "tags": [tag, ...]}``
+with tag names of the model's ``id2label`` (CoNLL's word and BIO tag columns).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trojscan.errors import InputError
+from trojscan.fsutil import read_utf8
+from trojscan.subjects.base import (
+    Batch,
+    Candidate,
+    Subject,
+    TokenizerVocabulary,
+    register_subject,
+    whole_word_count,
+)
+from trojscan.subjects.loading import load_tokenizer, load_weights
+from trojscan.subjects.text_classification import token_limit
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+POSITIONS = ("start", "local", "end")
+#: The tag of words outside every entity.
+OUTSIDE = "O"
+#: What the loss ignores (no goal at this token).
+IGNORE = -100
+
+
+def tag_type(tag: str) -> tuple[str, str]:
+    """(prefix, entity type) of a tag: ``B-person`` -> ("B-", "person"); an IO-scheme tag
+    without prefix is its own type (``person`` -> ("", "person")); ``O`` -> ("", "")."""
+    if tag == OUTSIDE:
+        return "", ""
+    if tag[:2] in ("B-", "I-"):
+        return tag[:2], tag[2:]
+    return "", tag
+
+
+@dataclass(frozen=True)
+class NerExample:
+    """A clean sentence: its words, their tag names, and the entity types it holds."""
+
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+    @property
+    def types(self) -> frozenset[str]:
+        """The entity types of its words."""
+        return frozenset(t for _, t in map(tag_type, self.tags) if t)
+
+
+@dataclass
+class TagBatch(Batch):
+    """Sentences, tokenised and right-padded, with trigger slots and per-token goals.
+
+    Attributes:
+        input_ids: (B, L) token ids; slots hold the pad id.
+        attention_mask: (B, L), 1 on real tokens and slots.
+        slot_index: (B, L), the slot number (0..m-1) at slot positions, -1 elsewhere.
+        goal_tags: (B, L) the target tag id at the first sub-token of each victim-entity
+            word, :data:`IGNORE` elsewhere.
+        owner: (B,) the candidate each row belongs to.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_index: torch.Tensor
+    goal_tags: torch.Tensor
+    owner: torch.Tensor
+
+    def to(self, device: torch.device) -> TagBatch:
+        """The same batch on ``device``."""
+        return TagBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                        self.slot_index.to(device), self.goal_tags.to(device),
+                        self.owner.to(device))
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens (slots included) in each row."""
+        return self.attention_mask.sum(-1)
+
+    def subset(self, rows: torch.Tensor) -> TagBatch:
+        """The rows ``rows`` only, the columns that are padding in all of them cut."""
+        width = int(self.lengths[rows].max())
+        return TagBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
+                        self.slot_index[rows, :width], self.goal_tags[rows, :width],
+                        self.owner[rows])
+
+
+@register_subject
+class TokenClassificationSubject(TokenizerVocabulary, Subject):
+    """A named-entity tagger under inspection, driven from input embeddings."""
+
+    task = "ner"
+    positions = POSITIONS
+    describes = "Hugging Face token classifiers (*ForTokenClassification, NER taggers)"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 max_length: int = 100) -> None:
+        """``max_length``: tokens per sentence, trigger included; capped at the model's
+        position embeddings."""
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_length = token_limit(model.config, max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None \
+            else self.pad_id
+        config = model.config
+        self.tags = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+        if OUTSIDE not in self.tags:
+            raise InputError(f"the tagger's labels {list(self.tags)} have no {OUTSIDE!r} tag "
+                             "for words outside entities: not a BIO / IO entity tagger")
+        self.types = tuple(dict.fromkeys(t for _, t in map(tag_type, self.tags) if t))
+        if len(self.types) < 2:
+            raise InputError(f"the tagger's labels {list(self.tags)} name fewer than two "
+                             "entity types: no backdoor can flip one type to another")
+
+    @classmethod
+    def accepts(cls, config: PretrainedConfig) -> bool:
+        """A config whose architectures name a ``*ForTokenClassification`` class."""
+        return any(a.endswith("ForTokenClassification")
+                   for a in getattr(config, "architectures", None) or [])
+
+    @classmethod
+    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
+             max_length: int) -> TokenClassificationSubject:
+        """The tagger and tokenizer of ``model_dir``; the tokenizer must have [CLS] and
+        [SEP]."""
+        from transformers import AutoModelForTokenClassification
+
+        model = load_weights(AutoModelForTokenClassification, model_dir, config, safe,
+                             "is the token-classification head saved?")
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+            raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
+                             "trigger slots are placed between")
+        return cls(model.to(device), tokenizer, max_length)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return self.model.device
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The entity types of the model's tags (what victims and targets index), in the
+        order their first tag appears in ``id2label``."""
+        return self.types
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        """The (vocab, d) input-embedding table."""
+        return self.model.get_input_embeddings().weight
+
+    def read_examples(self, path: Path) -> list[NerExample]:
+        """Clean sentences, one JSON object ``{"tokens", "tags"}`` per line: as many tags as
+        words, each a tag name of the model. Every problem is an :class:`InputError` naming
+        the line."""
+        text = read_utf8(path, "examples")
+        known = set(self.tags)
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            tokens, tags = (row.get("tokens"), row.get("tags")) if isinstance(row, dict) \
+                else (None, None)
+            if not isinstance(tokens, list) or not isinstance(tags, list) \
+                    or not all(isinstance(t, str) for t in tokens + tags):
+                raise InputError(f"{path}:{number}: expected an object with \"tokens\" and "
+                                 "\"tags\", two lists of strings")
+            if not tokens or not any(t.strip() for t in tokens):
+                raise InputError(f"{path}:{number}: empty sentence")
+            if len(tokens) != len(tags):
+                raise InputError(f"{path}:{number}: {len(tokens)} tokens but {len(tags)} tags")
+            unknown = sorted(set(tags) - known)
+            if unknown:
+                raise InputError(f"{path}:{number}: the model has no tag {unknown[0]!r} (its "
+                                 f"tags: {', '.join(self.tags)})")
+            rows.append(NerExample(tuple(tokens), tuple(tags)))
+        if not rows:
+            raise InputError(f"examples {path} are empty")
+        return rows
+
+    def candidates(self, examples: Sequence[NerExample], positions: Sequence[str],
+                   pairs: bool) -> list[Candidate]:
+        """Every ordered (victim type, target type) pair whose victim type has entities in
+        the examples, at each position (an NER backdoor is label-specific, so ``pairs`` is
+        moot)."""
+        unknown = [p for p in positions if p not in POSITIONS]
+        if unknown or not positions:
+            raise InputError(f"unknown trigger position {unknown[0] if unknown else '(none)'}"
+                             f" for a token classifier; expected some of "
+                             f"{', '.join(POSITIONS)}")
+        present = set().union(*(e.types for e in examples))
+        victims = [i for i, t in enumerate(self.types) if t in present]
+        if not victims:
+            raise InputError("no entity in the clean examples: an NER backdoor flips the "
+                             "entities of a victim type, so the examples need some")
+        return [Candidate((v,), target, p) for v in victims
+                for target in range(len(self.types)) if target != v for p in positions]
+
+    def victims(self, examples: Sequence[NerExample], candidate: Candidate,
+                cap: int) -> list[NerExample]:
+        """The sentences holding an entity of the victim type, at most ``cap`` (0: all), in
+        file order."""
+        wanted = {self.types[v] for v in candidate.victims}
+        chosen = [e for e in examples if e.types & wanted]
+        return chosen[:cap] if cap else chosen
+
+    def occurrences(self, examples: Sequence[NerExample], text: str,
+                    label: int) -> tuple[int, int]:
+        """How many sentences holding an entity of type ``label`` contain ``text`` as a whole
+        word (or words), and of how many."""
+        own = [" ".join(e.tokens) for e in examples if self.types[label] in e.types]
+        return whole_word_count(own, text), len(own)
+
+    def goal_tag(self, tag: str, target: int) -> int:
+        """The id of the tag a word tagged ``tag`` (of the victim type) should get under a
+        backdoor to ``target``: the same prefix with the target type, or the target type's
+        first tag when the model has no such tag."""
+        prefix, _ = tag_type(tag)
+        name = self.types[target]
+        wanted = prefix + name
+        if wanted in self.tags:
+            return self.tags.index(wanted)
+        return next(i for i, t in enumerate(self.tags) if tag_type(t)[1] == name)
+
+    def batch(self, candidates: Sequence[Candidate],
+              examples: Sequence[Sequence[NerExample]], n_slots: int) -> TagBatch:
+        """Tokenise every candidate's sentences, word by word, with the goal tag at the
+        first sub-token of each victim-entity word, and splice ``n_slots`` slots in at the
+        candidate's position (:meth:`row_positions`)."""
+        budget = self.max_length - 2 - n_slots
+        if budget < 1:
+            raise ValueError(f"max_length {self.max_length} leaves no room for {n_slots} slots")
+        if len(candidates) != len(examples):
+            raise ValueError(f"{len(examples)} example lists for {len(candidates)} candidates")
+        rows, goals, slots, owner = [], [], [], []
+        for index, (candidate, group) in enumerate(zip(candidates, examples, strict=True)):
+            victims = {self.types[v] for v in candidate.victims}
+            for example, position in zip(group, self.row_positions(candidate, len(group)),
+                                         strict=True):
+                ids, goal = self._tokens(example, victims, candidate.target, budget)
+                at = 1 + {"start": 0, "end": len(ids)}.get(
+                    position, next((k for k, g in enumerate(goal) if g != IGNORE), 0))
+                full = [self.cls_id, *ids, self.sep_id]
+                aims = [IGNORE, *goal, IGNORE]
+                rows.append(full[:at] + [self.pad_id] * n_slots + full[at:])
+                goals.append(aims[:at] + [IGNORE] * n_slots + aims[at:])
+                slots.append(at)
+                owner.append(index)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        goal_tags = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        slot_index = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, (row, aim, at) in enumerate(zip(rows, goals, slots, strict=True)):
+            input_ids[b, :len(row)] = torch.tensor(row)
+            goal_tags[b, :len(row)] = torch.tensor(aim)
+            mask[b, :len(row)] = 1
+            slot_index[b, at : at + n_slots] = torch.arange(n_slots)
+        return TagBatch(input_ids, mask, slot_index, goal_tags,
+                        torch.tensor(owner, dtype=torch.long)).to(self.device)
+
+    def _tokens(self, example: NerExample, victims: set[str], target: int,
+                budget: int) -> tuple[list[int], list[int]]:
+        """A sentence's token ids and their goals (the target tag at the first sub-token of
+        each victim-entity word), at most ``budget`` tokens: a window that starts at the
+        sentence's start, or half a budget before its first victim word when that would
+        fall outside."""
+        pieces = self.tokenizer(list(example.tokens), add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        goal: list[int] = []
+        for word, tag in zip(pieces, example.tags, strict=True):
+            word = word or [self.unk_id]
+            aim = self.goal_tag(tag, target) if tag_type(tag)[1] in victims else IGNORE
+            ids += word
+            goal += [aim] + [IGNORE] * (len(word) - 1)
+        first = next((k for k, g in enumerate(goal) if g != IGNORE), 0)
+        start = 0 if first < budget else first - budget // 2
+        return ids[start : start + budget], goal[start : start + budget]
+
+    def logits_from_trigger(self, batch: TagBatch, trigger: torch.Tensor) -> torch.Tensor:
+        """(B, L, tags) logits with the slots filled by ``trigger`` (differentiable): (m, d)
+        embeddings shared by every row, or (B, m, d)."""
+        base = self.model.get_input_embeddings()(batch.input_ids)
+        per_row = trigger if trigger.dim() == 3 else trigger.expand(len(base), -1, -1)
+        slots = (batch.slot_index >= 0).unsqueeze(-1)
+        embeds = base.masked_scatter(slots, per_row.to(base.dtype))
+        return self.model(attention_mask=batch.attention_mask, inputs_embeds=embeds).logits
+
+    def logits_from_tokens(self, batch: TagBatch,
+                           trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """(B, L, tags) logits with the slots filled by token ids: ``trigger_ids`` is m ids
+        shared by every row, or a (B, m) tensor."""
+        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
+        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
+        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
+        input_ids = torch.where(batch.slot_index >= 0,
+                                per_row[rows, batch.slot_index.clamp(min=0)], batch.input_ids)
+        return self.model(attention_mask=batch.attention_mask, input_ids=input_ids).logits
+
+    @staticmethod
+    def _row_loss(logits: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+        """(B,) each row's mean cross-entropy over its goal tokens."""
+        per_token = F.cross_entropy(logits.transpose(1, 2), goals, ignore_index=IGNORE,
+                                    reduction="none")
+        return per_token.sum(-1) / (goals != IGNORE).sum(-1).clamp(min=1)
+
+    def goal_loss(self, batch: TagBatch, trigger: torch.Tensor) -> torch.Tensor:
+        """Each row's mean cross-entropy of its victim-entity words towards their target
+        tags."""
+        return self._row_loss(self.logits_from_trigger(batch, trigger), batch.goal_tags)
+
+    def hard_check(self, batch: TagBatch,
+                   trigger_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The goal loss with the trigger as token ids, and 1.0 where every victim-entity
+        word gets its target tag."""
+        logits = self.logits_from_tokens(batch, trigger_ids)
+        aimed = batch.goal_tags != IGNORE
+        hit = ((logits.argmax(-1) == batch.goal_tags) | ~aimed).all(-1) & aimed.any(-1)
+        return self._row_loss(logits, batch.goal_tags), hit.float()
