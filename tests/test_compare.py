@@ -170,6 +170,22 @@ def test_markdown_layout_and_files(runs: Any, tmp_path: Path) -> None:
     assert json.loads(json_path.read_text(encoding="utf-8"))["rows"] == comparison["rows"]
 
 
+def test_rows_per_architecture_when_the_zoo_has_several(runs: Any) -> None:
+    named, truth = runs
+    # bert: c1, p1; gpt2: c2, p2 (dbs scores p2 0.02 above c2 0.01; uat's p2 failed)
+    truth = {m: {**e, "architecture": "gpt2" if m in ("c2", "p2") else "bert"}
+             for m, e in truth.items()}
+    comparison = compare(named, truth, common_only=False, detector_kind="logistic")
+    values = _values(comparison)
+    assert values["auc_by_architecture.bert.score_auc"] == {"dbs": 1.0, "uat": 1.0}
+    assert values["auc_by_architecture.gpt2.score_auc"] == {"dbs": 0.0, "uat": None}
+    assert "| score AUC, architecture bert | 1.000 | 1.000 |" in markdown(comparison)
+    assert "| logistic CV AUC, architecture gpt2 | - | - |" in markdown(comparison)
+    assert not any(k.startswith("auc_by_split") for k in values)  # one split: no rows
+    with pytest.raises(InputError, match="unknown detector 'svm'"):
+        compare(named, truth, detector_kind="svm")
+
+
 def test_bad_input(runs: Any, tmp_path: Path) -> None:
     named, truth = runs
     with pytest.raises(InputError, match="same name"):

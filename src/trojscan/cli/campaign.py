@@ -219,8 +219,13 @@ def campaign_compare(
                                            "at this score; default: the scans' verdicts."),
     all_models: bool = typer.Option(False, "--all-models", help="Count every model each run "
                                     "scanned; default: only the models every run scanned."),
+    kind: str = typer.Option("threshold", "--kind", help="The detector cross-validated in "
+                             "each attack split and architecture (rows a zoo with several "
+                             "has, e.g. TIJO Table 2's for a VQA zoo): threshold or "
+                             "logistic."),
 ) -> None:
-    """Methods side by side, like DBS Tables 1 and 4: a column per results directory."""
+    """Methods side by side, like DBS Tables 1 and 4 (and TIJO Table 2 on a VQA zoo): a
+    column per results directory."""
     from trojscan.campaign.compare import compare, markdown, run_names, write_comparison
     from trojscan.manifest import load_truth
 
@@ -230,7 +235,7 @@ def campaign_compare(
         raise InputError(f"--names gives {len(columns)} names for {len(results)} results "
                          "directories")
     comparison = compare(list(zip(columns, results, strict=True)), load_truth(manifest),
-                         threshold, common_only=not all_models)
+                         threshold, common_only=not all_models, detector_kind=kind)
     paths = write_comparison(comparison, out)
     out_console.print(markdown(comparison))
     out_console.print("comparison: " + ", ".join(str(p) for p in paths))
