@@ -1,7 +1,8 @@
 """The ``trojscan`` command line: thin, it parses, calls the library and prints.
 
 One module per command group: :mod:`~trojscan.cli.zoo`, :mod:`~trojscan.cli.scan`,
-:mod:`~trojscan.cli.campaign`, :mod:`~trojscan.cli.repair`, :mod:`~trojscan.cli.demo`.
+:mod:`~trojscan.cli.campaign`, :mod:`~trojscan.cli.repair`, :mod:`~trojscan.cli.demo`,
+:mod:`~trojscan.cli.trojai`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 import typer
 
-from trojscan.cli import campaign, demo, repair, scan, zoo
+from trojscan.cli import campaign, demo, repair, scan, trojai, zoo
 from trojscan.cli.common import warn
 from trojscan.errors import InputError
 
@@ -24,11 +25,13 @@ app.command("scan")(scan.scan_command)
 app.add_typer(campaign.app, name="campaign")
 app.command("repair")(repair.repair_command)
 app.command("demo")(demo.demo)
+app.add_typer(trojai.app, name="trojai")
 
 
 def main() -> None:
     """Console-script entry point: user errors are one line on stderr and exit code 2; a run
     stopped with Ctrl-C says what it kept and exits with 130."""
+    sys.argv = trojai.legacy_argv(sys.argv)
     try:
         app(standalone_mode=True)
     except InputError as exc:
