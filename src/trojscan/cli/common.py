@@ -48,8 +48,9 @@ def positions_option(value: str) -> list[str]:
 
 # Scan options shared by `scan` and `campaign run`.
 METHOD_OPTION = typer.Option(None, "--method", help="Trigger inverter; default the model "
-                             "family's: dbs for text classifiers, tijo (TIJO-mm) for VQA "
-                             "models. Also DBS's ablations dbs-fixed-temperature and "
+                             "family's: dbs for text classifiers, NER taggers and QA "
+                             "models, tijo (TIJO-mm) for VQA models. Also DBS's "
+                             "ablations dbs-fixed-temperature and "
                              "dbs-no-backtracking, the baselines uat, gcg, ascc, genetic, "
                              "tminer (README: 'Baselines'), and TIJO's variants tijo-nlp, "
                              "tijo-vis, tijo-one, and tijo-relaxed (the word searched as DBS does, "
@@ -67,8 +68,10 @@ NATURAL_SHARE_OPTION = typer.Option(0.1, "--natural-share", help="Set aside a sh
                                     "target label's clean examples: a natural feature of the "
                                     "label, not a backdoor (README 'Scan'); 0: never.")
 POSITIONS_OPTION = typer.Option("all", "--positions", help="Comma-separated trigger "
-                                "positions: start, end, first_half, second_half, or all "
-                                "(every position the model's family takes).")
+                                "positions: start, end, first_half, second_half (text "
+                                "classifiers); start, local, end (NER); question, context, "
+                                "both (QA); or all (every position the model's family "
+                                "takes).")
 PAIRS_OPTION = typer.Option(None, "--pairs/--no-pairs", help="Also try label-specific "
                             "(victim, target) pairs; default: when the model has more than "
                             "two labels.", show_default=False)

@@ -119,11 +119,14 @@ def print_verdict(result: ScanResult) -> None:
 
 
 def scan_command(
-    model_dir: Path = typer.Argument(..., help="Hugging Face sequence-classification model "
-                                     "directory, or a trojscan VQA model directory."),
+    model_dir: Path = typer.Argument(..., help="Hugging Face model directory (sequence "
+                                     "classifier, token classifier / NER tagger, extractive "
+                                     "QA model), or a trojscan VQA model directory."),
     examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
                                   '{"text", "label"} (label: index or name); for a VQA '
-                                  'model {"image", "question", "answer"}.'),
+                                  'model {"image", "question", "answer"}; for an NER tagger '
+                                  '{"tokens", "tags"}; for a QA model SQuAD\'s {"question", '
+                                  '"context", "answers"}.'),
     out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
                                     "(JSON, written atomically; checked before the scan)."),
     method: str | None = METHOD_OPTION,
@@ -151,8 +154,8 @@ def scan_command(
                                     "without progress); each is about 0.1 s per support "
                                     "image on 2 cores."),
 ) -> None:
-    """Scan MODEL_DIR for a backdoor (DBS for a text classifier, TIJO for a VQA model, by
-    default): verdict, target label and inverted trigger."""
+    """Scan MODEL_DIR for a backdoor (DBS for text classifiers, NER taggers and QA models,
+    TIJO for a VQA model, by default): verdict, target label and inverted trigger."""
     from dataclasses import replace
 
     from trojscan.detect import apply_detector, load_detector
