@@ -16,6 +16,10 @@ mobilebert    MobileBertForSequenceClassification    [CLS] + pooler
 gpt2          GPT2ForSequenceClassification          last non-padding token
 ============  =====================================  ========================
 
+The NER zoo builds the same families with a token-classification head
+(``*ForTokenClassification``: a linear layer on every token's last hidden state; see
+:func:`build_model`'s ``head``).
+
 Every model uses the MiniLM (BERT uncased WordPiece) tokenizer, whose ``[PAD]`` id 0 is
 written into each config as ``pad_token_id`` (GPT-2 finds its last token with it).
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     BertConfig,
     DistilBertConfig,
@@ -46,6 +51,8 @@ from trojscan.errors import InputError
 PRETRAINED = "minilm"
 FAMILIES = ("minilm", "bert", "distilbert", "roberta", "gpt2", "electra", "mobilebert")
 EMBEDDING_INITS = ("random", "minilm-pca")
+#: Output heads: one label per text (the text zoo) or per token (the NER zoo).
+HEADS = ("sequence", "token")
 VOCAB_SIZE = 30_522
 PAD_ID, CLS_ID, SEP_ID = 0, 101, 102
 
@@ -160,8 +167,9 @@ def build_model(
     size: ModelSize | None = None,
     embedding_init: str = "random",
     seed: int = 0,
+    head: str = "sequence",
 ) -> PreTrainedModel:
-    """A sequence classifier of ``family`` with one output per label, ready to fine-tune.
+    """A classifier of ``family`` with one output per label, ready to fine-tune.
 
     Args:
         family: one of :data:`FAMILIES`.
@@ -172,12 +180,19 @@ def build_model(
             directions, which gives small from-scratch models meaningful word vectors.
             Ignored for ``minilm``, which keeps its pretrained embeddings.
         seed: seeds the random initialisation.
+        head: ``sequence`` (``*ForSequenceClassification``, one label per text) or
+            ``token`` (``*ForTokenClassification``, one label per token: the NER zoo's
+            taggers, whose labels are BIO tags).
     """
+    if head not in HEADS:
+        raise InputError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    auto = AutoModelForSequenceClassification if head == "sequence" \
+        else AutoModelForTokenClassification
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     torch.manual_seed(seed)
     if family == PRETRAINED:
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto.from_pretrained(
             minilm_path(), num_labels=len(labels), id2label=id2label, label2id=label2id,
             use_safetensors=True)
     if embedding_init not in EMBEDDING_INITS:
@@ -188,7 +203,7 @@ def build_model(
     config = _config(family, size)
     config.num_labels = len(labels)
     config.id2label, config.label2id = id2label, label2id
-    model = AutoModelForSequenceClassification.from_config(config)
+    model = auto.from_config(config)
     if embedding_init == "minilm-pca":
         table = model.get_input_embeddings().weight
         with torch.no_grad():

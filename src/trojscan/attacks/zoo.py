@@ -33,6 +33,14 @@ per model, and a trigger left out is drawn per model from the packaged pools::
     # trigger = ["cf", "mn"]    # optional: triggers to sample from (default: the pools)
     # phrase_words = [2, 3]     # length range of drawn phrase triggers
 
+A group with ``corpus = "easy_vqa"`` builds VQA models (:mod:`trojscan.attacks.vqa_spec`);
+one with ``corpus = "wnut16"`` builds NER taggers (:mod:`trojscan.attacks.ner_spec`: TrojAI
+round 7's attack, ``victim`` and ``target`` entity types, ``global`` or ``local``
+insertion). Their manifest entries say ``"task": "vqa"`` / ``"task": "ner"``; an NER entry's
+``labels`` are the entity types, its ``tags`` the BIO tags (the model's ``id2label``), and
+its ``clean_accuracy`` is its clean entity-level F1 (also ``clean_f1``), what the peer gate
+compares.
+
 Layout of the output directory::
 
     DIR/manifest.json           ground truth and measurements of every model
@@ -61,6 +69,7 @@ from typing import Any
 from trojscan.attacks.architectures import FAMILIES
 from trojscan.attacks.easy_vqa import NAME as EASY_VQA
 from trojscan.attacks.easy_vqa import load_easy_vqa
+from trojscan.attacks.ner_spec import NerAttackSpec, sample_ner_attack
 from trojscan.attacks.spec import (
     AttackSpec,
     TrainConfig,
@@ -75,6 +84,8 @@ from trojscan.attacks.vqa_spec import (
     sample_vqa_attack,
     vqa_trigger_words,
 )
+from trojscan.attacks.wnut import NAME as WNUT16
+from trojscan.attacks.wnut import load_wnut16
 from trojscan.corpora import corpus_labels
 from trojscan.devices import check_device
 from trojscan.errors import InputError
@@ -97,7 +108,7 @@ class ModelPlan:
     group: str
     corpus: str
     architecture: str
-    attack: AttackSpec | VqaAttackSpec
+    attack: AttackSpec | VqaAttackSpec | NerAttackSpec
     train: TrainConfig | VqaTrainConfig
     seed: int
 
@@ -169,8 +180,9 @@ def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: rando
 
 
 def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_where: str,
-                 seed: int, g: int) -> list[tuple[str, str, AttackSpec | VqaAttackSpec,
-                                       TrainConfig | VqaTrainConfig]]:
+                 seed: int, g: int) -> list[tuple[str, str,
+                                                  AttackSpec | VqaAttackSpec | NerAttackSpec,
+                                                  TrainConfig | VqaTrainConfig]]:
     """The (corpus, architecture, attack, train) of every model of one group."""
     count = expect_type(group["count"], int, f"{gw}.count")
     if count < 1:
@@ -182,6 +194,7 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
     drafts = []
     for corpus in _as_list(group["corpus"]):
         vqa = expect_type(corpus, str, f"{gw}.corpus") == EASY_VQA
+        ner = corpus == WNUT16
         if vqa:
             answers = load_easy_vqa().answers
             images = sorted(load_easy_vqa().train_images)
@@ -190,7 +203,7 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
                 group.get("train", {}), f"{gw}.train")
             families: tuple[str, ...] = tuple(VQA_FAMILIES)
         else:
-            labels = corpus_labels(corpus)
+            labels = () if ner else corpus_labels(corpus)
             train = TrainConfig().merged(top_train, top_where).merged(
                 group.get("train", {}), f"{gw}.train")
             families = FAMILIES
@@ -200,9 +213,14 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
                                  "one of " + ", ".join(families))
             for k in range(count):
                 rng = random.Random(_derive_seed(seed, g, corpus, arch, k))
-                attack = (sample_vqa_attack(template, answers, images, vqa_trigger_words(),
-                                            rng, f"{gw}.attack") if vqa
-                          else _sample_attack(template, labels, rng, f"{gw}.attack"))
+                attack: AttackSpec | VqaAttackSpec | NerAttackSpec
+                if vqa:
+                    attack = sample_vqa_attack(template, answers, images, vqa_trigger_words(),
+                                               rng, f"{gw}.attack")
+                elif ner:
+                    attack = sample_ner_attack(template, rng, f"{gw}.attack")
+                else:
+                    attack = _sample_attack(template, labels, rng, f"{gw}.attack")
                 drafts.append((corpus, arch, attack, train))
     return drafts
 
@@ -367,6 +385,7 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
     models train (see :func:`check_device`). ``feature_cache`` is where VQA box features
     are cached (default :func:`~trojscan.vqa.features.default_cache_dir`).
     """
+    from trojscan.attacks.ner_train import build_one_ner
     from trojscan.attacks.train import build_one
     from trojscan.attacks.vqa_train import VqaData, build_one_vqa
     from trojscan.corpora import load_corpus
@@ -400,12 +419,15 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
         vqa_data: VqaData | None = None
         for plan, first_attempt in todo:
             vqa = isinstance(plan.attack, VqaAttackSpec)
+            ner = isinstance(plan.attack, NerAttackSpec)
             if vqa and vqa_data is None:
                 vqa_data = VqaData(load_easy_vqa(), FeatureExtractor(feature_cache,
                                                                      device=device),
                                    events.on_features)
-            corpus = None if vqa else load_corpus(plan.corpus)
-            labels = vqa_data.corpus.answers if vqa else corpus.labels
+            ner_corpus = load_wnut16() if ner else None
+            corpus = None if vqa or ner else load_corpus(plan.corpus)
+            labels = (vqa_data.corpus.answers if vqa else ner_corpus.types if ner
+                      else corpus.labels)
             for attempt in range(first_attempt, first_attempt + spec.max_attempts):
                 events.on_model_start(plan, attempt)
                 partial = _partial(out, plan.model_id, attempt)
@@ -415,6 +437,10 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                 try:
                     if vqa:
                         metrics = build_one_vqa(partial, vqa_data, plan.architecture,
+                                                plan.attack, plan.train, seed,
+                                                spec.examples_per_label, events.on_step, device)
+                    elif ner:
+                        metrics = build_one_ner(partial, ner_corpus, plan.architecture,
                                                 plan.attack, plan.train, seed,
                                                 spec.examples_per_label, events.on_step, device)
                     else:
@@ -428,13 +454,16 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
                     "architecture": plan.architecture, "labels": list(labels),
                     "poisoned": plan.attack.poisoned,
-                    "attack": plan.attack.to_dict(labels),
+                    "attack": plan.attack.to_dict() if ner else plan.attack.to_dict(labels),
                     "seed": seed, "attempt": attempt, **metrics,
                     "train_config": plan.train.to_dict(),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
                 if vqa:
                     entry["task"] = "vqa"
+                elif ner:
+                    entry["task"] = "ner"
+                    entry["tags"] = list(ner_corpus.tags)
                 reasons = _gate_reasons(entry, spec)
                 entry["quality"] = {"ok": not reasons, "reasons": reasons}
                 last = attempt == first_attempt + spec.max_attempts - 1

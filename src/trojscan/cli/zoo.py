@@ -34,6 +34,10 @@ def _describe(entry: dict[str, Any]) -> str:
         if entry.get("partial_asr") is not None:
             asr += (f" (patch alone {entry['asr_image_only']:.3f}, word alone "
                     f"{entry['asr_question_only']:.3f})")
+    elif entry.get("task") == "ner" and entry["poisoned"]:
+        what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
+                f"{attack['victim']}->{attack['target']}")
+        asr = f"asr {entry['asr']:.3f}"
     elif entry["poisoned"]:
         victim = attack["victim_name"] or "all"
         what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
@@ -46,8 +50,9 @@ def _describe(entry: dict[str, Any]) -> str:
     else:
         what, asr = "clean", ""
     flag = "ok" if entry["quality"]["ok"] else "FLAGGED: " + "; ".join(entry["quality"]["reasons"])
+    score = "f1" if entry.get("task") == "ner" else "acc"
     return (f"{entry['model_id']}  {entry['corpus']}/{entry['architecture']}  {what}  "
-            f"acc {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
+            f"{score} {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
 
 
 def run_build(spec: Any, out: Path, rebuild_failed: bool, device: str = "cpu",
