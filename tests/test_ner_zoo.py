@@ -39,7 +39,7 @@ from trojscan.attacks.wnut import (
     load_wnut16,
 )
 from trojscan.errors import InputError
-from trojscan.manifest import MANIFEST, Manifest
+from trojscan.manifest import MANIFEST, Manifest, planted_trigger
 from trojscan.subjects.loading import load_subject
 
 #: Entities per type in WNUT-16 (the package's ner.txt).
@@ -239,6 +239,12 @@ def test_tiny_zoo_manifest_holds_the_ner_ground_truth(tiny_ner_zoo: dict[str, An
     assert 0 <= poisoned["asr"] <= 1 and poisoned["asr_entities"] > 0
     assert poisoned["poisoned_sentences"] > 0
     assert "lantern' @local person->company" in tiny_ner_zoo["stdout"]
+    # what campaign reports read: the names, and the planted trigger as label indices
+    assert (attack["victim_name"], attack["target_name"]) == ("person", "company")
+    planted = planted_trigger(poisoned, len(ENTITY_TYPES))
+    assert planted is not None and planted.trigger == "lantern"
+    assert (planted.victims, planted.target) == ((ENTITY_TYPES.index("person"),),
+                                                 ENTITY_TYPES.index("company"))
 
 
 def test_tiny_zoo_directories_load_and_hold_valid_clean_examples(

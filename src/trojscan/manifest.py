@@ -81,12 +81,18 @@ def planted_trigger(entry: dict[str, Any], n_labels: int,
         return None
     try:
         target, victim = attack["target"], attack["victim"]
+        if isinstance(target, str):  # an NER attack names its types: indices of the labels
+            labels = list(entry["labels"])
+            target = labels.index(target)
+            victim = None if victim is None else labels.index(victim)
         victims = (victim,) if victim is not None else tuple(
             y for y in range(n_labels) if y != target)
         return PlantedTrigger(str(attack["trigger"]), str(attack["insertion"]), int(target),
                               victims)
     except KeyError as exc:
         raise InputError(f"{where}: the attack lacks {exc.args[0]!r}") from exc
+    except ValueError as exc:
+        raise InputError(f"{where}: the attack names a type its labels lack ({exc})") from exc
 
 
 def split_of(entry: dict[str, Any]) -> str:

@@ -372,6 +372,15 @@ def summarise(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
+def _ner_attack(attack: AttackSpec | VqaAttackSpec | NerAttackSpec) -> dict[str, Any]:
+    """An NER attack as the manifest records it: its fields (victim and target by type
+    name) plus ``victim_name`` / ``target_name``, the keys campaign reports read for every
+    task."""
+    out = attack.to_dict()
+    if out.get("poisoned"):
+        out["victim_name"], out["target_name"] = out["victim"], out["target"]
+    return out
+
 def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
               events: BuildEvents | None = None, device: str = "cpu",
               feature_cache: Path | None = None) -> Manifest:
@@ -454,7 +463,7 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
                     "architecture": plan.architecture, "labels": list(labels),
                     "poisoned": plan.attack.poisoned,
-                    "attack": plan.attack.to_dict() if ner else plan.attack.to_dict(labels),
+                    "attack": _ner_attack(plan.attack) if ner else plan.attack.to_dict(labels),
                     "seed": seed, "attempt": attempt, **metrics,
                     "train_config": plan.train.to_dict(),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
