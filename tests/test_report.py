@@ -363,7 +363,10 @@ def test_by_target_sets_clean_models_pull_against_the_poisoned_models_loss() -> 
         return scan_result(min(neg, pos), candidates=[
             {"target": 0, "target_name": "negative", "loss": neg},
             {"target": 1, "target_name": "positive", "loss": pos},
-            {"target": 1, "target_name": "positive", "loss": pos + 1, "position": "end"}])
+            {"target": 1, "target_name": "positive", "loss": pos + 1, "position": "end"},
+            # a candidate the pre-run dropped (as DBS scans have): no full loss, left out
+            {"target": 0, "target_name": "negative", "prerun_loss": 0.001,
+             "full_run": False, "position": "end"}])
 
     records = [record(2.0, 0.3), record(4.0, 0.5), record(3.0, 0.01)]
     entries = [{"poisoned": False}, {"poisoned": False},

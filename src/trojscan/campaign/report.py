@@ -340,13 +340,15 @@ def by_target(records: Sequence[ScanResult], entries: Sequence[Mapping[str, Any]
     label's "natural" pull, min and median over the clean models) against the loss each
     poisoned model whose true target it is reaches with it (max and median). A label whose
     clean minimum is under a poisoned model's loss is where the score cannot separate them
-    (TIJO's natural trojans)."""
+    (TIJO's natural trojans). A candidate with no full inversion (a pre-run or the screen
+    dropped it) has no such loss and is left out."""
     clean: dict[str, list[float]] = {}
     poisoned: dict[str, list[float]] = {}
     for record, entry in zip(records, entries, strict=True):
         lowest: dict[str, float] = {}
         for c in record.candidates:
-            lowest[c.target_name] = min(c.loss, lowest.get(c.target_name, math.inf))
+            if c.loss is not None:
+                lowest[c.target_name] = min(c.loss, lowest.get(c.target_name, math.inf))
         if not entry["poisoned"]:
             for name, loss in lowest.items():
                 clean.setdefault(name, []).append(loss)
