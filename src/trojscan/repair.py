@@ -52,12 +52,12 @@ from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE, weights_sha256
 from trojscan.results import ScanResult, library_versions, read_result
 from trojscan.scan import ProgressCallback
+from trojscan.subjects.huggingface import token_limit
 from trojscan.subjects.loading import load_subject
 from trojscan.subjects.text_classification import (
     POSITIONS,
     TextClassificationSubject,
     TextExample,
-    token_limit,
 )
 
 REPORT_VERSION = 1

@@ -30,6 +30,7 @@ from its config.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 
 from trojscan.errors import InputError
+from trojscan.fsutil import read_utf8
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -260,6 +262,24 @@ def whole_word_count(texts: Sequence[str], text: str) -> int:
     pattern = re.compile(r"(?<!\w)" + re.escape(words) + r"(?!\w)", re.IGNORECASE)
     return sum(1 for t in texts if pattern.search(t))
 
+
+
+def example_lines(path: Path) -> list[tuple[int, Any]]:
+    """The JSON value of every non-blank line of the examples file at ``path``, with its
+    line number; a line that is not JSON, a file that is not UTF-8 or one with no example
+    is an :class:`InputError` naming it."""
+    text = read_utf8(Path(path), "examples")
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+    if not out:
+        raise InputError(f"examples {path} are empty")
+    return out
 
 _REGISTRY: list[type[Subject]] = []
 

@@ -27,31 +27,17 @@ Clean examples: one JSON object per line in SQuAD's form, ``{"question", "contex
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trojscan.errors import InputError
-from trojscan.fsutil import read_utf8
-from trojscan.subjects.base import (
-    SPREAD,
-    Batch,
-    Candidate,
-    Subject,
-    TokenizerVocabulary,
-    register_subject,
-)
-from trojscan.subjects.loading import load_tokenizer, load_weights
-from trojscan.subjects.text_classification import token_limit
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from trojscan.subjects.base import SPREAD, Batch, Candidate, example_lines, register_subject
+from trojscan.subjects.huggingface import HuggingFaceSubject, fill_slots
 
 POSITIONS = ("question", "context", "both")
 #: The behaviours a candidate targets; ``answer`` (the normal one) is every victim.
@@ -114,75 +100,35 @@ class SpanBatch(Batch):
 
 
 @register_subject
-class ExtractiveQaSubject(TokenizerVocabulary, Subject):
+class ExtractiveQaSubject(HuggingFaceSubject):
     """An extractive QA model under inspection, driven from input embeddings."""
 
     task = "extractive-qa"
     positions = POSITIONS
     describes = "Hugging Face extractive QA models (*ForQuestionAnswering)"
 
+    architecture_suffix = "ForQuestionAnswering"
+    auto_class = "AutoModelForQuestionAnswering"
+    head_hint = "is the span head saved?"
+    slots_between = "which frame the question and the context"
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  max_length: int = 100) -> None:
         """``max_length``: tokens per question-context pair, trigger included; capped at the
         model's position embeddings."""
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_length = token_limit(model.config, max_length)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.cls_id = tokenizer.cls_token_id
-        self.sep_id = tokenizer.sep_token_id
+        super().__init__(model, tokenizer, max_length)
         self.typed = getattr(model.config, "type_vocab_size", 0) > 1
-
-    @classmethod
-    def accepts(cls, config: PretrainedConfig) -> bool:
-        """A config whose architectures name a ``*ForQuestionAnswering`` class."""
-        return any(a.endswith("ForQuestionAnswering")
-                   for a in getattr(config, "architectures", None) or [])
-
-    @classmethod
-    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
-             max_length: int) -> ExtractiveQaSubject:
-        """The QA model and tokenizer of ``model_dir``; the tokenizer must have [CLS] and
-        [SEP], which frame the question and the context."""
-        from transformers import AutoModelForQuestionAnswering
-
-        model = load_weights(AutoModelForQuestionAnswering, model_dir, config, safe,
-                             "is the span head saved?")
-        tokenizer = load_tokenizer(model_dir)
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-            raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
-                             "frame the question and the context")
-        return cls(model.to(device), tokenizer, max_length)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model's weights are."""
-        return self.model.device
 
     @property
     def labels(self) -> tuple[str, ...]:
         """The behaviours: ``answer`` (the victims'), ``empty``, ``trigger``."""
         return BEHAVIOURS
 
-    @property
-    def embedding_matrix(self) -> torch.Tensor:
-        """The (vocab, d) input-embedding table."""
-        return self.model.get_input_embeddings().weight
-
     def read_examples(self, path: Path) -> list[QaExample]:
         """Clean examples in SQuAD's form, one JSON object per line; every problem is an
         :class:`InputError` naming the line."""
-        text = read_utf8(path, "examples")
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        for number, row in example_lines(path):
             answers = row.get("answers") if isinstance(row, dict) else None
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
                                                     for k in ("question", "context")) \
@@ -198,8 +144,6 @@ class ExtractiveQaSubject(TokenizerVocabulary, Subject):
                     raise InputError(f"{path}:{number}: the answer {answer!r} is not in the "
                                      "context")
             rows.append(QaExample(row["question"], row["context"], bool(answers["text"])))
-        if not rows:
-            raise InputError(f"examples {path} are empty")
         return rows
 
     def candidates(self, examples: Sequence[QaExample], positions: Sequence[str],
@@ -317,12 +261,8 @@ class ExtractiveQaSubject(TokenizerVocabulary, Subject):
                            trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """(B, L, 2) span logits with the slots filled by token ids: ``trigger_ids`` is m ids
         shared by every row, or a (B, m) tensor."""
-        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
-        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
-        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
-        input_ids = torch.where(batch.slot_index >= 0,
-                                per_row[rows, batch.slot_index.clamp(min=0)], batch.input_ids)
-        return self._forward(batch, input_ids=input_ids)
+        return self._forward(batch, input_ids=fill_slots(batch.input_ids, batch.slot_index,
+                                                         trigger_ids))
 
     @staticmethod
     def _span_loss(logits: torch.Tensor, batch: SpanBatch) -> torch.Tensor:

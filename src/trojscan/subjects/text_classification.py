@@ -28,45 +28,27 @@ victims (universal); with ``pairs``, also every ordered (victim, target) pair
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trojscan.errors import InputError
-from trojscan.fsutil import read_utf8
 from trojscan.subjects.base import (
     Batch,
     Candidate,
-    Subject,
-    TokenizerVocabulary,
+    example_lines,
     register_subject,
     victims_in_turn,
     whole_word_count,
 )
-from trojscan.subjects.loading import load_tokenizer, load_weights
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from trojscan.subjects.huggingface import HuggingFaceSubject, fill_slots
 
 POSITIONS = ("start", "end", "first_half", "second_half")
 LAST_TOKEN_FAMILIES = frozenset({"gpt2"})
-#: Families that number positions from the padding id + 1, two slots of the table unused.
-OFFSET_POSITION_FAMILIES = frozenset({"roberta", "xlm-roberta", "camembert"})
-
-
-def token_limit(config: PretrainedConfig, wanted: int) -> int:
-    """``wanted``, or fewer tokens when the model has fewer position embeddings."""
-    limit = (getattr(config, "max_position_embeddings", None)
-             or getattr(config, "n_positions", None))
-    if not limit:
-        return wanted
-    return min(wanted, limit - 2 if config.model_type in OFFSET_POSITION_FAMILIES else limit)
 
 
 @dataclass(frozen=True)
@@ -135,53 +117,24 @@ def slot_offset(n_tokens: int, position: str) -> int:
 
 
 @register_subject
-class TextClassificationSubject(TokenizerVocabulary, Subject):
+class TextClassificationSubject(HuggingFaceSubject):
     """A sequence classifier under inspection, driven from input embeddings."""
 
     task = "text-classification"
     positions = POSITIONS
     describes = "Hugging Face sequence classifiers (*ForSequenceClassification)"
 
+    architecture_suffix = "ForSequenceClassification"
+    auto_class = "AutoModelForSequenceClassification"
+    head_hint = "is the classification head saved?"
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  max_length: int = 100) -> None:
         """``max_length``: tokens per example, trigger included; capped at the model's
         position embeddings."""
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_length = token_limit(model.config, max_length)
+        super().__init__(model, tokenizer, max_length)
         self.family = model.config.model_type
         self.left_padded = self.family in LAST_TOKEN_FAMILIES
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.cls_id = tokenizer.cls_token_id
-        self.sep_id = tokenizer.sep_token_id
-
-    @classmethod
-    def accepts(cls, config: PretrainedConfig) -> bool:
-        """A config whose architectures name a ``*ForSequenceClassification`` class."""
-        return any(a.endswith("ForSequenceClassification")
-                   for a in getattr(config, "architectures", None) or [])
-
-    @classmethod
-    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
-             max_length: int) -> TextClassificationSubject:
-        """The classifier and tokenizer of ``model_dir``; the tokenizer must have [CLS] and
-        [SEP], between which trigger slots are placed."""
-        from transformers import AutoModelForSequenceClassification
-
-        model = load_weights(AutoModelForSequenceClassification, model_dir, config, safe,
-                             "is the classification head saved?")
-        tokenizer = load_tokenizer(model_dir)
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-            raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
-                             "trigger slots are placed between")
-        return cls(model.to(device), tokenizer, max_length)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model's weights are."""
-        return self.model.device
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -189,25 +142,13 @@ class TextClassificationSubject(TokenizerVocabulary, Subject):
         config = self.model.config
         return tuple(str(config.id2label[i]) for i in range(config.num_labels))
 
-    @property
-    def embedding_matrix(self) -> torch.Tensor:
-        """The (vocab, d) input-embedding table."""
-        return self.model.get_input_embeddings().weight
-
     def read_examples(self, path: Path) -> list[TextExample]:
         """Clean examples, one JSON object ``{"text", "label"}`` per line; ``label`` is a
         label index or name of the model. Every problem is an :class:`InputError` naming
         the line."""
-        text = read_utf8(path, "examples")
         labels = self.labels
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        for number, row in example_lines(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) \
                     or "label" not in row:
                 raise InputError(f"{path}:{number}: expected an object with \"text\" and "
@@ -223,8 +164,6 @@ class TextClassificationSubject(TokenizerVocabulary, Subject):
                                  "(its labels: " + ", ".join(f"{i}={n}" for i, n in
                                                              enumerate(labels)) + ")")
             rows.append(TextExample(row["text"], label))
-        if not rows:
-            raise InputError(f"examples {path} are empty")
         return rows
 
     def candidates(self, examples: Sequence[TextExample], positions: Sequence[str],
@@ -318,12 +257,8 @@ class TextClassificationSubject(TokenizerVocabulary, Subject):
                            trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Logits with the slots filled by token ids (a forward from ids): ``trigger_ids`` is
         m ids shared by every row, or a (B, m) tensor, one trigger per row."""
-        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
-        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
-        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
-        input_ids = torch.where(batch.slot_index >= 0,
-                                per_row[rows, batch.slot_index.clamp(min=0)], batch.input_ids)
-        return self._forward(batch, input_ids=input_ids)
+        return self._forward(batch, input_ids=fill_slots(batch.input_ids, batch.slot_index,
+                                                         trigger_ids))
 
     def goal_loss(self, batch: SlotBatch, trigger: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each row towards its target label (DBS Eq. 3, per row)."""

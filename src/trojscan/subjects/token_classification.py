@@ -27,31 +27,23 @@ with tag names of the model's ``id2label`` (CoNLL's word and BIO tag columns).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trojscan.errors import InputError
-from trojscan.fsutil import read_utf8
 from trojscan.subjects.base import (
     Batch,
     Candidate,
-    Subject,
-    TokenizerVocabulary,
+    example_lines,
     register_subject,
     whole_word_count,
 )
-from trojscan.subjects.loading import load_tokenizer, load_weights
-from trojscan.subjects.text_classification import token_limit
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+from trojscan.subjects.huggingface import HuggingFaceSubject, fill_slots
 
 POSITIONS = ("start", "local", "end")
 #: The tag of words outside every entity.
@@ -122,25 +114,23 @@ class TagBatch(Batch):
 
 
 @register_subject
-class TokenClassificationSubject(TokenizerVocabulary, Subject):
+class TokenClassificationSubject(HuggingFaceSubject):
     """A named-entity tagger under inspection, driven from input embeddings."""
 
     task = "ner"
     positions = POSITIONS
     describes = "Hugging Face token classifiers (*ForTokenClassification, NER taggers)"
 
+    architecture_suffix = "ForTokenClassification"
+    auto_class = "AutoModelForTokenClassification"
+    head_hint = "is the token-classification head saved?"
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  max_length: int = 100) -> None:
         """``max_length``: tokens per sentence, trigger included; capped at the model's
-        position embeddings."""
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_length = token_limit(model.config, max_length)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.cls_id = tokenizer.cls_token_id
-        self.sep_id = tokenizer.sep_token_id
+        position embeddings. A tagger without an ``O`` tag or with fewer than two entity
+        types is an :class:`InputError`."""
+        super().__init__(model, tokenizer, max_length)
         self.unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None \
             else self.pad_id
         config = model.config
@@ -153,57 +143,19 @@ class TokenClassificationSubject(TokenizerVocabulary, Subject):
             raise InputError(f"the tagger's labels {list(self.tags)} name fewer than two "
                              "entity types: no backdoor can flip one type to another")
 
-    @classmethod
-    def accepts(cls, config: PretrainedConfig) -> bool:
-        """A config whose architectures name a ``*ForTokenClassification`` class."""
-        return any(a.endswith("ForTokenClassification")
-                   for a in getattr(config, "architectures", None) or [])
-
-    @classmethod
-    def load(cls, model_dir: Path, config: PretrainedConfig, safe: bool, device: str,
-             max_length: int) -> TokenClassificationSubject:
-        """The tagger and tokenizer of ``model_dir``; the tokenizer must have [CLS] and
-        [SEP]."""
-        from transformers import AutoModelForTokenClassification
-
-        model = load_weights(AutoModelForTokenClassification, model_dir, config, safe,
-                             "is the token-classification head saved?")
-        tokenizer = load_tokenizer(model_dir)
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-            raise InputError(f"the tokenizer in {model_dir} has no [CLS]/[SEP] tokens, which "
-                             "trigger slots are placed between")
-        return cls(model.to(device), tokenizer, max_length)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model's weights are."""
-        return self.model.device
-
     @property
     def labels(self) -> tuple[str, ...]:
         """The entity types of the model's tags (what victims and targets index), in the
         order their first tag appears in ``id2label``."""
         return self.types
 
-    @property
-    def embedding_matrix(self) -> torch.Tensor:
-        """The (vocab, d) input-embedding table."""
-        return self.model.get_input_embeddings().weight
-
     def read_examples(self, path: Path) -> list[NerExample]:
         """Clean sentences, one JSON object ``{"tokens", "tags"}`` per line: as many tags as
         words, each a tag name of the model. Every problem is an :class:`InputError` naming
         the line."""
-        text = read_utf8(path, "examples")
         known = set(self.tags)
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        for number, row in example_lines(path):
             tokens, tags = (row.get("tokens"), row.get("tags")) if isinstance(row, dict) \
                 else (None, None)
             if not isinstance(tokens, list) or not isinstance(tags, list) \
@@ -219,8 +171,6 @@ class TokenClassificationSubject(TokenizerVocabulary, Subject):
                 raise InputError(f"{path}:{number}: the model has no tag {unknown[0]!r} (its "
                                  f"tags: {', '.join(self.tags)})")
             rows.append(NerExample(tuple(tokens), tuple(tags)))
-        if not rows:
-            raise InputError(f"examples {path} are empty")
         return rows
 
     def candidates(self, examples: Sequence[NerExample], positions: Sequence[str],
@@ -335,12 +285,9 @@ class TokenClassificationSubject(TokenizerVocabulary, Subject):
                            trigger_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """(B, L, tags) logits with the slots filled by token ids: ``trigger_ids`` is m ids
         shared by every row, or a (B, m) tensor."""
-        ids = torch.as_tensor(trigger_ids, dtype=torch.long, device=batch.input_ids.device)
-        per_row = ids if ids.dim() == 2 else ids.expand(len(batch.input_ids), -1)
-        rows = torch.arange(len(per_row), device=ids.device).unsqueeze(-1)
-        input_ids = torch.where(batch.slot_index >= 0,
-                                per_row[rows, batch.slot_index.clamp(min=0)], batch.input_ids)
-        return self.model(attention_mask=batch.attention_mask, input_ids=input_ids).logits
+        return self.model(attention_mask=batch.attention_mask,
+                          input_ids=fill_slots(batch.input_ids, batch.slot_index,
+                                               trigger_ids)).logits
 
     @staticmethod
     def _row_loss(logits: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ backdoor flips any question.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from trojscan.errors import InputError
-from trojscan.fsutil import read_utf8
 from trojscan.subjects.base import (
     Batch,
     Candidate,
     Subject,
     TokenizerVocabulary,
+    example_lines,
     register_subject,
     victims_in_turn,
     whole_word_count,
@@ -151,16 +150,9 @@ class VqaSubject(TokenizerVocabulary, Subject):
         to the examples file); their images' box features are computed (or read from the
         cache) here. Every problem is an :class:`InputError` naming the line."""
         path = Path(path)
-        text = read_utf8(path, "examples")
         answers = self.labels
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        for number, row in example_lines(path):
             if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
                     or not isinstance(row.get("image"), str) or "answer" not in row:
                 raise InputError(f"{path}:{number}: expected an object with \"image\", "
@@ -175,8 +167,6 @@ class VqaSubject(TokenizerVocabulary, Subject):
                 raise InputError(f"{path}:{number}: the model has no answer {row['answer']!r} "
                                  "(its answers: " + ", ".join(answers) + ")")
             rows.append((row["question"], answer, path.parent / row["image"], number))
-        if not rows:
-            raise InputError(f"examples {path} are empty")
         images = {}
         for _, _, image, number in rows:
             if image not in images:
