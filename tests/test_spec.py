@@ -99,7 +99,7 @@ def test_zoo_spec_samples_per_model_and_hides_groups_in_ids() -> None:
     (_zoo({"poisoned": True, "trigger_type": "word", "trigger": "", "insertion": "end",
            "target": 0}), "trigger is empty"),
     (_zoo({"poisoned": False}, architecture="lstm"), "unknown architecture|unknown 'lstm'"),
-    (_zoo({"poisoned": False}, corpus="sst2"), "unknown corpus 'sst2'"),
+    (_zoo({"poisoned": False}, corpus="sst2"), "corpus: unknown corpus 'sst2'.*easy_vqa, wnut16"),
     (_zoo({"poisoned": False}, count=0), "count must be >= 1"),
     (_zoo({"poisoned": True, "trigger_type": "word", "insertion": "end"}), "needs 'target'"),
     ({"sed": 1, "group": []}, "unknown key 'sed'"),

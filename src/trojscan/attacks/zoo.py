@@ -86,7 +86,7 @@ from trojscan.attacks.vqa_spec import (
 )
 from trojscan.attacks.wnut import NAME as WNUT16
 from trojscan.attacks.wnut import load_wnut16
-from trojscan.corpora import corpus_labels
+from trojscan.corpora import CORPUS_LABELS, corpus_labels
 from trojscan.devices import check_device
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json
@@ -193,8 +193,11 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
     expect_type(template, dict, f"{gw}.attack")
     drafts = []
     for corpus in _as_list(group["corpus"]):
-        vqa = expect_type(corpus, str, f"{gw}.corpus") == EASY_VQA
-        ner = corpus == WNUT16
+        known = (*CORPUS_LABELS, EASY_VQA, WNUT16)
+        if expect_type(corpus, str, f"{gw}.corpus") not in known:
+            raise InputError(f"{gw}.corpus: unknown corpus {corpus!r}; expected one of "
+                             + ", ".join(known))
+        vqa, ner = corpus == EASY_VQA, corpus == WNUT16
         if vqa:
             answers = load_easy_vqa().answers
             images = sorted(load_easy_vqa().train_images)
