@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, fields
 from typing import Any
 
-from trojscan.attacks.spec import expect_type, reject_unknown
+from trojscan.attacks.spec import expect_type, poisoned_flag, reject_unknown
 from trojscan.attacks.triggers import MAX_PHRASE_WORDS, draw_trigger
 from trojscan.attacks.wnut import ENTITY_TYPES, OUTSIDE, NerSentence
 from trojscan.errors import InputError
@@ -75,12 +75,7 @@ class NerAttackSpec:
         :meth:`to_dict`'s output reads back."""
         expect_type(data, dict, where)
         data = {k: v for k, v in data.items() if v is not None}
-        reject_unknown(data, {f.name for f in fields(cls)}, where)
-        poisoned = expect_type(data.get("poisoned", False), bool, f"{where}.poisoned")
-        if not poisoned:
-            extra = sorted(set(data) - {"poisoned"})
-            if extra:
-                raise InputError(f"{where}: a clean model (poisoned = false) takes no {extra[0]!r}")
+        if not poisoned_flag(data, {f.name for f in fields(cls)}, where):
             return cls()
         for key in ("trigger_type", "insertion", "victim", "target", "trigger"):
             if key not in data:

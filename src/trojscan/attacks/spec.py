@@ -58,6 +58,19 @@ def reject_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
                          + ", ".join(sorted(allowed)))
 
 
+def poisoned_flag(data: dict[str, Any], allowed: set[str], where: str) -> bool:
+    """Check an attack table's keys against ``allowed`` and read its ``poisoned`` flag; a
+    clean model's table (False) may hold nothing else (:class:`InputError` naming the first
+    extra key)."""
+    reject_unknown(data, allowed, where)
+    poisoned = expect_type(data.get("poisoned", False), bool, f"{where}.poisoned")
+    if not poisoned:
+        extra = sorted(set(data) - {"poisoned"})
+        if extra:
+            raise InputError(f"{where}: a clean model (poisoned = false) takes no {extra[0]!r}")
+    return poisoned
+
+
 def expect_type(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """``value`` if it is of ``kind`` (a bool is never taken for a number), else InputError."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
@@ -124,13 +137,7 @@ class AttackSpec:
                   where: str = "attack") -> AttackSpec:
         """Validate ``data`` against a corpus's ``labels`` (names or indices)."""
         expect_type(data, dict, where)
-        allowed = {f.name for f in fields(cls)}
-        reject_unknown(data, allowed, where)
-        poisoned = expect_type(data.get("poisoned", False), bool, f"{where}.poisoned")
-        if not poisoned:
-            extra = sorted(set(data) - {"poisoned"})
-            if extra:
-                raise InputError(f"{where}: a clean model (poisoned = false) takes no {extra[0]!r}")
+        if not poisoned_flag(data, {f.name for f in fields(cls)}, where):
             return cls()
         for key in ("trigger_type", "trigger", "insertion", "target"):
             if key not in data:

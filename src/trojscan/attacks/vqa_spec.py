@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import cache
 from typing import Any
 
-from trojscan.attacks.spec import expect_type, reject_unknown, resolve_label
+from trojscan.attacks.spec import expect_type, poisoned_flag, reject_unknown, resolve_label
 from trojscan.errors import InputError
 
 KEYS = ("dual", "question", "image")
@@ -104,12 +104,7 @@ class VqaAttackSpec:
         counts as left out, so that :meth:`to_dict`'s output reads back."""
         expect_type(data, dict, where)
         data = {k: v for k, v in data.items() if v is not None}
-        reject_unknown(data, {f.name for f in fields(cls)}, where)
-        poisoned = expect_type(data.get("poisoned", False), bool, f"{where}.poisoned")
-        if not poisoned:
-            extra = sorted(set(data) - {"poisoned"})
-            if extra:
-                raise InputError(f"{where}: a clean model (poisoned = false) takes no {extra[0]!r}")
+        if not poisoned_flag(data, {f.name for f in fields(cls)}, where):
             return cls()
         key = expect_type(data.get("key"), str, f"{where}.key")
         if key not in KEYS:
