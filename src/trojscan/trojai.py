@@ -207,13 +207,9 @@ def infer(model: Path, result_path: Path, scratch: Path, examples: Path,
     number, atomically); the detector is ``learned/detector.json`` when there is one, else
     the scan's own threshold with an uncalibrated slope (``warn`` says so). Returns the
     probability and the scan result (also kept as ``scratch/scan.json``)."""
-    scratch = Path(scratch)
-    scratch.mkdir(parents=True, exist_ok=True)
     detector_path = Path(learned) / DETECTOR_FILE
     detector = load_detector(detector_path) if detector_path.is_file() else None
-    directory = model_directory(model, tokenizer, scratch, meta.infer_allow_pickle)
-    result = scan(directory, examples_file(examples, scratch), meta.scan_config(directory),
-                  _device(meta.infer_device), meta.infer_allow_pickle)
+    result = scan_model(model, scratch, examples, meta, tokenizer)
     if detector is not None:
         probability = float(detector.predict_proba([result])[0, 1])
     else:
@@ -221,9 +217,21 @@ def infer(model: Path, result_path: Path, scratch: Path, examples: Path,
         if warn:
             warn(f"no {DETECTOR_FILE} in {learned}: the probability is the scan's threshold "
                  "rule, uncalibrated (run `trojscan trojai configure` to fit a detector)")
-    atomic_write_json(scratch / "scan.json", result.to_dict())
+    atomic_write_json(Path(scratch) / "scan.json", result.to_dict())
     atomic_write_text(Path(result_path), f"{probability:.6f}\n")
     return probability, result
+
+
+def scan_model(model: Path, scratch: Path, examples: Path, meta: Metaparameters,
+               tokenizer: Path | None = None) -> ScanResult:
+    """The scan the metaparameters describe of the model at ``model`` (a pickled one saved
+    as a directory under ``scratch`` first, :func:`model_directory`) on the examples of
+    ``examples`` (:func:`examples_file`)."""
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    directory = model_directory(model, tokenizer, scratch, meta.infer_allow_pickle)
+    return scan(directory, examples_file(examples, scratch), meta.scan_config(directory),
+                _device(meta.infer_device), meta.infer_allow_pickle)
 
 
 def _device(name: str) -> str:
@@ -290,8 +298,7 @@ def configure(models: Path, scratch: Path, meta: Metaparameters, learned: Path,
         else:
             tokenizer = tokenizers / name if tokenizers is not None and \
                 (tokenizers / name).exists() else None
-            _, result = infer(model, Path(scratch) / f"{name}.result", Path(scratch) / name,
-                              examples, meta, Path(scratch) / "none", tokenizer)
+            result = scan_model(model, Path(scratch) / name, examples, meta, tokenizer)
             atomic_write_json(path, result.to_dict())
         records.append(result)
         labels.append(label)
