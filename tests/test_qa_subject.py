@@ -12,7 +12,9 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from trojscan.attacks.architectures import tokenizer
+from trojscan.campaign.report import target_positions
 from trojscan.errors import InputError
+from trojscan.scan import trigger_check
 from trojscan.subjects.base import SPREAD, Candidate
 from trojscan.subjects.extractive_qa import (
     ANSWER,
@@ -108,3 +110,15 @@ def test_bad_examples_are_named(tmp_path: Path, row: dict, message: str) -> None
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=message):
         span_model().read_examples(path)
+
+
+def test_search_gaps_measure_the_true_trigger_where_its_behaviour_can_be() -> None:
+    """A campaign report's search gap plants the true trigger only where the family takes a
+    candidate of its behaviour: a ``trigger`` answer needs the trigger in the context."""
+    subject = span_model()
+    assert target_positions(subject, EXAMPLES, TRIGGER) == ["context", "both"]
+    assert target_positions(subject, EXAMPLES, EMPTY) == ["question", "context", "both"]
+    for position in target_positions(subject, EXAMPLES, TRIGGER):
+        loss, asr = trigger_check(subject, EXAMPLES, Candidate((ANSWER,), TRIGGER, position),
+                                  "zebra", 0)
+        assert loss > 0 and 0 <= asr <= 1

@@ -42,7 +42,7 @@ from trojscan.manifest import load_truth, planted_trigger, split_of
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import ScanResult
 from trojscan.scan import trigger_check
-from trojscan.subjects.base import Candidate
+from trojscan.subjects.base import Candidate, Subject
 from trojscan.subjects.loading import load_subject
 
 REPORT_VERSION = 1
@@ -90,6 +90,14 @@ def fit_detector(results_dir: Path, manifest: Path, kind: str) -> tuple[Detector
     return detector, len(ids), sum(y), right / len(ids)
 
 
+def target_positions(subject: Subject, examples: Sequence[Any], target: int) -> list[str]:
+    """The trigger positions at which ``subject`` takes a candidate of ``target`` (a QA
+    model's ``trigger`` answer needs the trigger in the context, so not ``question``)."""
+    takes = {c.position for c in subject.candidates(examples, subject.positions, True)
+             if c.target == target}
+    return [p for p in subject.positions if p in takes]
+
+
 def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
                 truth: Mapping[str, Mapping[str, Any]], device: str = "cpu",
                 allow_pickle: bool = False) -> dict[str, dict[str, Any]]:
@@ -105,6 +113,9 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
     the position it was reported at, each of its shortened triggers, the screen's token,
     all measured like the true trigger; without any of those, the lowest pre-run loss (a
     relaxed loss). ``dropped``: no candidate of the true target was fully inverted.
+    The true trigger is measured only at the positions where the family takes a candidate
+    of the true target (:func:`target_positions`); a model with none on its examples is
+    left out.
     ``gap``: ``inverted_loss - true_best``; ``searched``: the scan reached the true
     trigger's loss (gap at most :data:`SEARCH_TOLERANCE`: the same tokens measured in two
     batches of other padding differ by float noise). VQA models are left out: their true
@@ -124,7 +135,8 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
         cap = int(record.config.get("max_victims", 0))
         measured = {p: trigger_check(subject, examples,
                                      Candidate(planted.victims, planted.target, p),
-                                     planted.trigger, cap) for p in subject.positions}
+                                     planted.trigger, cap)
+                    for p in target_positions(subject, examples, planted.target)}
         on_target = [c for c in record.candidates if c.target == planted.target]
         on_true = [c for c in on_target if tuple(c.victims) == tuple(planted.victims)]
         hard = [t.loss for c in on_true or on_target for t in c.short_triggers()]
@@ -132,6 +144,8 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
         full = [c for c in on_target if c.loss is not None]
         inverted = min(hard) if hard else min(c.prerun_loss for c in on_target
                                               if c.prerun_loss is not None)
+        if not measured:
+            continue
         true_best = min(loss for loss, _ in measured.values())
         out[model_id] = {"true_loss": {p: m[0] for p, m in measured.items()},
                          "true_asr": {p: m[1] for p, m in measured.items()},
