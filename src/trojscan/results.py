@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_text, read_json
+from trojscan.modeldir import weights_sha256
 
 RESULT_VERSION = 3
 #: Format versions this trojscan reads.
@@ -218,6 +219,14 @@ class SynthesisedPatch:
     seconds: float
     path: str | None = None
 
+    def png(self) -> bytes:
+        """The patch encoded as PNG."""
+        import torch
+
+        from trojscan.vqa.images import png_bytes
+
+        return png_bytes(torch.tensor(self.pixels, dtype=torch.uint8))
+
 
 @dataclass
 class DetectorVerdict:
@@ -307,6 +316,14 @@ class ScanResult:
                  for s in c.short_triggers()
                  if s.length == length]
         return min(found, key=lambda pair: pair[1].loss, default=None)
+
+    def check_model(self, model_dir: Path) -> None:
+        """Raise :class:`InputError` unless the weights in ``model_dir`` are those of the
+        model this result is of (a version 1 result, which names no model, passes)."""
+        if self.model is not None and self.model.weights_sha256 != weights_sha256(model_dir):
+            raise InputError(f"the scan result is of another model ({self.model.path}, "
+                             f"weights SHA-256 {self.model.weights_sha256[:12]}...), not of "
+                             f"{model_dir}")
 
     @property
     def normalised_score(self) -> float:
