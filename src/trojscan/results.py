@@ -5,8 +5,9 @@ model, what detectors, reports and repair read. It serialises to JSON with
 :meth:`ScanResult.to_dict` (fields that are None are left out) and is read back, validated,
 with :meth:`ScanResult.from_dict` / :func:`read_result`; a result of format version 1 (before
 results named their model) still reads. The JSON Schema of the format is generated from the
-dataclasses (:func:`json_schema`) and published in ``schemas/scan-result.schema.json``;
-``python -m trojscan.results`` prints it.
+dataclasses (:func:`json_schema`) and published with the package in
+``trojscan/schemas/scan-result.schema.json`` (``trojscan schema scan`` prints it;
+``python -m trojscan.results`` prints the generated one).
 
 Format history: version 1 (trojscan 0.1.0); version 2 adds ``task`` and ``model`` (the
 model directory and a SHA-256 of its weights); version 3 adds VQA scans: the feature
