@@ -40,7 +40,8 @@ def svg(figure: Figure) -> Markup:
 
     buffer = io.StringIO()
     with rc_context({"svg.fonttype": "none"}):
-        figure.savefig(buffer, format="svg")
+        figure.savefig(buffer, format="svg",
+                       metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return Markup(text[text.index("<svg"):])
 

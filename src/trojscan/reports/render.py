@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_text
@@ -37,7 +38,7 @@ def environment() -> Environment:
     env = Environment(loader=PackageLoader("trojscan.reports", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = num
-    env.globals["csp"] = CSP
+    env.globals["csp"] = Markup(CSP)
     return env
 
 

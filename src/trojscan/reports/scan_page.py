@@ -79,7 +79,7 @@ def _images(result: ScanResult, evidence: Evidence | None) -> list[tuple[str, st
     return images
 
 
-def scan_page(result: ScanResult, evidence: Evidence | None = None, title: str | None = None,
+def scan_page(result: ScanResult, evidence: Evidence | None = None,
               back: str | None = None) -> str:
     """The HTML page of ``result``; ``evidence`` from :func:`gather_evidence` adds the
     examples (and a VQA model's clean image); ``back`` links to a campaign page."""
