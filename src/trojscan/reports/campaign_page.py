@@ -26,13 +26,15 @@ def is_miss(row: Mapping[str, Any]) -> bool:
 
 
 def campaign_page(report: Mapping[str, Any]) -> str:
-    """The HTML page of a campaign report (:func:`trojscan.campaign.report.evaluate`), each
-    model's row linking to ``models/ID.html``."""
+    """The HTML page of a campaign report (:func:`trojscan.campaign.report.evaluate`): the
+    headline metrics, the ROC, the models (misses first, each row linking to
+    ``models/ID.html``), then the breakdowns."""
     rows = sorted(report["per_model"], key=lambda row: not is_miss(row))
     models = [{"href": f"{MODELS_DIR}/{row['model_id']}.html", "miss": is_miss(row),
                "cells": [row[c] for c in MODEL_COLUMNS]} for row in rows]
+    headline, *tables = summary_tables(report)
     return render("campaign.html.j2", title="Campaign report", report=report,
-                  tables=summary_tables(report), roc_svg=roc_chart(report),
+                  headline=headline, tables=tables, roc_svg=roc_chart(report),
                   misses=sum(m["miss"] for m in models), models=models,
                   model_header=MODEL_COLUMNS,
                   failed=[(f["model_id"], f["error"]) for f in report["failed"]])

@@ -29,12 +29,13 @@ SHOWN_EXAMPLES = 5
 
 @dataclass
 class Evidence:
-    """What a page shows from the model itself: its victims with and without the trigger
+    """What a page shows from the model itself: its victims with and without ``trigger``
     (``shown``, from the examples file ``examples_from``) and, for a VQA model, a clean
     image of a victim (``clean_image``, ``uint8 [3, H, W]``)."""
 
     shown: list[Shown]
     examples_from: str
+    trigger: str
     clean_image: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -43,7 +44,8 @@ def gather_evidence(result: ScanResult, model_dir: Path, examples: Path | None =
                     limit: int = SHOWN_EXAMPLES) -> Evidence:
     """Run the model of ``model_dir`` (which must be the one ``result`` is of) on up to
     ``limit`` victims of the best candidate from ``examples`` (default: the directory's
-    clean examples), without and with the inverted trigger (:meth:`Subject.show`)."""
+    clean examples), without and with the trigger the verdict rests on (the short trigger,
+    else the full inverted one; :meth:`Subject.show`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"model directory {model_dir} does not exist")
@@ -57,11 +59,15 @@ def gather_evidence(result: ScanResult, model_dir: Path, examples: Path | None =
     rows = subject.read_examples(path)
     best = result.best
     candidate = Candidate(tuple(best.victims), best.target, best.position)
-    shown = subject.show(rows, candidate, best.trigger_ids, limit, best.feature_trigger)
+    short = result.short_trigger
+    trigger = short.trigger_ids if short else best.trigger_ids
+    shown = subject.show(rows, candidate, trigger, limit, best.feature_trigger)
     image = None
     if isinstance(subject, VqaSubject) and (victims := subject.victims(rows, candidate, 1)):
         image = read_image(victims[0].image)
-    return Evidence(shown, str(path), image)
+    text = f"the {short.length}-token trigger {short.trigger_text!r} the verdict rests on" \
+        if short else f"the inverted trigger {best.trigger_text!r}"
+    return Evidence(shown, str(path), text, image)
 
 
 def _images(result: ScanResult, evidence: Evidence | None) -> list[tuple[str, str]]:
@@ -103,6 +109,7 @@ def scan_page(result: ScanResult, evidence: Evidence | None = None,
         "scan.html.j2", title=f"Scan report: {name}" if name else "Scan report", r=result,
         back=back, shown=evidence.shown if evidence else [], shown_note=shown_note,
         examples_from=evidence.examples_from if evidence else "",
+        trigger=evidence.trigger if evidence else "",
         images=_images(result, evidence), candidates=candidates,
         loss_svg=loss_chart(result.candidates, result.labels, best_row),
         trajectory_svg=trajectory_chart(result.trajectory),
