@@ -95,11 +95,20 @@ class _DevTools:
                 return answer.get("result", {})
             self.events.append(answer)
 
-    def wait_for(self, method: str) -> None:
-        """Wait for an event ``method`` (seen already, or to come)."""
+    def evaluate(self, session: str, expression: str) -> Any:
+        """The value of a JavaScript ``expression`` in the page."""
+        return self.send("Runtime.evaluate", session, expression=expression,
+                         returnByValue=True)["result"].get("value")
+
+    def wait_loaded(self, session: str, url: str) -> None:
+        """Wait until the page shows ``url``, completely loaded (the blank page the tab
+        opened with may fire load events of its own, so events alone do not tell)."""
         deadline = time.monotonic() + TIMEOUT
-        while not any(e.get("method") == method for e in self.events):
-            self.events.append(self._message(deadline))
+        check = "document.readyState === 'complete' ? location.href : ''"
+        while self.evaluate(session, check) != url:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not load in time")
+            time.sleep(0.1)
 
 
 def load(page: Path, screenshot: Path) -> Loaded:
@@ -135,15 +144,14 @@ def load(page: Path, screenshot: Path) -> Loaded:
                 tools.send(f"{domain}.enable", session)
             url = Path(page).resolve().as_uri()
             tools.send("Page.navigate", session, url=url)
-            tools.wait_for("Page.loadEventFired")
+            tools.wait_loaded(session, url)
             time.sleep(0.5)  # late console messages and requests
             size = tools.send("Page.getLayoutMetrics", session)["cssContentSize"]
             shot = tools.send("Page.captureScreenshot", session, format="png",
                               captureBeyondViewport=True,
                               clip={"x": 0, "y": 0, "width": size["width"],
                                     "height": size["height"], "scale": 1})
-            dom = json.loads(tools.send("Runtime.evaluate", session, expression=DOM_QUERY,
-                                        returnByValue=True)["result"]["value"])
+            dom = json.loads(tools.evaluate(session, DOM_QUERY))
             tools.send("Browser.close")
         finally:
             if process.poll() is None:

@@ -14,13 +14,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import browser
 from test_report import MANIFEST, RECORDS
 from testkit import TINY_SCAN, RunCli, scan_result
 from trojscan.reports.render import CSP
-from trojscan.reports.scan_page import scan_page
-from trojscan.results import read_result, write_result
+from trojscan.reports.scan_page import Evidence, scan_page
+from trojscan.results import SynthesisedPatch, read_result, write_result
 from trojscan.scan import scan
 
 SCAN_HEADINGS = ["Verdict", "Inverted trigger", "Examples with and without the trigger",
@@ -98,6 +99,25 @@ def test_campaign_page_links_every_model_misses_first(run_cli: RunCli, tmp_path:
     model = _load(folder / "models" / "pois-1.html", tmp_path).dom
     assert model["h1"] == ["Scan report: pois-1"] and model["links"] == ["../report.html"]
     assert (folder / "models" / "stray.html").exists()  # scanned, not in the manifest
+
+
+@pytest.mark.usefixtures("chromium")
+def test_a_vqa_scan_shows_its_patch_beside_a_clean_image(tmp_path: Path) -> None:
+    pixels = torch.full((3, 8, 8), 255, dtype=torch.uint8)
+    pixels[1] = 0  # magenta
+    patch = SynthesisedPatch(pixels=pixels.tolist(), size=8, x=4, y=20, feature_loss=0.1,
+                             steps=10, asr=0.9, asr_patch_only=0.1, asr_text_only=0.2,
+                             questions=12, held_out=True, seconds=1.0)
+    result = replace(scan_result(0.01), task="visual-question-answering", patch=patch)
+    evidence = Evidence([], "examples.jsonl", "the trigger", torch.zeros(3, 64, 64,
+                                                                        dtype=torch.uint8))
+    page = tmp_path / "vqa.html"
+    page.write_text(scan_page(result, evidence))
+    dom = _load(page, tmp_path).dom
+    assert "Synthesised patch" in dom["h2"]
+    assert [i["src"] for i in dom["images"]] == ["data:image/png;base64,"] * 3
+    assert all(i["loaded"] for i in dom["images"])
+    assert "0.900 with the text trigger" in dom["text"]
 
 
 def test_pages_forbid_outside_requests_and_escape_what_they_show() -> None:
