@@ -17,7 +17,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from trojscan.errors import InputError
-from trojscan.fsutil import atomic_write_bytes
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -41,12 +40,15 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 
 def write_image(image: torch.Tensor, path: Path) -> None:
-    """Write a ``uint8 [3, H, W]`` image as PNG, atomically
-    (:func:`~trojscan.fsutil.atomic_write_bytes`); a failure is an :class:`InputError`
-    naming the file."""
+    """Write a ``uint8 [3, H, W]`` image as PNG, atomically (a temporary file beside it,
+    then renamed); a failure is an :class:`InputError` naming the file."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.part")
     try:
-        atomic_write_bytes(Path(path), png_bytes(image))
+        part.write_bytes(png_bytes(image))
+        part.replace(path)
     except OSError as exc:
+        part.unlink(missing_ok=True)
         raise InputError(f"cannot write the image {path}: {exc.strerror or exc}") from exc
 
 
