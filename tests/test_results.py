@@ -21,15 +21,14 @@ from trojscan.results import (
     write_result,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "schemas" / "scan-result.schema.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "src/trojscan/schemas/scan-result.schema.json"
 V1 = Path(__file__).parent / "data" / "scan-result-v1.json"
 
 
 def test_the_published_schema_is_the_generated_one() -> None:
     assert json.loads(SCHEMA.read_text()) == json_schema(), (
-        "schemas/scan-result.schema.json is stale: regenerate it with "
-        "`python -m trojscan.results > schemas/scan-result.schema.json`")
+        "src/trojscan/schemas/scan-result.schema.json is stale: regenerate it with "
+        "`python -m trojscan.results > src/trojscan/schemas/scan-result.schema.json`")
 
 
 def test_a_version_1_result_still_reads_and_validates() -> None:

@@ -49,7 +49,7 @@ from trojscan.finetune import (
 from trojscan.fsutil import atomic_write_json, check_writable
 from trojscan.insertion import INSERTIONS, insert_trigger
 from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
-from trojscan.modeldir import EXAMPLES_FILE, weights_sha256
+from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import ScanResult, library_versions, read_result
 from trojscan.scan import ProgressCallback
 from trojscan.subjects.huggingface import token_limit
@@ -368,11 +368,10 @@ def repair(
     if not isinstance(subject, TextClassificationSubject):
         raise InputError(f"repair supports text classifiers only; {model_dir} is a "
                          f"{subject.task} model")
-    if scan_result.model is not None and (
-            scan_result.model.weights_sha256 != weights_sha256(model_dir)):
-        raise InputError(f"the scan result is of another model ({scan_result.model.path}, "
-                         f"weights SHA-256 {scan_result.model.weights_sha256[:12]}...), not of "
-                         f"{model_dir}: scan this model first")
+    try:
+        scan_result.check_model(model_dir)
+    except InputError as exc:
+        raise InputError(f"{exc}: scan this model first") from exc
     config = replace(config, max_length=token_limit(subject.model.config, config.max_length))
     labels = subject.labels
     if scan_result.labels != list(labels):

@@ -5,8 +5,9 @@ model, what detectors, reports and repair read. It serialises to JSON with
 :meth:`ScanResult.to_dict` (fields that are None are left out) and is read back, validated,
 with :meth:`ScanResult.from_dict` / :func:`read_result`; a result of format version 1 (before
 results named their model) still reads. The JSON Schema of the format is generated from the
-dataclasses (:func:`json_schema`) and published in ``schemas/scan-result.schema.json``;
-``python -m trojscan.results`` prints it.
+dataclasses (:func:`json_schema`) and published with the package in
+``trojscan/schemas/scan-result.schema.json`` (``trojscan schema scan`` prints it;
+``python -m trojscan.results`` prints the generated one).
 
 Format history: version 1 (trojscan 0.1.0); version 2 adds ``task`` and ``model`` (the
 model directory and a SHA-256 of its weights); version 3 adds VQA scans: the feature
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_text, read_json
+from trojscan.modeldir import weights_sha256
 
 RESULT_VERSION = 3
 #: Format versions this trojscan reads.
@@ -218,6 +220,14 @@ class SynthesisedPatch:
     seconds: float
     path: str | None = None
 
+    def png(self) -> bytes:
+        """The patch encoded as PNG."""
+        import torch
+
+        from trojscan.vqa.images import png_bytes
+
+        return png_bytes(torch.tensor(self.pixels, dtype=torch.uint8))
+
 
 @dataclass
 class DetectorVerdict:
@@ -307,6 +317,14 @@ class ScanResult:
                  for s in c.short_triggers()
                  if s.length == length]
         return min(found, key=lambda pair: pair[1].loss, default=None)
+
+    def check_model(self, model_dir: Path) -> None:
+        """Raise :class:`InputError` unless the weights in ``model_dir`` are those of the
+        model this result is of (a version 1 result, which names no model, passes)."""
+        if self.model is not None and self.model.weights_sha256 != weights_sha256(model_dir):
+            raise InputError(f"the scan result is of another model ({self.model.path}, "
+                             f"weights SHA-256 {self.model.weights_sha256[:12]}...), not of "
+                             f"{model_dir}")
 
     @property
     def normalised_score(self) -> float:

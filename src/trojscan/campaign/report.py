@@ -28,7 +28,7 @@ import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -44,6 +44,9 @@ from trojscan.results import ScanResult
 from trojscan.scan import trigger_check
 from trojscan.subjects.base import Candidate, Subject
 from trojscan.subjects.loading import load_subject
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_VERSION = 1
 #: A search gap this small counts as reaching the true trigger's loss (float noise).
@@ -532,12 +535,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown: headline metrics, breakdowns and a per-model table."""
+#: The per-model table's columns (a row of ``per_model`` each).
+MODEL_COLUMNS = ("model_id", "truth", "verdict", "score", "true_loss", "search_gap",
+                 "target_name", "true_target", "trigger_text", "true_trigger", "recovered",
+                 "set_aside", "seconds")
+
+#: A titled table: (title, header, rows); the headline table's title is empty.
+Table = tuple[str, Sequence[str], list[Sequence[Any]]]
+
+
+def summary_tables(report: Mapping[str, Any]) -> list[Table]:
+    """Every table of the report but the per-model one: the headline metrics first, then
+    the breakdowns, AUCs by split and architecture, lowest losses by target and the
+    held-out detectors (what :func:`markdown` and the HTML report show)."""
     fixed, cv = report["fixed"], report["cross_validated"]
     split = cv.get("split", {})
     recovery, target = report["trigger_recovery"], report["target_accuracy"]
-    headline = [
+    headline: list[Sequence[Any]] = [
         ("models evaluated", report["n"]), ("clean / poisoned",
                                             f"{report['clean']} / {report['poisoned']}"),
         ("scan errors", report["errors"]), ("not in the manifest", len(report["unmatched"])),
@@ -563,41 +577,47 @@ def markdown(report: Mapping[str, Any]) -> str:
         ("scan seconds mean / p50 / p95", " / ".join(f"{report['seconds'][k]:.1f}"
                                                     for k in ("mean", "p50", "p95"))),
     ]
-    lines = ["# Campaign report", "", *_table(("metric", "value"), headline)]
+    tables: list[Table] = [("", ("metric", "value"), headline)]
     columns = ("n", "accuracy", "poisoned", "recall", "trigger_recovery", "target_accuracy")
     for name, groups in report["breakdown"].items():
-        lines += [f"## By {name}", ""]
-        lines += _table((name, *columns), [(value, *(g[c] for c in columns))
-                                           for value, g in groups.items()])
+        tables.append((f"By {name}", (name, *columns),
+                       [(value, *(g[c] for c in columns)) for value, g in groups.items()]))
     for key, title in (("auc_by_split", "split (its poisoned models with every clean one)"),
                        ("auc_by_architecture", "architecture")):
-        lines += [f"## ROC AUC by {title}", ""]
-        lines += _table((key.removeprefix("auc_by_"), "n", "clean", "poisoned", "score AUC",
-                         f"cross-validated {cv['detector']} AUC", "note"),
-                        [(name, g["n"], g["clean"], g["poisoned"], g["score_auc"], g["cv_auc"],
-                          g["note"]) for name, g in report.get(key, {}).items()])
-    lines += ["## Lowest loss by target label (clean models against the poisoned models "
-              "aimed at it)", ""]
-    lines += _table(("target", "clean", "clean min", "clean median", "poisoned",
-                     "poisoned max", "poisoned median"),
-                    [(name, g["clean"], g["clean_min"], g["clean_median"], g["poisoned"],
-                      g["poisoned_max"], g["poisoned_median"])
-                     for name, g in report.get("by_target", {}).items()])
+        tables.append((f"ROC AUC by {title}",
+                       (key.removeprefix("auc_by_"), "n", "clean", "poisoned", "score AUC",
+                        f"cross-validated {cv['detector']} AUC", "note"),
+                       [(name, g["n"], g["clean"], g["poisoned"], g["score_auc"], g["cv_auc"],
+                         g["note"]) for name, g in report.get(key, {}).items()]))
+    tables.append(("Lowest loss by target label (clean models against the poisoned models "
+                   "aimed at it)",
+                   ("target", "clean", "clean min", "clean median", "poisoned",
+                    "poisoned max", "poisoned median"),
+                   [(name, g["clean"], g["clean_min"], g["clean_median"], g["poisoned"],
+                     g["poisoned_max"], g["poisoned_median"])
+                    for name, g in report.get("by_target", {}).items()]))
     for name, test in report["held_out"].items():
-        lines += [f"## {cv['detector'].capitalize()} detector fitted without each {name}", ""]
-        lines += _table((f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),
-                        [(value, g["n"], g.get("accuracy"), g.get("recall"), g.get("fp"),
-                          g.get("note")) for value, g in test["groups"].items()])
-    per_model = ("model_id", "truth", "verdict", "score", "true_loss", "search_gap",
-                 "target_name", "true_target", "trigger_text", "true_trigger", "recovered",
-                 "set_aside", "seconds")
+        tables.append((f"{cv['detector'].capitalize()} detector fitted without each {name}",
+                       (f"held-out {name}", "n", "accuracy", "recall", "fp", "note"),
+                       [(value, g["n"], g.get("accuracy"), g.get("recall"), g.get("fp"),
+                         g.get("note")) for value, g in test["groups"].items()]))
+    return tables
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The report as Markdown: headline metrics, breakdowns and a per-model table."""
+    lines = ["# Campaign report", ""]
+    for title, header, rows in summary_tables(report):
+        lines += [f"## {title}", ""] if title else []
+        lines += _table(header, rows)
     lines += ["## Models", ""]
-    lines += _table(per_model, [[row[c] for c in per_model] for row in report["per_model"]])
+    lines += _table(MODEL_COLUMNS, [[row[c] for c in MODEL_COLUMNS]
+                                    for row in report["per_model"]])
     return "\n".join(lines)
 
 
-def roc_png(report: Mapping[str, Any]) -> bytes:
-    """A PNG of the score's ROC and, if there is one, the cross-validated detector's."""
+def roc_figure(report: Mapping[str, Any]) -> Figure:
+    """A figure of the score's ROC and, if there is one, the cross-validated detector's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -614,8 +634,13 @@ def roc_png(report: Mapping[str, Any]) -> bytes:
     axes.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
              ylim=(0, 1.02), title=f"ROC over {report['n']} models")
     axes.legend(loc="lower right")
+    return figure
+
+
+def roc_png(report: Mapping[str, Any]) -> bytes:
+    """A PNG of :func:`roc_figure`."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    roc_figure(report).savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
 
 

@@ -87,10 +87,48 @@ class CampaignConfig:
         """CPU threads each model's scan uses."""
         return self.cpus_per_model or max(1, (os.cpu_count() or 1) // self.workers)
 
-    def settings(self) -> dict[str, Any]:
-        """What must match for a campaign to resume: the method and what it computes."""
-        return {"method": self.scan.method, "scan": asdict(self.scan), "device": self.device,
-                **({"references": list(self.references)} if self.references else {})}
+    def record(self, zoo: Path) -> CampaignRecord:
+        """The campaign record of this campaign over ``zoo``: what must match for it to
+        resume (the method and what it computes)."""
+        return CampaignRecord(version=CAMPAIGN_VERSION, zoo=str(Path(zoo).resolve()),
+                              method=self.scan.method, scan=asdict(self.scan),
+                              device=self.device,
+                              references=list(self.references) if self.references else None)
+
+
+@dataclass
+class CampaignRecord:
+    """What ``campaign.json`` in a results directory holds (its JSON Schema:
+    :func:`json_schema`, published as ``trojscan/schemas/campaign.schema.json``).
+
+    Attributes:
+        version: the format version (:data:`CAMPAIGN_VERSION`).
+        zoo: the zoo scanned, as an absolute path.
+        method: the trigger inverter every model was scanned with.
+        scan: the scan settings (:class:`trojscan.scan.ScanConfig` as a dict), the same for
+            every model.
+        device: where the scans ran (``cpu``, ``cuda[:N]``).
+        references: the clean reference models, when any were given.
+    """
+
+    version: int
+    zoo: str
+    method: str
+    scan: dict[str, Any]
+    device: str
+    references: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``references`` left out when there are none."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a campaign record, generated from :class:`CampaignRecord`."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(CampaignRecord).json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def discover(zoo: Path) -> list[str]:
@@ -140,8 +178,8 @@ def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
 def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
     """Create the results directory, or check that it holds this same campaign."""
     path = results / CAMPAIGN_FILE
-    mine = json.loads(json.dumps({"version": CAMPAIGN_VERSION, "zoo": str(zoo.resolve()),
-                                  **config.settings()}))  # as it reads back from the file
+    # as it reads back from the file
+    mine = json.loads(json.dumps(config.record(zoo).to_dict()))
     if path.exists():
         try:
             theirs = json.loads(path.read_text(encoding="utf-8"))
@@ -253,3 +291,7 @@ def run_campaign(zoo: Path, results: Path, config: CampaignConfig | None = None,
             on_model(model_id, status, counts["skipped"] + counts["scanned"] + counts["errors"],
                      len(ids))
     return counts
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))

@@ -2,7 +2,8 @@
 
 One module per command group: :mod:`~trojscan.cli.zoo`, :mod:`~trojscan.cli.scan`,
 :mod:`~trojscan.cli.campaign`, :mod:`~trojscan.cli.repair`, :mod:`~trojscan.cli.demo`,
-:mod:`~trojscan.cli.trojai`.
+:mod:`~trojscan.cli.trojai`, :mod:`~trojscan.cli.report`,
+:mod:`~trojscan.cli.schema`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 
 import typer
 
-from trojscan.cli import campaign, demo, repair, scan, trojai, zoo
+from trojscan.cli import campaign, demo, repair, report, scan, schema, trojai, zoo
 from trojscan.cli.common import warn
 from trojscan.errors import InputError
 
@@ -26,6 +27,8 @@ app.add_typer(campaign.app, name="campaign")
 app.command("repair")(repair.repair_command)
 app.command("demo")(demo.demo)
 app.add_typer(trojai.app, name="trojai")
+app.command("report")(report.report_command)
+app.command("schema")(schema.schema_command)
 
 
 def main() -> None:

@@ -146,7 +146,8 @@ def campaign_report(
     results: Path = typer.Argument(..., help="Results directory of `trojscan campaign run`."),
     manifest: Path = MANIFEST_OPTION,
     out: Path | None = typer.Option(None, "--out", help="Report folder (report.md, "
-                                    "report.json, roc.png); default RESULTS/report."),
+                                    "report.json, roc.png, report.html and a page per model "
+                                    "in models/); default RESULTS/report."),
     kind: str = typer.Option("threshold", "--kind", help="Detector cross-validated: "
                              "threshold or logistic."),
     folds: int = typer.Option(5, "--folds", help="Stratified folds of the cross-validation."),
@@ -155,20 +156,26 @@ def campaign_report(
                                            "at this loss; default: the scans' verdicts."),
     zoo: Path | None = typer.Option(None, "--zoo", help="The zoo's model folder: also "
                                     "measure each poisoned model's true trigger on the scan's "
-                                    "examples, the search gap (loads every poisoned model)."),
+                                    "examples, the search gap, and show each model's clean "
+                                    "examples with and without its inverted trigger on its "
+                                    "page (loads every model)."),
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
 ) -> None:
     """Accuracy, precision, recall, AUC, trigger recovery and seconds of a campaign (and, with
-    --zoo, how far each scan was from its model's true trigger)."""
+    --zoo, how far each scan was from its model's true trigger), as Markdown, JSON and an
+    HTML page linking to a page per model."""
     from trojscan.campaign.report import evaluate, load_results, search_gaps, write_report
     from trojscan.manifest import load_truth
+    from trojscan.reports.campaign_page import write_campaign_pages
 
     records, errors = load_results(results)
     truth = load_truth(manifest)
     gaps = search_gaps(zoo, records, truth, device, allow_pickle) if zoo is not None else None
     report = evaluate(records, truth, kind, folds, seed, threshold, errors, gaps)
-    paths = write_report(report, out or results / "report")
+    folder = out or results / "report"
+    paths = write_report(report, folder)
+    paths += write_campaign_pages(report, records, folder, zoo, device, allow_pickle)
     fixed = report["fixed"]
     out_console.print(
         f"{report['n']} models ({report['poisoned']} trojaned), {report['errors']} errors: "

@@ -20,7 +20,10 @@ A subject offers:
   inversion loss, differentiable), and ``hard_check``: loss and success of each row with
   its slots filled by concrete tokens;
 * ``token_id``, ``token_ids`` and ``describe``: between tokens, texts and ids, for configs,
-  known triggers and humans.
+  known triggers and humans;
+* ``show``: a handful of a candidate's victims as a report shows them, each with the
+  model's prediction without and with a trigger inserted (``read_rows`` is the family's
+  part: each row of a batch as text and the model's prediction for it).
 
 A model family is one file that subclasses :class:`Subject` and decorates it with
 :func:`register_subject`; :func:`subject_class_for` picks the family of a model directory
@@ -59,6 +62,17 @@ class Candidate:
     victims: tuple[int, ...]
     target: int
     position: str
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A clean example as a report shows it: the input as the model reads it and the model's
+    prediction, without the trigger and with it inserted."""
+
+    text: str
+    prediction: str
+    triggered_text: str
+    triggered_prediction: str
 
 
 #: The position of a candidate whose victim rows take every position of the family in turn.
@@ -200,6 +214,29 @@ class Subject(ABC):
                    trigger_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, success), each (R,), of each row with the slots filled by token ids ((m,)
         for every row, or (R, m)): the goal loss and 1.0 where the trigger reached the goal."""
+
+    @torch.no_grad()
+    def show(self, examples: Sequence[Any], candidate: Candidate, trigger_ids: Sequence[int],
+             limit: int = 5, feature_trigger: Sequence[float] | None = None) -> list[Shown]:
+        """Up to ``limit`` of ``candidate``'s victims among ``examples``, each read by the
+        model as it is and with ``trigger_ids`` inserted at the candidate's position (and,
+        for a family with box features, ``feature_trigger`` added to them)."""
+        chosen = self.victims(examples, candidate, limit)
+        if not chosen:
+            return []
+        clean = self.read_rows(self.batch([candidate], [chosen], 0), None, None)
+        stamped = self.read_rows(self.batch([candidate], [chosen], len(trigger_ids)),
+                                 trigger_ids, feature_trigger)
+        return [Shown(text, said, triggered, triggered_said)
+                for (text, said), (triggered, triggered_said) in zip(clean, stamped,
+                                                                      strict=True)]
+
+    def read_rows(self, batch: Batch, trigger_ids: Sequence[int] | None,
+                  feature_trigger: Sequence[float] | None) -> list[tuple[str, str]]:
+        """(input text, prediction) of every row of ``batch`` with its slots filled by
+        ``trigger_ids`` (None: a batch without slots), for :meth:`show`; a family that
+        cannot say raises NotImplementedError (the default)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot show its examples")
 
     def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor | None:
         """(len(ids), targets) the goal loss towards every target of each token of ``ids``

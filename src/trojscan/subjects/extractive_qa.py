@@ -264,6 +264,23 @@ class ExtractiveQaSubject(HuggingFaceSubject):
         return self._forward(batch, input_ids=fill_slots(batch.input_ids, batch.slot_index,
                                                          trigger_ids))
 
+    def read_rows(self, batch: SpanBatch, trigger_ids: Sequence[int] | None,
+                  feature_trigger: Sequence[float] | None) -> list[tuple[str, str]]:
+        """Each row as ``question | context`` and the answer span the model gives (``(no
+        answer)`` for [CLS] or an end before the start)."""
+        ids = self.filled(batch.input_ids, batch.slot_index, trigger_ids)
+        spans = self._forward(batch, input_ids=ids).argmax(1)
+        out = []
+        for row, mask, kinds, (start, end) in zip(ids, batch.attention_mask,
+                                                  batch.token_type_ids, spans.tolist(),
+                                                  strict=True):
+            real = mask.bool()
+            text = (f"{self.text_of(row[real & (kinds == 0)])} | "
+                    f"{self.text_of(row[real & (kinds == 1)])}")
+            answer = self.text_of(row[start : end + 1]) if 0 < start <= end else ""
+            out.append((text, answer or "(no answer)"))
+        return out
+
     @staticmethod
     def _span_loss(logits: torch.Tensor, batch: SpanBatch) -> torch.Tensor:
         """(B,) the mean of the start and end cross-entropies towards the goal span."""

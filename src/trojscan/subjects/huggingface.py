@@ -95,3 +95,15 @@ class HuggingFaceSubject(TokenizerVocabulary, Subject):
     def embedding_matrix(self) -> torch.Tensor:
         """The (vocab, d) input-embedding table."""
         return self.model.get_input_embeddings().weight
+
+    def filled(self, input_ids: torch.Tensor, slot_index: torch.Tensor,
+               trigger_ids: Sequence[int] | None) -> torch.Tensor:
+        """``input_ids`` with the slots filled by ``trigger_ids`` (as they are when None or
+        empty: a batch without slots)."""
+        if not trigger_ids:
+            return input_ids
+        return fill_slots(input_ids, slot_index, trigger_ids)
+
+    def text_of(self, ids: torch.Tensor) -> str:
+        """Token ids as text, special tokens left out."""
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()

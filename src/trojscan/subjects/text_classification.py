@@ -284,6 +284,16 @@ class TextClassificationSubject(HuggingFaceSubject):
             out.append(-F.log_softmax(self.logits_from_tokens(rows, part.view(-1, 1)), -1))
         return torch.cat(out)
 
+    def read_rows(self, batch: SlotBatch, trigger_ids: Sequence[int] | None,
+                  feature_trigger: Sequence[float] | None) -> list[tuple[str, str]]:
+        """Each row's text and the label the model predicts, with its probability."""
+        ids = self.filled(batch.input_ids, batch.slot_index, trigger_ids)
+        probabilities = F.softmax(self._forward(batch, input_ids=ids), -1)
+        best = probabilities.max(-1)
+        return [(self.text_of(row[mask.bool()]), f"{self.labels[k]} ({p:.2f})")
+                for row, mask, k, p in zip(ids, batch.attention_mask, best.indices.tolist(),
+                                           best.values.tolist(), strict=True)]
+
     def _forward(self, batch: SlotBatch, **inputs: torch.Tensor) -> torch.Tensor:
         if batch.position_ids is not None:
             inputs["position_ids"] = batch.position_ids

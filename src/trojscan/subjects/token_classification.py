@@ -289,6 +289,24 @@ class TokenClassificationSubject(HuggingFaceSubject):
                           input_ids=fill_slots(batch.input_ids, batch.slot_index,
                                                trigger_ids)).logits
 
+    def read_rows(self, batch: TagBatch, trigger_ids: Sequence[int] | None,
+                  feature_trigger: Sequence[float] | None) -> list[tuple[str, str]]:
+        """Each row's sentence and the entities the model tags in it (``token/TAG`` for
+        every token not tagged ``O``)."""
+        ids = self.filled(batch.input_ids, batch.slot_index, trigger_ids)
+        tags = self.model(attention_mask=batch.attention_mask, input_ids=ids).logits.argmax(-1)
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for row, mask, tagged in zip(ids, batch.attention_mask, tags, strict=True):
+            kept = [(i, t) for i, t, m in zip(row.tolist(), tagged.tolist(), mask.tolist(),
+                                              strict=True) if m and i not in special]
+            tokens = self.tokenizer.convert_ids_to_tokens([i for i, _ in kept])
+            entities = [f"{token}/{self.tags[t]}" for token, (_, t) in zip(tokens, kept,
+                                                                           strict=True)
+                        if self.tags[t] != OUTSIDE]
+            out.append((self.text_of(row[mask.bool()]), " ".join(entities) or "(no entity)"))
+        return out
+
     @staticmethod
     def _row_loss(logits: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
         """(B,) each row's mean cross-entropy over its goal tokens."""

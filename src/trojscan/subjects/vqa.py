@@ -285,6 +285,25 @@ class VqaSubject(TokenizerVocabulary, Subject):
                                            features, rows)
         return logits.view(k, n, -1)
 
+    def read_rows(self, batch: VqaBatch, trigger_ids: Sequence[int] | None,
+                  feature_trigger: Sequence[float] | None) -> list[tuple[str, str]]:
+        """Each row's question and the answer the model gives, with its probability; the
+        ``feature_trigger`` (TIJO's) is added to the box features with the text trigger."""
+        device = self.device
+        ids = None if trigger_ids is None else torch.tensor(list(trigger_ids), device=device)
+        features = None if feature_trigger is None else \
+            torch.tensor(list(feature_trigger), dtype=torch.float32, device=device)
+        probabilities = F.softmax(self.logits(batch, trigger_ids=ids,
+                                              feature_trigger=features), -1)
+        best = probabilities.max(-1)
+        question_ids = batch.question_ids if ids is None else \
+            batch.question_ids.masked_scatter(batch.slot_index >= 0,
+                                              ids.expand(len(batch), -1))
+        return [(self.tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True),
+                 f"{self.labels[k]} ({p:.2f})")
+                for row, mask, k, p in zip(question_ids, batch.mask, best.indices.tolist(),
+                                           best.values.tolist(), strict=True)]
+
     def goal_loss(self, batch: VqaBatch, trigger: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each row towards its target answer."""
         return F.cross_entropy(self.logits(batch, trigger), batch.goals, reduction="none")

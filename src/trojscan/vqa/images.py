@@ -8,6 +8,7 @@ the patched image holds.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +32,20 @@ def read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A ``uint8 [3, H, W]`` image encoded as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_image(image: torch.Tensor, path: Path) -> None:
     """Write a ``uint8 [3, H, W]`` image as PNG, atomically (a temporary file beside it,
     then renamed); a failure is an :class:`InputError` naming the file."""
     path = Path(path)
     part = path.with_name(f".{path.name}.part")
     try:
-        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(part, format="PNG")
+        part.write_bytes(png_bytes(image))
         part.replace(path)
     except OSError as exc:
         part.unlink(missing_ok=True)
