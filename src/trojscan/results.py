@@ -269,6 +269,8 @@ class ScanResult:
         model: the model scanned (None in version 1 results).
         detector: the detector's decision, when one was applied.
         model_id: the model's id in a campaign.
+        node: the id of the Ray node that scanned the model in a campaign run by Ray (as
+            ``ray list nodes`` shows it); None elsewhere.
         reference: the short triggers measured on a clean reference model, when one was
             given (``--reference``); its ranks set triggers aside (``set_aside``).
         flip_rates: the short trigger's attack success rate on the examples of each label
@@ -298,6 +300,7 @@ class ScanResult:
     model: ModelRef | None = None
     detector: DetectorVerdict | None = None
     model_id: str | None = None
+    node: str | None = None
     short_trigger: ShortTrigger | None = None
     flip_rates: dict[str, float] | None = None
     reference: ReferenceCheck | None = None

@@ -11,8 +11,12 @@ resumes without redoing or losing a finished model.
 Two executors run the scans, each model in a worker process of its own:
 
 * ``local``: a pool of ``workers`` processes on this machine, the cores shared among them;
-* ``ray``: one Ray task per model, declaring the CPUs (and GPU) it needs, results gathered as
-  tasks finish. ``ray.init()`` starts a local runtime unless ``address`` names a cluster.
+* ``ray``: one Ray task per model, declaring the CPUs (and GPU) it needs
+  (:func:`ray_options`), results gathered as tasks finish, each with the id of the node that
+  ran it. ``ray.init()`` starts a local runtime unless ``address`` names a cluster. A task
+  whose worker process or node dies is run again, up to :data:`RAY_MAX_RETRIES` times; one
+  that still fails (or that Ray cannot run at all) is recorded as the model's error, so no
+  model is lost.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ EXECUTORS = ("local", "ray")
 ERROR_SUFFIX = ".error.json"
 #: A VQA model's synthesised patch (``--patch``) is written beside its result as ID + this.
 PATCH_SUFFIX = ".patch.png"
+
+#: Times Ray runs a model's task again when the worker process or node running it dies (a
+#: scan that raises is not retried: :func:`scan_one` returns that as the model's error).
+RAY_MAX_RETRIES = 2
 
 #: Called as (model id, "ok" or "error", models done, models in all) after each model.
 CampaignCallback = Callable[[str, str, int, int], None]
@@ -175,6 +183,37 @@ def scan_one(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
     return {"ok": result}
 
 
+def ray_options(config: CampaignConfig) -> dict[str, Any]:
+    """The options of each model's Ray task: the CPUs its scan's threads use
+    (``cpus_per_model``), one GPU for a ``cuda`` device, and the retries of a task whose worker
+    or node dies."""
+    return {"num_cpus": config.threads,
+            "num_gpus": 1 if config.device.startswith("cuda") else 0,
+            "max_retries": RAY_MAX_RETRIES}
+
+
+def scan_on_node(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
+    """A model's Ray task: :func:`scan_one` on the node Ray chose, its outcome with that node's
+    id (``node``)."""
+    import ray
+
+    if config.device.startswith("cuda"):  # Ray shows the task the one GPU it gave it, as cuda:0
+        config = replace(config, device="cuda")
+    return {**scan_one(model_dir, config), "node": ray.get_runtime_context().get_node_id()}
+
+
+def _ray_failure(exc: Exception) -> str:
+    """The error recorded for a model whose Ray task failed outside the scan."""
+    import ray.exceptions
+
+    lines = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return f"the Ray task raised {what}"
+    return (f"the Ray task failed ({what}); a task whose worker process or node dies is run "
+            f"{1 + RAY_MAX_RETRIES} times at most")
+
+
 def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
     """Create the results directory, or check that it holds this same campaign."""
     path = results / CAMPAIGN_FILE
@@ -196,7 +235,7 @@ def _open(results: Path, zoo: Path, config: CampaignConfig) -> None:
 def _record(results: Path, model_id: str, outcome: dict[str, Any]) -> str:
     """Write a finished model's file; returns ``ok`` or ``error``."""
     if "ok" in outcome:
-        result = replace(outcome["ok"], model_id=model_id)
+        result = replace(outcome["ok"], model_id=model_id, node=outcome.get("node"))
         if result.patch is not None:
             result = write_patch(result, results / MODELS_DIR / f"{model_id}{PATCH_SUFFIX}")
         atomic_write_json(result_path(results, model_id), result.to_dict())
@@ -204,7 +243,8 @@ def _record(results: Path, model_id: str, outcome: dict[str, Any]) -> str:
         return "ok"
     atomic_write_json(result_path(results, model_id, error=True),
                       {"model_id": model_id, "error": outcome["error"],
-                       "seconds": outcome["seconds"]})
+                       "seconds": outcome["seconds"],
+                       **({"node": outcome["node"]} if outcome.get("node") else {})})
     return "error"
 
 
@@ -246,6 +286,7 @@ def _local(zoo: Path, todo: list[str],
 def _ray(zoo: Path, todo: list[str],
          config: CampaignConfig) -> Iterator[tuple[str, dict[str, Any]]]:
     import ray
+    import ray.exceptions
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -254,14 +295,20 @@ def _ray(zoo: Path, todo: list[str],
         else:
             ray.init(num_cpus=config.workers * config.threads, include_dashboard=False,
                      log_to_driver=False)
-    gpus = 1 if config.device.startswith("cuda") else 0
-    task = ray.remote(num_cpus=config.threads, num_gpus=gpus, max_retries=0)(scan_one)
+    task = ray.remote(**ray_options(config))(scan_on_node)
+    submitted = time.perf_counter()
     running = {task.remote(str((zoo / m).resolve()), config): m for m in todo}
     try:
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                yield running.pop(ref), ray.get(ref)
+                model_id = running.pop(ref)
+                try:
+                    outcome = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # retries spent, or Ray could not run it
+                    outcome = {"error": _ray_failure(exc),
+                               "seconds": time.perf_counter() - submitted}
+                yield model_id, outcome
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
