@@ -1,13 +1,20 @@
-"""Campaigns over a tiny zoo: every model scanned, resumable, Ray = local, errors recorded."""
+"""Campaigns over a tiny zoo: every model scanned, resumable, Ray = local (a local runtime
+and a two-node cluster), errors recorded, a dead Ray worker retried then recorded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +23,15 @@ import pytest
 
 from testkit import TINY_SCAN, RunCli
 from trojscan.attacks.zoo import build_zoo, load_zoo_spec
-from trojscan.campaign.run import CampaignConfig, result_path, run_campaign
+from trojscan.campaign import run as campaign_run
+from trojscan.campaign.run import (
+    RAY_MAX_RETRIES,
+    CampaignConfig,
+    pending,
+    ray_options,
+    result_path,
+    run_campaign,
+)
 from trojscan.errors import InputError
 from trojscan.manifest import MANIFEST
 
@@ -273,3 +288,184 @@ def test_campaign_with_a_baseline_and_the_compare_table(tiny_zoo: Path, local_re
     named = run_cli("campaign", "compare", str(local_results), str(uat), "--manifest",
                     str(tiny_zoo / MANIFEST), "--out", str(out), "--names", "only-one")
     assert named.returncode == 2 and "--names gives 1 names" in named.stderr
+
+
+def test_ray_task_options_declare_the_cpus_and_the_gpu() -> None:
+    options = ray_options(CampaignConfig(executor="ray", cpus_per_model=3))
+    assert options == {"num_cpus": 3, "num_gpus": 0, "max_retries": RAY_MAX_RETRIES}
+    assert RAY_MAX_RETRIES >= 1
+    assert ray_options(CampaignConfig(executor="ray", cpus_per_model=2,
+                                      device="cuda:1"))["num_gpus"] == 1
+    workers = CampaignConfig(executor="ray", workers=2)  # 0: this machine's cores shared out
+    assert ray_options(workers)["num_cpus"] == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_cli_options_reach_the_ray_task_options(tiny_zoo: Path, tmp_path: Path, run_cli: RunCli,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def no_cluster(zoo: Path, todo: list[str],
+                   config: CampaignConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+        seen.append(ray_options(config))
+        return iter(())
+
+    monkeypatch.setattr(campaign_run, "_ray", no_cluster)
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    model_id = sorted(p.name for p in tiny_zoo.iterdir() if p.is_dir())[0]
+    shutil.copytree(tiny_zoo / model_id, zoo / model_id)
+    for out, device, cpus in (("gpu", "cuda:1", "3"), ("cpu", "cpu", "2")):
+        run = run_cli("campaign", "run", str(zoo), "--out", str(tmp_path / out), "--executor",
+                      "ray", "--address", "127.0.0.1:1", "--cpus-per-model", cpus, "--device",
+                      device)
+        assert run.returncode == 0, run.stderr
+    assert seen == [{"num_cpus": 3, "num_gpus": 1, "max_retries": RAY_MAX_RETRIES},
+                    {"num_cpus": 2, "num_gpus": 0, "max_retries": RAY_MAX_RETRIES}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_start(temp_dir: Path, *args: str) -> tuple[int, int | None, str]:
+    """``ray start ARGS`` (1 CPU, every port free, ``temp_dir`` its own) in a new session,
+    which the node's processes keep: (the session's id, the exit code or None when it hung,
+    what it printed). Without token authentication: Ray 2.60 turns it on for a head when
+    ``~/.ray/auth_token`` exists (a local ``ray.init()`` writes it), but not for a node
+    joining it, which is then refused."""
+    ports = [f"--{name}={_free_port()}" for name in (
+        "node-manager-port", "object-manager-port", "metrics-export-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start",
+                             "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                             "--object-store-memory=100000000", *ports, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        printed, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.pid, None, proc.communicate()[0]
+    return proc.pid, proc.returncode, printed
+
+
+def _session_processes(sessions: set[int]) -> list[int]:
+    """The live processes (zombies aside) of these sessions."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[3]) in sessions and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _end_sessions(sessions: set[int]) -> None:
+    """SIGTERM, then SIGKILL to what is left after 5 s (the GCS server does not end on
+    SIGTERM), to every process of ``sessions`` (each node's GCS, raylet, agents and workers).
+    Not ``ray stop``: it ends every Ray process on the machine, other people's too."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        for pid in _session_processes(sessions):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while _session_processes(sessions) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A two-node Ray cluster on this machine, its address: a head (custom resource
+    ``head_node``) and a node joined to it (``worker_node``), 1 CPU each, every port picked
+    free and a temp dir of their own, so no other Ray on the machine is touched or found.
+    Skipped, saying why, when Ray cannot start; stopped even when a test fails."""
+    pytest.importorskip("ray")
+    if not Path(sys.executable).with_name("ray").exists():
+        pytest.skip(f"no ray command beside {sys.executable}")
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("stopping this test's Ray nodes (and no other Ray) needs /proc")
+    temp = Path(tempfile.mkdtemp(prefix="trojscan-ray-"))  # short: Ray's socket paths are
+    sessions: set[int] = set()                             # limited to 107 bytes
+    try:
+        port = _free_port()
+        address = f"127.0.0.1:{port}"
+        for name, args in (("head", ["--head", f"--port={port}", "--include-dashboard=false",
+                                     f"--ray-client-server-port={_free_port()}",
+                                     '--resources={"head_node": 1}']),
+                           ("worker", [f"--address={address}",
+                                       '--resources={"worker_node": 1}'])):
+            session, code, printed = _ray_start(temp / name, *args)
+            sessions.add(session)
+            if code != 0:
+                tail = " | ".join(printed.strip().splitlines()[-3:])
+                pytest.skip(f"Ray cannot start a {name} node here (ray start "
+                            f"{'hung' if code is None else f'exit code {code}'}): {tail}")
+        yield address
+    finally:
+        _end_sessions(sessions)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+#: ``campaign run`` options of a quick scan (TINY_SCAN's, but for its pre-run).
+QUICK_SCAN = ("--trigger-length", "1", "--positions", "start", "--epochs", "100",
+              "--threshold", "0.1", "--cpus-per-model", "1", "--workers", "2")
+
+
+@pytest.mark.slow
+def test_campaign_on_a_two_node_ray_cluster(ray_cluster: str, tiny_zoo: Path, tmp_path: Path,
+                                            run_cli: RunCli) -> None:
+    truth = json.loads((tiny_zoo / MANIFEST).read_text())["models"]
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for poisoned in (False, True):
+        for model_id in sorted(m for m in truth if truth[m]["poisoned"] == poisoned)[:2]:
+            shutil.copytree(tiny_zoo / model_id, zoo / model_id)
+    cluster = run_cli("campaign", "run", str(zoo), "--out", str(tmp_path / "cluster"),
+                      "--executor", "ray", "--address", ray_cluster, *QUICK_SCAN)
+    assert cluster.returncode == 0, cluster.stderr
+    local = run_cli("campaign", "run", str(zoo), "--out", str(tmp_path / "local"), *QUICK_SCAN)
+    assert local.returncode == 0, local.stderr
+
+    on_cluster, here = _records(tmp_path / "cluster"), _records(tmp_path / "local")
+    assert sorted(on_cluster) == sorted(here) == sorted(p.name for p in zoo.iterdir())
+    nodes = {record["node"] for record in on_cluster.values()}
+    assert len(nodes) == 2, f"every model ran on one node: {nodes}"
+    for model_id, record in on_cluster.items():
+        mine = here[model_id]
+        assert "node" not in mine
+        assert record["verdict"] == mine["verdict"]
+        assert (record["verdict"] == "trojaned") == truth[model_id]["poisoned"]
+        assert record["best"]["target"] == mine["best"]["target"]
+        assert record["best"]["trigger_ids"] == mine["best"]["trigger_ids"]
+        assert record["score"] == pytest.approx(mine["score"], rel=1e-3, abs=1e-5)
+        assert record["best"]["loss"] == pytest.approx(mine["best"]["loss"], rel=1e-3, abs=1e-5)
+
+
+def test_a_model_whose_ray_worker_dies_is_retried_then_recorded(
+        ray_cluster: str, tiny_zoo: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    model_id = sorted(p.name for p in tiny_zoo.iterdir() if p.is_dir())[0]
+    shutil.copytree(tiny_zoo / model_id, zoo / "dies")
+    tries = tmp_path / "tries"
+    tries.mkdir()
+
+    def die(model_dir: str, config: CampaignConfig) -> dict[str, Any]:
+        (tries / uuid.uuid4().hex).touch()
+        os._exit(1)  # the worker process dies, as on a crash or a lost node
+
+    monkeypatch.setattr(campaign_run, "scan_on_node", die)
+    results = tmp_path / "results"
+    counts = run_campaign(zoo, results, CampaignConfig(
+        scan=TINY_SCAN, executor="ray", address=ray_cluster, cpus_per_model=1))
+    assert counts == {"scanned": 0, "errors": 1, "skipped": 0, "total": 1}
+    assert len(list(tries.iterdir())) == 1 + RAY_MAX_RETRIES
+    error = json.loads(result_path(results, "dies", error=True).read_text())
+    assert "WorkerCrashedError" in error["error"], error
+    assert pending(results, ["dies"], retry_errors=True) == ["dies"]  # scanned on resume

@@ -296,8 +296,10 @@ def _ray(zoo: Path, todo: list[str],
             ray.init(num_cpus=config.workers * config.threads, include_dashboard=False,
                      log_to_driver=False)
     task = ray.remote(**ray_options(config))(scan_on_node)
+    # Absolute paths: a task's worker, maybe on another machine, has a working directory of its own.
+    remote = replace(config, references=tuple(str(Path(p).resolve()) for p in config.references))
     submitted = time.perf_counter()
-    running = {task.remote(str((zoo / m).resolve()), config): m for m in todo}
+    running = {task.remote(str((zoo / m).resolve()), remote): m for m in todo}
     try:
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
