@@ -308,8 +308,8 @@ def _ray(zoo: Path, todo: list[str],
                 try:
                     outcome = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # retries spent, or Ray could not run it
-                    outcome = {"error": _ray_failure(exc),
-                               "seconds": time.perf_counter() - submitted}
+                    outcome = {"error": _ray_failure(exc),  # seconds since submission:
+                               "seconds": time.perf_counter() - submitted}  # queueing included
                 yield model_id, outcome
     finally:
         for ref in running:
