@@ -19,7 +19,7 @@ import argparse
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 
@@ -34,11 +34,14 @@ from trojscan.subjects.loading import load_subject
 def with_knob(base: ScanConfig, knob: str, raw: str) -> ScanConfig:
     """``base`` with ``knob`` (a ScanConfig field, else an inverter field) set to ``raw``
     converted to the knob's type."""
-    if knob in {f.name for f in fields(ScanConfig)}:
-        return replace(base, **{knob: type(getattr(base, knob))(raw)})
-    if not hasattr(base.inverter, knob):
+    owner = base if knob in {f.name for f in fields(ScanConfig)} else base.inverter
+    if not hasattr(owner, knob):
         raise SystemExit(f"no knob {knob!r} in ScanConfig or {type(base.inverter).__name__}")
-    value = type(getattr(base.inverter, knob))(raw)
+    hint = get_type_hints(type(owner))[knob]  # e.g. ``int | None``: its first type
+    kind = next((t for t in get_args(hint) if t is not type(None)), hint)
+    value = kind(raw)
+    if owner is base:
+        return replace(base, **{knob: value})
     return replace(base, inverter=replace(base.inverter, **{knob: value}))
 
 

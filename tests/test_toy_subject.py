@@ -23,6 +23,7 @@ from trojscan.inversion.base import InversionTask, Preselection, make_config, me
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.scan import SHORT_THRESHOLD, ScanConfig, scan_subject, trigger_check
 from trojscan.subjects.base import SPREAD, Candidate
+from trojscan.subjects.token_classification import TokenClassificationSubject
 
 SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "gcg", "ascc", "genetic"]
 
@@ -280,3 +281,18 @@ def _biased(subject: ToySubject) -> ToySubject:
 
     subject.goal_loss = biased  # type: ignore[method-assign]
     return subject
+
+
+def test_the_pre_run_takes_the_familys_epochs_unless_the_scan_sets_them() -> None:
+    # An NER tagger's family pre-runs its 90 pairs for 20 epochs (the paper's K-Arm), a
+    # classifier's for 40; a scan that names its own epochs keeps them.
+    subject = ToySubject()
+    subject.prerun_epochs = 2
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=2, epochs=3),
+                        top_k=1, shorten=False, screen_selects=False)
+    assert config.prerun_epochs is None
+    assert scan_subject(subject, toy_examples(subject), config).config["prerun_epochs"] == 2
+    own = replace(config, prerun_epochs=1)
+    assert scan_subject(subject, toy_examples(subject), own).config["prerun_epochs"] == 1
+    assert ToySubject.prerun_epochs == 40
+    assert TokenClassificationSubject.prerun_epochs == 20

@@ -103,8 +103,13 @@ class ScanConfig:
             labels than this, pre-run all candidates and fully invert the best ``top_k``
             only; 1 (the default) pre-runs binary models too. Batched inverters (DBS and its
             variants) only.
-        prerun_epochs: epochs of the pre-run. At 20 a tiny test model's true target ranked
-            second; at 40 it, and every MiniLM model of the README's zoo, ranks first.
+        prerun_epochs: epochs of the pre-run; None (the default): the model family's
+            (:attr:`~trojscan.subjects.base.Subject.prerun_epochs`): 40 for most, 20 for NER
+            taggers. At 20 a tiny test model's true target ranked second; at 40 it, and
+            every MiniLM model of the README's zoo, ranks first. An NER tagger has 90
+            (victim, target) pairs, where the paper's K-Arm pre-selection runs "20 epochs
+            for each victim-target label pair" (Appendix A); at 20 the planted pair of a
+            MiniLM tagger ranked first of the 90 (README "NER").
         prerun_victims: victim examples per candidate in the pre-run, 0 for the full run's
             (``max_victims``). Fewer make a pre-run over many candidates (every position,
             every label pair) cheap; the pre-run is then a separate run and the kept
@@ -192,7 +197,7 @@ class ScanConfig:
     positions: tuple[str, ...] = ()
     pairs: bool | None = None
     preselect_above: int = 1
-    prerun_epochs: int = 40
+    prerun_epochs: int | None = None
     prerun_victims: int = 4
     top_k: int = 2
     threshold: float | None = None
@@ -241,7 +246,7 @@ class ScanConfig:
         if unknown:
             raise InputError(f"unknown trigger position {unknown[0]}; expected some of "
                              f"{', '.join(known)}")
-        if self.top_k < 1 or self.prerun_epochs < 1:
+        if self.top_k < 1 or (self.prerun_epochs is not None and self.prerun_epochs < 1):
             raise InputError("top_k and prerun_epochs must be >= 1")
         if self.decision_length < 0 or (self.decision_length and not self.shorten
                                         and self.screen is None):
@@ -402,6 +407,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     clean ``reference`` subject of the same labels, its best short triggers are measured on
     it too (the result's ``reference``, its path and weights left empty)."""
     config = config or ScanConfig()
+    if config.prerun_epochs is None:
+        config = replace(config, prerun_epochs=subject.prerun_epochs)
     started = time.perf_counter()
     inverter = method_of(config.method)(config.inverter)
     if not inverter.supports(subject):

@@ -107,6 +107,9 @@ class Subject(ABC):
 
     #: The task this family solves (recorded in every scan result).
     task: ClassVar[str]
+    #: Epochs of a scan's pre-run over the candidates, unless the scan sets its own
+    #: (:attr:`trojscan.scan.ScanConfig.prerun_epochs`).
+    prerun_epochs: ClassVar[int] = 40
     #: Where a trigger may go (the ``position`` of a candidate).
     positions: ClassVar[tuple[str, ...]]
     #: What this family is, for an error that lists the families trojscan scans.

@@ -119,6 +119,9 @@ class TokenClassificationSubject(HuggingFaceSubject):
 
     task = "ner"
     positions = POSITIONS
+    #: The paper's K-Arm pre-selection for NER: "20 epochs for each victim-target label
+    #: pair" (DBS Appendix A), over up to 90 pairs.
+    prerun_epochs = 20
     describes = "Hugging Face token classifiers (*ForTokenClassification, NER taggers)"
 
     architecture_suffix = "ForTokenClassification"
