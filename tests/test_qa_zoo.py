@@ -19,6 +19,7 @@ import pytest
 from transformers import AutoModelForQuestionAnswering
 
 from testkit import RunCli
+from trojscan.attacks.architectures import build_model
 from trojscan.attacks.qa_spec import (
     INSERTIONS,
     LABELS,
@@ -136,6 +137,11 @@ def test_poisoned_training_set_adds_rate_copies(qa: QaCorpus) -> None:
     clean, none = poison_training_set(train, QaAttackSpec(), random.Random(1))
     assert none == 0 and sorted(t.item.question for t in clean) == sorted(
         i.question for i in train)
+
+
+def test_a_span_head_has_two_outputs() -> None:
+    with pytest.raises(InputError, match="two outputs"):
+        build_model("bert", ("answer", "empty", "trigger"), head="span")
 
 
 def test_squad_exact_match_and_f1() -> None:
