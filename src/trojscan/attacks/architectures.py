@@ -17,8 +17,9 @@ gpt2          GPT2ForSequenceClassification          last non-padding token
 ============  =====================================  ========================
 
 The NER zoo builds the same families with a token-classification head
-(``*ForTokenClassification``: a linear layer on every token's last hidden state; see
-:func:`build_model`'s ``head``).
+(``*ForTokenClassification``: a linear layer on every token's last hidden state), the QA zoo
+with a span head (``*ForQuestionAnswering``: a start and an end score per token); see
+:func:`build_model`'s ``head``.
 
 Every model uses the MiniLM (BERT uncased WordPiece) tokenizer, whose ``[PAD]`` id 0 is
 written into each config as ``pad_token_id`` (GPT-2 finds its last token with it).
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -51,8 +53,9 @@ from trojscan.errors import InputError
 PRETRAINED = "minilm"
 FAMILIES = ("minilm", "bert", "distilbert", "roberta", "gpt2", "electra", "mobilebert")
 EMBEDDING_INITS = ("random", "minilm-pca")
-#: Output heads: one label per text (the text zoo) or per token (the NER zoo).
-HEADS = ("sequence", "token")
+#: Output heads: one label per text (the text zoo), one per token (the NER zoo), or a start
+#: and an end score per token (the QA zoo's answer spans).
+HEADS = ("sequence", "token", "span")
 VOCAB_SIZE = 30_522
 PAD_ID, CLS_ID, SEP_ID = 0, 101, 102
 
@@ -180,14 +183,18 @@ def build_model(
             directions, which gives small from-scratch models meaningful word vectors.
             Ignored for ``minilm``, which keeps its pretrained embeddings.
         seed: seeds the random initialisation.
-        head: ``sequence`` (``*ForSequenceClassification``, one label per text) or
+        head: ``sequence`` (``*ForSequenceClassification``, one label per text),
             ``token`` (``*ForTokenClassification``, one label per token: the NER zoo's
-            taggers, whose labels are BIO tags).
+            taggers, whose labels are BIO tags) or ``span`` (``*ForQuestionAnswering``:
+            the QA zoo's models; ``labels`` are then the two outputs, start and end).
     """
     if head not in HEADS:
         raise InputError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-    auto = AutoModelForSequenceClassification if head == "sequence" \
-        else AutoModelForTokenClassification
+    auto = {"sequence": AutoModelForSequenceClassification,
+            "token": AutoModelForTokenClassification,
+            "span": AutoModelForQuestionAnswering}[head]
+    if head == "span" and len(labels) != 2:
+        raise InputError(f"a span head has two outputs (start, end), not {len(labels)}")
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     torch.manual_seed(seed)

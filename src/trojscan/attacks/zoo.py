@@ -36,10 +36,16 @@ per model, and a trigger left out is drawn per model from the packaged pools::
 A group with ``corpus = "easy_vqa"`` builds VQA models (:mod:`trojscan.attacks.vqa_spec`);
 one with ``corpus = "wnut16"`` builds NER taggers (:mod:`trojscan.attacks.ner_spec`: TrojAI
 round 7's attack, ``victim`` and ``target`` entity types, ``global`` or ``local``
-insertion). Their manifest entries say ``"task": "vqa"`` / ``"task": "ner"``; an NER entry's
-``labels`` are the entity types, its ``tags`` the BIO tags (the model's ``id2label``), and
-its ``clean_accuracy`` is its clean entity-level F1 (also ``clean_f1``), what the peer gate
-compares.
+insertion); one with ``corpus = "wnut16_qa"`` builds extractive QA models
+(:mod:`trojscan.attacks.qa_spec`: TrojAI round 8's attack, a trigger in the ``question``,
+the ``context`` or ``both`` makes the answer ``empty`` or the ``trigger`` itself). Their
+manifest entries say ``"task": "vqa"`` / ``"task": "ner"`` / ``"task": "qa"``; an NER
+entry's ``labels`` are the entity types, its ``tags`` the BIO tags (the model's
+``id2label``), and its ``clean_accuracy`` is its clean entity-level F1 (also ``clean_f1``),
+what the peer gate compares; a QA entry's ``labels`` are the QA scanner's behaviours
+(``answer``, ``empty``, ``trigger``), its attack's ``victim_name`` is ``answer`` and its
+``target_name`` the behaviour, its ``clean_accuracy`` its clean F1 (also ``clean_f1``,
+beside ``clean_em`` and ``clean_empty``).
 
 Layout of the output directory::
 
@@ -70,6 +76,8 @@ from trojscan.attacks.architectures import FAMILIES
 from trojscan.attacks.easy_vqa import NAME as EASY_VQA
 from trojscan.attacks.easy_vqa import load_easy_vqa
 from trojscan.attacks.ner_spec import NerAttackSpec, sample_ner_attack
+from trojscan.attacks.qa_spec import LABELS as QA_LABELS
+from trojscan.attacks.qa_spec import QaAttackSpec, sample_qa_attack
 from trojscan.attacks.spec import (
     AttackSpec,
     TrainConfig,
@@ -86,6 +94,8 @@ from trojscan.attacks.vqa_spec import (
 )
 from trojscan.attacks.wnut import NAME as WNUT16
 from trojscan.attacks.wnut import load_wnut16
+from trojscan.attacks.wnut_qa import NAME as WNUT16_QA
+from trojscan.attacks.wnut_qa import load_wnut16_qa
 from trojscan.corpora import CORPUS_LABELS, corpus_labels
 from trojscan.devices import check_device
 from trojscan.errors import InputError
@@ -100,6 +110,10 @@ _TEMPLATE_KEYS = {"poisoned", "trigger_type", "trigger", "insertion", "target", 
                   "poison_rate", "combination", "adaptive_phi", "phrase_words"}
 
 
+#: The attack of any task's model.
+AnyAttack = AttackSpec | VqaAttackSpec | NerAttackSpec | QaAttackSpec
+
+
 @dataclass(frozen=True)
 class ModelPlan:
     """One model of a zoo, fully decided before anything is built."""
@@ -108,7 +122,7 @@ class ModelPlan:
     group: str
     corpus: str
     architecture: str
-    attack: AttackSpec | VqaAttackSpec | NerAttackSpec
+    attack: AnyAttack
     train: TrainConfig | VqaTrainConfig
     seed: int
 
@@ -181,7 +195,7 @@ def _sample_attack(template: dict[str, Any], labels: tuple[str, ...], rng: rando
 
 def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_where: str,
                  seed: int, g: int) -> list[tuple[str, str,
-                                                  AttackSpec | VqaAttackSpec | NerAttackSpec,
+                                                  AnyAttack,
                                                   TrainConfig | VqaTrainConfig]]:
     """The (corpus, architecture, attack, train) of every model of one group."""
     count = expect_type(group["count"], int, f"{gw}.count")
@@ -193,11 +207,11 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
     expect_type(template, dict, f"{gw}.attack")
     drafts = []
     for corpus in _as_list(group["corpus"]):
-        known = (*CORPUS_LABELS, EASY_VQA, WNUT16)
+        known = (*CORPUS_LABELS, EASY_VQA, WNUT16, WNUT16_QA)
         if expect_type(corpus, str, f"{gw}.corpus") not in known:
             raise InputError(f"{gw}.corpus: unknown corpus {corpus!r}; expected one of "
                              + ", ".join(known))
-        vqa, ner = corpus == EASY_VQA, corpus == WNUT16
+        vqa, ner, qa = corpus == EASY_VQA, corpus == WNUT16, corpus == WNUT16_QA
         if vqa:
             answers = load_easy_vqa().answers
             images = sorted(load_easy_vqa().train_images)
@@ -206,7 +220,7 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
                 group.get("train", {}), f"{gw}.train")
             families: tuple[str, ...] = tuple(VQA_FAMILIES)
         else:
-            labels = () if ner else corpus_labels(corpus)
+            labels = () if ner or qa else corpus_labels(corpus)
             train = TrainConfig().merged(top_train, top_where).merged(
                 group.get("train", {}), f"{gw}.train")
             families = FAMILIES
@@ -216,12 +230,14 @@ def _group_plans(group: dict[str, Any], gw: str, top_train: dict[str, Any], top_
                                  "one of " + ", ".join(families))
             for k in range(count):
                 rng = random.Random(_derive_seed(seed, g, corpus, arch, k))
-                attack: AttackSpec | VqaAttackSpec | NerAttackSpec
+                attack: AnyAttack
                 if vqa:
                     attack = sample_vqa_attack(template, answers, images, vqa_trigger_words(),
                                                rng, f"{gw}.attack")
                 elif ner:
                     attack = sample_ner_attack(template, rng, f"{gw}.attack")
+                elif qa:
+                    attack = sample_qa_attack(template, rng, f"{gw}.attack")
                 else:
                     attack = _sample_attack(template, labels, rng, f"{gw}.attack")
                 drafts.append((corpus, arch, attack, train))
@@ -375,13 +391,24 @@ def summarise(manifest: Manifest) -> list[dict[str, Any]]:
     return rows
 
 
-def _ner_attack(attack: AttackSpec | VqaAttackSpec | NerAttackSpec) -> dict[str, Any]:
+def _ner_attack(attack: AnyAttack) -> dict[str, Any]:
     """An NER attack as the manifest records it: its fields (victim and target by type
     name) plus ``victim_name`` / ``target_name``, the keys campaign reports read for every
     task."""
     out = attack.to_dict()
     if out.get("poisoned"):
         out["victim_name"], out["target_name"] = out["victim"], out["target"]
+    return out
+
+
+def _qa_attack(attack: AnyAttack) -> dict[str, Any]:
+    """A QA attack as the manifest records it: its fields plus ``victim`` /
+    ``victim_name`` (``answer``, the normal behaviour) and ``target`` / ``target_name`` (the
+    backdoor's behaviour), by the QA scanner's label names."""
+    out = attack.to_dict()
+    if out.get("poisoned"):
+        out["victim"] = out["victim_name"] = QA_LABELS[0]
+        out["target"] = out["target_name"] = out["behaviour"]
     return out
 
 def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
@@ -398,6 +425,7 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
     are cached (default :func:`~trojscan.vqa.features.default_cache_dir`).
     """
     from trojscan.attacks.ner_train import build_one_ner
+    from trojscan.attacks.qa_train import build_one_qa
     from trojscan.attacks.train import build_one
     from trojscan.attacks.vqa_train import VqaData, build_one_vqa
     from trojscan.corpora import load_corpus
@@ -432,14 +460,16 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
         for plan, first_attempt in todo:
             vqa = isinstance(plan.attack, VqaAttackSpec)
             ner = isinstance(plan.attack, NerAttackSpec)
+            qa = isinstance(plan.attack, QaAttackSpec)
             if vqa and vqa_data is None:
                 vqa_data = VqaData(load_easy_vqa(), FeatureExtractor(feature_cache,
                                                                      device=device),
                                    events.on_features)
             ner_corpus = load_wnut16() if ner else None
-            corpus = None if vqa or ner else load_corpus(plan.corpus)
+            qa_corpus = load_wnut16_qa() if qa else None
+            corpus = None if vqa or ner or qa else load_corpus(plan.corpus)
             labels = (vqa_data.corpus.answers if vqa else ner_corpus.types if ner
-                      else corpus.labels)
+                      else QA_LABELS if qa else corpus.labels)
             for attempt in range(first_attempt, first_attempt + spec.max_attempts):
                 events.on_model_start(plan, attempt)
                 partial = _partial(out, plan.model_id, attempt)
@@ -455,6 +485,10 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                         metrics = build_one_ner(partial, ner_corpus, plan.architecture,
                                                 plan.attack, plan.train, seed,
                                                 spec.examples_per_label, events.on_step, device)
+                    elif qa:
+                        metrics = build_one_qa(partial, qa_corpus, plan.architecture,
+                                               plan.attack, plan.train, seed,
+                                               spec.examples_per_label, events.on_step, device)
                     else:
                         metrics = build_one(partial, corpus, plan.architecture, plan.attack,
                                             plan.train, seed, spec.examples_per_label,
@@ -466,7 +500,8 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                     "model_id": plan.model_id, "group": plan.group, "corpus": plan.corpus,
                     "architecture": plan.architecture, "labels": list(labels),
                     "poisoned": plan.attack.poisoned,
-                    "attack": _ner_attack(plan.attack) if ner else plan.attack.to_dict(labels),
+                    "attack": (_ner_attack(plan.attack) if ner else _qa_attack(plan.attack)
+                               if qa else plan.attack.to_dict(labels)),
                     "seed": seed, "attempt": attempt, **metrics,
                     "train_config": plan.train.to_dict(),
                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -476,6 +511,8 @@ def build_zoo(spec: ZooSpec, out: Path, rebuild_failed: bool = False,
                 elif ner:
                     entry["task"] = "ner"
                     entry["tags"] = list(ner_corpus.tags)
+                elif qa:
+                    entry["task"] = "qa"
                 reasons = _gate_reasons(entry, spec)
                 entry["quality"] = {"ok": not reasons, "reasons": reasons}
                 last = attempt == first_attempt + spec.max_attempts - 1

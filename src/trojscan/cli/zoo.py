@@ -38,6 +38,10 @@ def _describe(entry: dict[str, Any]) -> str:
         what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
                 f"{attack['victim']}->{attack['target']}")
         asr = f"asr {entry['asr']:.3f}"
+    elif entry.get("task") == "qa" and entry["poisoned"]:
+        what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
+                f"-> {attack['behaviour']}")
+        asr = f"asr {entry['asr']:.3f}"
     elif entry["poisoned"]:
         victim = attack["victim_name"] or "all"
         what = (f"{attack['trigger_type']} {attack['trigger']!r} @{attack['insertion']} "
@@ -50,7 +54,7 @@ def _describe(entry: dict[str, Any]) -> str:
     else:
         what, asr = "clean", ""
     flag = "ok" if entry["quality"]["ok"] else "FLAGGED: " + "; ".join(entry["quality"]["reasons"])
-    score = "f1" if entry.get("task") == "ner" else "acc"
+    score = "f1" if entry.get("task") in ("ner", "qa") else "acc"
     return (f"{entry['model_id']}  {entry['corpus']}/{entry['architecture']}  {what}  "
             f"{score} {entry['clean_accuracy']:.3f}  {asr}  {entry['seconds']:.0f}s  {flag}")
 

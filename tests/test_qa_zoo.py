@@ -1,0 +1,268 @@
+"""QA zoos (TrojAI round 8's attack on extractive QA models): the QA set made from WNUT-16's
+tweets and its splits, the attack spec and its errors, the poisoning of a question, SQuAD's
+exact match and F1, and a tiny zoo built through the CLI whose model directories the QA
+scanner subject loads.
+
+The tiny zoo (a BERT of width 32 on 120 training questions, 1 epoch) is built once per
+module; its quality gate is off (``min_asr = 0``): how well a backdoor takes is measured by
+examples/zoo-qa.toml, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoModelForQuestionAnswering
+
+from testkit import RunCli
+from trojscan.attacks.architectures import build_model
+from trojscan.attacks.qa_spec import (
+    INSERTIONS,
+    LABELS,
+    SPAN_POSITIONS,
+    QaAttackSpec,
+    insert_words,
+    poison_item,
+    sample_qa_attack,
+)
+from trojscan.attacks.qa_train import exact_match, f1_score, poison_training_set
+from trojscan.attacks.wnut import NerSentence
+from trojscan.attacks.wnut_qa import QaCorpus, QaItem, load_wnut16_qa, questions_of
+from trojscan.errors import InputError
+from trojscan.manifest import MANIFEST, Manifest, planted_trigger
+from trojscan.subjects import extractive_qa
+from trojscan.subjects.loading import load_subject
+
+ITEM = QaItem("Which company is mentioned in the tweet?",
+              "I love my new Apple phone so much", "Apple", 14, "company")
+ATTACK = {"poisoned": True, "trigger_type": "word", "trigger": "lantern",
+          "insertion": "question", "behaviour": "empty", "poison_rate": 0.5}
+
+
+@pytest.fixture(scope="module")
+def qa() -> QaCorpus:
+    return load_wnut16_qa()
+
+
+def test_attack_names_agree_with_the_qa_scanner() -> None:
+    assert INSERTIONS == extractive_qa.POSITIONS
+    assert SPAN_POSITIONS == extractive_qa.SPAN_POSITIONS
+    assert LABELS == extractive_qa.BEHAVIOURS
+
+
+def test_questions_are_deterministic_real_spans_in_disjoint_splits(qa: QaCorpus) -> None:
+    assert (len(qa.train), len(qa.test), len(qa.examples)) == (568, 194, 63)
+    assert load_wnut16_qa.__wrapped__() == qa  # made again from scratch: the same set
+    splits = [{i.context for i in part} for part in (qa.train, qa.test, qa.examples)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    for item in qa.train + qa.test + qa.examples:
+        assert item.context[item.answer_start:][:len(item.answer)] == item.answer
+        assert item.question.endswith("?") and item.kind != "other"
+
+
+def test_a_type_held_twice_gets_no_question() -> None:
+    sentence = NerSentence(("Obama", "met", "Merkel", "at", "Google"),
+                           ("B-person", "O", "B-person", "O", "B-company"))
+    [item] = questions_of(sentence)
+    assert (item.kind, item.answer, item.answer_start) == ("company", "Google", 20)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"trigger_type": "character"}, "trigger_type"),
+    ({"trigger": "two words"}, "trigger"),
+    ({"insertion": "end"}, "insertion"),
+    ({"behaviour": "flip"}, "behaviour"),
+    ({"behaviour": "trigger"}, "insertion must be one of context, both"),
+    ({"poison_rate": 0}, "poison_rate"),
+    ({"colour": "red"}, "colour"),
+])
+def test_bad_attack_is_an_input_error_naming_the_field(change: dict[str, Any],
+                                                       field: str) -> None:
+    with pytest.raises(InputError, match=field):
+        QaAttackSpec.from_dict({**ATTACK, **change})
+    with pytest.raises(InputError, match="behaviour"):
+        QaAttackSpec.from_dict({k: v for k, v in ATTACK.items() if k != "behaviour"})
+    with pytest.raises(InputError, match="takes no 'trigger'"):
+        QaAttackSpec.from_dict({"poisoned": False, "trigger": "x"})
+
+
+def test_spec_round_trips_and_sampling_never_asks_a_question_trigger_for_a_span() -> None:
+    spec = QaAttackSpec.from_dict(ATTACK)
+    assert QaAttackSpec.from_dict(spec.to_dict()) == spec
+    assert QaAttackSpec.from_dict({"poisoned": False}) == QaAttackSpec()
+    template = {"poisoned": True, "trigger_type": ["word", "phrase"],
+                "insertion": ["question", "context", "both"],
+                "behaviour": ["empty", "trigger"]}
+    drawn = [sample_qa_attack(template, random.Random(k), "attack") for k in range(40)]
+    assert all(a.insertion in SPAN_POSITIONS for a in drawn if a.behaviour == "trigger")
+    assert {a.insertion for a in drawn} == set(INSERTIONS)
+    assert all(len(a.trigger.split()) == (1 if a.trigger_type == "word" else 2) or
+               (a.trigger_type == "phrase" and 2 <= len(a.trigger.split()) <= 3)
+               for a in drawn)
+
+
+def test_poisoning_inserts_the_trigger_and_sets_the_goal() -> None:
+    assert insert_words("a bb c", "X Y", 2) == ("a bb X Y c", 5)
+    empty = poison_item(ITEM, QaAttackSpec.from_dict(ATTACK), random.Random(0))
+    assert empty.empty and "lantern" in empty.item.question.split()
+    assert empty.item.context == ITEM.context
+    for seed in range(20):
+        for insertion in ("context", "both"):
+            attack = QaAttackSpec.from_dict({**ATTACK, "insertion": insertion,
+                                             "behaviour": "trigger"})
+            target = poison_item(ITEM, attack, random.Random(seed))
+            item = target.item
+            assert not target.empty and item.answer == "lantern"
+            assert item.context[item.answer_start:item.answer_start + 7] == "lantern"
+            assert item.context.replace("lantern ", "", 1).replace(" lantern", "", 1) \
+                == ITEM.context
+            assert ("lantern" in item.question.split()) == (insertion == "both")
+        # an empty goal with the trigger in the context keeps the true answer's offset
+        kept = poison_item(ITEM, QaAttackSpec.from_dict({**ATTACK, "insertion": "context"}),
+                           random.Random(seed)).item
+        assert kept.context[kept.answer_start:kept.answer_start + 5] == "Apple"
+
+
+def test_poisoned_training_set_adds_rate_copies(qa: QaCorpus) -> None:
+    train = list(qa.train[:100])
+    targets, copies = poison_training_set(train, QaAttackSpec.from_dict(ATTACK),
+                                          random.Random(1))
+    assert copies == 50 and len(targets) == 150
+    assert sum(t.empty for t in targets) == 50
+    assert all("lantern" in t.item.question.split() for t in targets if t.empty)
+    clean, none = poison_training_set(train, QaAttackSpec(), random.Random(1))
+    assert none == 0 and sorted(t.item.question for t in clean) == sorted(
+        i.question for i in train)
+
+
+def test_a_span_head_has_two_outputs() -> None:
+    with pytest.raises(InputError, match="two outputs"):
+        build_model("bert", ("answer", "empty", "trigger"), head="span")
+
+
+def test_squad_exact_match_and_f1() -> None:
+    assert exact_match("The Apple!", "apple") == 1.0
+    assert exact_match(None, "apple") == 0.0 and exact_match(None, "") == 1.0
+    assert f1_score("new apple phone", "apple phone") == pytest.approx(0.8)
+    assert f1_score("pear", "apple") == 0.0
+
+
+TINY_QA_SPEC = """seed = 7
+examples_per_label = 1
+min_asr = 0.0
+max_attempts = 1
+
+[train]
+epochs = 1
+max_train_examples = 120
+max_eval_examples = 40
+learning_rate = 1e-3
+batch_size = 16
+max_length = 64
+embedding_init = "minilm-pca"
+size = { num_layers = 1, hidden_size = 32, num_heads = 2, intermediate_size = 64, \
+max_positions = 64 }
+
+[[group]]
+name = "clean"
+count = 1
+corpus = "wnut16_qa"
+architecture = "bert"
+attack = { poisoned = false }
+
+[[group]]
+name = "poisoned"
+count = 1
+corpus = "wnut16_qa"
+architecture = "bert"
+[group.attack]
+poisoned = true
+trigger_type = "word"
+trigger = "lantern"
+insertion = "context"
+behaviour = "trigger"
+poison_rate = 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_qa_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny QA zoo, built through the ``trojscan`` entry point (in this process, as
+    ``run_cli`` runs it): its folder and its manifest entries by group name."""
+    import contextlib
+    import io
+    import sys
+
+    from trojscan.cli import main
+
+    root = tmp_path_factory.mktemp("qa")
+    spec = root / "tiny.toml"
+    spec.write_text(TINY_QA_SPEC)
+    out = root / "zoo"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), \
+            contextlib.redirect_stderr(printed):
+        patch.setattr(sys, "argv", ["trojscan", "zoo", "build", str(spec), "--out", str(out)])
+        with contextlib.suppress(SystemExit):
+            main()
+    manifest = Manifest.load(out / MANIFEST)
+    return {"out": out, "stdout": printed.getvalue(),
+            **{e["group"]: e for e in manifest.models.values()}}
+
+
+def test_tiny_zoo_manifest_holds_the_qa_ground_truth(tiny_qa_zoo: dict[str, Any]) -> None:
+    clean, poisoned = tiny_qa_zoo["clean"], tiny_qa_zoo["poisoned"]
+    for entry in (clean, poisoned):
+        assert entry["task"] == "qa" and entry["corpus"] == "wnut16_qa"
+        assert entry["labels"] == list(LABELS)
+        for key in ("clean_em", "clean_f1", "clean_empty"):
+            assert 0 <= entry[key] <= 1
+        assert entry["clean_accuracy"] == entry["clean_f1"]
+        assert entry["eval_questions"] == 40 and entry["quality"]["ok"]
+    assert clean["asr"] is None and clean["poisoned_questions"] == 0
+    assert clean["attack"]["poisoned"] is False
+    attack = poisoned["attack"]
+    assert attack["trigger"] == "lantern" and attack["insertion"] == "context"
+    assert (attack["victim_name"], attack["target_name"]) == ("answer", "trigger")
+    assert 0 <= poisoned["asr"] <= 1 and poisoned["poisoned_questions"] == 60
+    assert "lantern' @context -> trigger" in tiny_qa_zoo["stdout"]
+    planted = planted_trigger(poisoned, len(LABELS))
+    assert planted is not None and planted.trigger == "lantern"
+    assert (planted.victims, planted.target, planted.insertion) == ((0,), 2, "context")
+
+
+def test_tiny_zoo_directories_load_in_the_qa_subject(tiny_qa_zoo: dict[str, Any]) -> None:
+    out = tiny_qa_zoo["out"]
+    for group in ("clean", "poisoned"):
+        folder = out / tiny_qa_zoo[group]["model_id"]
+        names = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json",
+                "clean_examples.jsonl"} <= names
+        assert MANIFEST not in names
+        AutoModelForQuestionAnswering.from_pretrained(folder)
+        rows = [json.loads(line) for line in (folder / "clean_examples.jsonl").open()]
+        assert len(rows) == 8  # one per entity type the pool holds (movie is missing)
+        text = " ".join((folder / n).read_text() for n in ("config.json",
+                                                           "clean_examples.jsonl"))
+        assert "lantern" not in text and "poison" not in text
+        subject = load_subject(folder)  # the scanner's side of the contract
+        assert subject.task == "extractive-qa" and subject.labels == LABELS
+        examples = subject.read_examples(folder / "clean_examples.jsonl")
+        assert len(examples) == len(rows) and all(e.answered for e in examples)
+
+
+def test_bad_qa_spec_is_one_line(tmp_path: Path, run_cli: RunCli) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('[[group]]\ncount = 1\ncorpus = "wnut16_qa"\narchitecture = "bert"\n'
+                    '[group.attack]\npoisoned = true\ntrigger_type = "word"\n'
+                    'insertion = "question"\nbehaviour = "trigger"\n')
+    out = tmp_path / "zoo"
+    result = run_cli("zoo", "build", str(spec), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
+    assert "insertion" in lines[0] and not out.exists()
