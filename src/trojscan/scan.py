@@ -109,7 +109,7 @@ class ScanConfig:
             every MiniLM model of the README's zoo, ranks first. An NER tagger has 90
             (victim, target) pairs, where the paper's K-Arm pre-selection runs "20 epochs
             for each victim-target label pair" (Appendix A); at 20 the planted pair of a
-            MiniLM tagger ranked first of the 90 (README "NER").
+            MiniLM tagger ranked first of the 90 (README "NER taggers and QA models").
         prerun_victims: victim examples per candidate in the pre-run, 0 for the full run's
             (``max_victims``). Fewer make a pre-run over many candidates (every position,
             every label pair) cheap; the pre-run is then a separate run and the kept
