@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trojscan.errors import InputError
@@ -68,7 +67,9 @@ class SpanBatch(Batch):
         attention_mask: (B, L), 1 on real tokens and slots.
         slot_index: (B, L) the trigger slot (0..m-1) at slot positions (a ``both`` row holds
             each twice), -1 elsewhere.
-        starts, ends: (B,) the goal span of each row.
+        starts, ends: (B,) the goal span of each row: [CLS] for the empty answer, the first and
+            last context slot for the trigger answer (any span among those slots counts:
+            :meth:`ExtractiveQaSubject._goal_tokens`).
         owner: (B,) the candidate each row belongs to.
     """
 
@@ -282,11 +283,24 @@ class ExtractiveQaSubject(HuggingFaceSubject):
         return out
 
     @staticmethod
-    def _span_loss(logits: torch.Tensor, batch: SpanBatch) -> torch.Tensor:
-        """(B,) the mean of the start and end cross-entropies towards the goal span."""
-        start = F.cross_entropy(logits[..., 0], batch.starts, reduction="none")
-        end = F.cross_entropy(logits[..., 1], batch.ends, reduction="none")
-        return (start + end) / 2
+    def _goal_tokens(batch: SpanBatch) -> torch.Tensor:
+        """(B, L) where the answer may start and end: [CLS] for the empty answer; for the
+        trigger answer every slot in the context, so the answer may be any part of the
+        inverted trigger (a planted trigger of a word or two, which the model learnt to
+        answer with exactly, can sit anywhere among the inverted trigger's slots)."""
+        cls = torch.zeros_like(batch.slot_index, dtype=torch.bool)
+        cls[:, 0] = True
+        slots = (batch.slot_index >= 0) & (batch.token_type_ids == 1)
+        return torch.where((batch.starts > 0).unsqueeze(1), slots, cls)
+
+    @classmethod
+    def _span_loss(cls, logits: torch.Tensor, batch: SpanBatch) -> torch.Tensor:
+        """(B,) the mean of the start and end losses: each the negative log of the
+        probability that it falls on a goal token (:meth:`_goal_tokens`; for the empty
+        answer the cross-entropy towards [CLS])."""
+        goal = cls._goal_tokens(batch)
+        logp = logits.log_softmax(1).masked_fill(~goal.unsqueeze(-1), float("-inf"))
+        return -logp.logsumexp(1).mean(-1)
 
     def goal_loss(self, batch: SpanBatch, trigger: torch.Tensor) -> torch.Tensor:
         """Each row's span loss towards its goal with the slots filled by ``trigger``."""
@@ -295,8 +309,10 @@ class ExtractiveQaSubject(HuggingFaceSubject):
     def hard_check(self, batch: SpanBatch,
                    trigger_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The span loss with the trigger as token ids, and 1.0 where the start and the end
-        argmaxes are the goal's."""
+        argmaxes are goal tokens, the start not after the end."""
         logits = self.logits_from_tokens(batch, trigger_ids)
         best = logits.argmax(1)
-        hit = (best[:, 0] == batch.starts) & (best[:, 1] == batch.ends)
+        goal = self._goal_tokens(batch)
+        on_goal = goal.gather(1, best).all(1)
+        hit = on_goal & (best[:, 0] <= best[:, 1])
         return self._span_loss(logits, batch), hit.float()
