@@ -70,8 +70,37 @@ def test_embedding_path_matches_token_ids_with_the_trigger_twice() -> None:
         logits = subject.logits_from_tokens(batch, ids)
     assert torch.allclose(relaxed, loss, atol=1e-4)
     best = logits.argmax(1)
-    expected = ((best[:, 0] == batch.starts) & (best[:, 1] == batch.ends)).float()
+    context_slots = (batch.slot_index >= 0) & (batch.token_type_ids == 1)
+    expected = (context_slots.gather(1, best).all(1) & (best[:, 0] <= best[:, 1])).float()
     assert torch.equal(hit, expected)
+
+
+def test_a_trigger_answer_may_be_any_part_of_the_trigger() -> None:
+    # A planted word may sit anywhere among the inverted trigger's slots, and the model
+    # answers with it alone: any span of the context slots is the trigger answer, a span on
+    # the question's copy of the trigger or on the context's own words is not.
+    subject = span_model()
+    batch = subject.batch([Candidate((ANSWER,), TRIGGER, "both")], [EXAMPLES[:1]], 3)
+    width = batch.input_ids.shape[1]
+    in_context = (batch.slot_index[0] >= 0) & (batch.token_type_ids[0] == 1)
+    in_question = (batch.slot_index[0] >= 0) & (batch.token_type_ids[0] == 0)
+    context, question = in_context.nonzero().flatten(), in_question.nonzero().flatten()
+
+    def answering(start: int, end: int) -> torch.Tensor:
+        logits = torch.full((1, width, 2), -20.0)
+        logits[0, start, 0] = logits[0, end, 1] = 20.0
+        return logits
+
+    def loss(logits: torch.Tensor, goal_batch: object) -> float:
+        return subject._span_loss(logits, goal_batch).item()
+
+    assert loss(answering(context[1], context[1]), batch) < 1e-3
+    assert loss(answering(context[0], context[2]), batch) < 1e-3
+    assert loss(answering(question[0], question[0]), batch) > 10
+    assert loss(answering(int(context[-1]) + 1, int(context[-1]) + 1), batch) > 10
+    empty = subject.batch([Candidate((ANSWER,), EMPTY, "both")], [EXAMPLES[:1]], 3)
+    assert loss(answering(0, 0), empty) < 1e-3
+    assert loss(answering(context[1], context[1]), empty) > 10
 
 
 def test_gradients_reach_the_trigger() -> None:

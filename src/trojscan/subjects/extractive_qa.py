@@ -13,11 +13,15 @@ behaviour at a trigger position:
 * ``context``: ``m`` slots at the start of the context;
 * ``both``: the same trigger in both places.
 
-The goal of a row is the start and end position its candidate's behaviour asks for: [CLS]
-for ``empty``; the first and last trigger slot *in the context* for ``trigger`` (so the
-``question`` position only takes ``empty``). The goal loss is the mean of the start and end
-cross-entropies (the span head's own training loss); a hard trigger succeeds when both
-argmaxes land on the goal. The model runs from input embeddings with its token type ids
+The goal of a row is where its candidate's behaviour asks the answer to start and end:
+[CLS] for ``empty``; any trigger slot *in the context* for ``trigger`` (so the ``question``
+position only takes ``empty``), since a planted trigger of a word or two, which the model
+learnt to answer with exactly, may sit anywhere among the inverted trigger's slots. The goal
+loss is the mean of the start and end losses, each the negative log of the probability on
+the goal tokens (for ``empty`` the span head's own cross-entropy); a hard trigger succeeds
+when both argmaxes land on goal tokens, the start not after the end. Asking the span to
+cover all of the slots instead left 4 of 5 trigger-answer backdoors of the QA zoo unfound
+(README "NER taggers and QA models"). The model runs from input embeddings with its token type ids
 (question 0, context 1).
 
 Clean examples: one JSON object per line in SQuAD's form, ``{"question", "context",
