@@ -23,6 +23,7 @@ from trojscan.inversion.base import InversionTask, Preselection, make_config, me
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.scan import SHORT_THRESHOLD, ScanConfig, scan_subject, trigger_check
 from trojscan.subjects.base import SPREAD, Candidate
+from trojscan.subjects.extractive_qa import ExtractiveQaSubject
 from trojscan.subjects.token_classification import TokenClassificationSubject
 
 SEARCHES = ["dbs", "dbs-no-backtracking", "uat", "gcg", "ascc", "genetic"]
@@ -296,3 +297,18 @@ def test_the_pre_run_takes_the_familys_epochs_unless_the_scan_sets_them() -> Non
     assert scan_subject(subject, toy_examples(subject), own).config["prerun_epochs"] == 1
     assert ToySubject.prerun_epochs == 40
     assert TokenClassificationSubject.prerun_epochs == 20
+
+
+def test_a_family_that_does_not_preselect_inverts_every_candidate() -> None:
+    # A QA model's two behaviours (empty answer, trigger answer) are both fully inverted:
+    # their relaxed losses are not comparable, so no pre-run drops one.
+    subject = ToySubject()
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=2, epochs=3),
+                        top_k=1, prerun_epochs=1, shorten=False, screen=None,
+                        decision_length=0)
+    kept = scan_subject(subject, toy_examples(subject), config)
+    assert [c.full_run for c in kept.candidates].count(False) > 0
+    subject.preselects = False
+    every = scan_subject(subject, toy_examples(subject), config)
+    assert all(c.loss is not None for c in every.candidates)
+    assert ExtractiveQaSubject.preselects is False and ToySubject.preselects is True

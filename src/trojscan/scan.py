@@ -431,7 +431,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     screened = {where: t for _, where, t in found_by_screen}
     todo = everything
     keep = min(config.top_k, math.ceil(len(todo) / 2))
-    preselect = inverter.batched and len(labels) > config.preselect_above and len(todo) > keep
+    preselect = (subject.preselects and inverter.batched and len(labels) > config.preselect_above
+                 and len(todo) > keep)
     if config.screen_selects and found_by_screen:
         # The screen pre-selects: the top k candidates by their screened token's loss.
         ranked = sorted(range(len(found_by_screen)), key=lambda i: found_by_screen[i][2].loss)

@@ -110,6 +110,9 @@ class Subject(ABC):
     #: Epochs of a scan's pre-run over the candidates, unless the scan sets its own
     #: (:attr:`trojscan.scan.ScanConfig.prerun_epochs`).
     prerun_epochs: ClassVar[int] = 40
+    #: Whether a scan may pre-select the candidates it fully inverts (a pre-run, when the
+    #: lone-token screen does not pick); False: every candidate is fully inverted.
+    preselects: ClassVar[bool] = True
     #: Where a trigger may go (the ``position`` of a candidate).
     positions: ClassVar[tuple[str, ...]]
     #: What this family is, for an error that lists the families trojscan scans.

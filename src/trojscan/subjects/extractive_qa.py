@@ -110,6 +110,10 @@ class ExtractiveQaSubject(HuggingFaceSubject):
 
     task = "extractive-qa"
     positions = POSITIONS
+    #: At most 5 candidates (2 when spread over the positions), and the two behaviours'
+    #: relaxed losses are not comparable: a pre-run that keeps the lower one dropped every
+    #: empty-answer backdoor of the QA zoo once the trigger answer's goal took any slot.
+    preselects = False
     describes = "Hugging Face extractive QA models (*ForQuestionAnswering)"
 
     architecture_suffix = "ForQuestionAnswering"
