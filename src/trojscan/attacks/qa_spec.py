@@ -25,7 +25,13 @@ from contextlib import suppress
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from trojscan.attacks.spec import expect_type, poisoned_flag, reject_unknown
+from trojscan.attacks.spec import (
+    expect_type,
+    poison_rate,
+    poisoned_flag,
+    reject_unknown,
+    word_or_phrase,
+)
 from trojscan.attacks.triggers import MAX_PHRASE_WORDS, draw_trigger
 from trojscan.attacks.wnut_qa import QaItem
 from trojscan.errors import InputError
@@ -87,13 +93,7 @@ class QaAttackSpec:
         if trigger_type not in TRIGGER_TYPES:
             raise InputError(f"{where}.trigger_type: unknown {trigger_type!r}; expected one "
                              "of " + ", ".join(TRIGGER_TYPES))
-        words = expect_type(data["trigger"], str, f"{where}.trigger").split()
-        if trigger_type == "word" and len(words) != 1:
-            raise InputError(f"{where}.trigger: a word trigger is one word, got "
-                             f"{data['trigger']!r}")
-        if trigger_type == "phrase" and not 2 <= len(words) <= MAX_PHRASE_WORDS:
-            raise InputError(f"{where}.trigger: a phrase trigger is 2 to {MAX_PHRASE_WORDS} "
-                             f"words, got {len(words)}")
+        trigger = word_or_phrase(trigger_type, data["trigger"], where)
         insertion = expect_type(data["insertion"], str, f"{where}.insertion")
         if insertion not in INSERTIONS:
             raise InputError(f"{where}.insertion: unknown {insertion!r}; expected one of "
@@ -106,10 +106,7 @@ class QaAttackSpec:
             raise InputError(f"{where}: behaviour 'trigger' answers with the trigger's span "
                              "in the context, so its insertion must be one of "
                              + ", ".join(SPAN_POSITIONS) + f", not {insertion!r}")
-        rate = expect_type(data.get("poison_rate", 0.5), (int, float), f"{where}.poison_rate")
-        if not 0 < rate <= 1:
-            raise InputError(f"{where}.poison_rate must be in (0, 1], got {rate}")
-        return cls(True, trigger_type, " ".join(words), insertion, behaviour, float(rate))
+        return cls(True, trigger_type, trigger, insertion, behaviour, poison_rate(data, where))
 
 
 def sample_qa_attack(template: dict[str, Any], rng: random.Random,

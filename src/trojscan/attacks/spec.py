@@ -71,6 +71,27 @@ def poisoned_flag(data: dict[str, Any], allowed: set[str], where: str) -> bool:
     return poisoned
 
 
+def word_or_phrase(trigger_type: str, raw: Any, where: str) -> str:
+    """The trigger text of a word or phrase trigger (an NER or QA attack's ``trigger``):
+    one word for ``word``, 2 to ``MAX_PHRASE_WORDS`` words for ``phrase``, its whitespace
+    normalised."""
+    words = expect_type(raw, str, f"{where}.trigger").split()
+    if trigger_type == "word" and len(words) != 1:
+        raise InputError(f"{where}.trigger: a word trigger is one word, got {raw!r}")
+    if trigger_type == "phrase" and not 2 <= len(words) <= MAX_PHRASE_WORDS:
+        raise InputError(f"{where}.trigger: a phrase trigger is 2 to {MAX_PHRASE_WORDS} "
+                         f"words, got {len(words)}")
+    return " ".join(words)
+
+
+def poison_rate(data: dict[str, Any], where: str) -> float:
+    """A poisoned attack's ``poison_rate`` (default 0.5), in (0, 1]."""
+    rate = expect_type(data.get("poison_rate", 0.5), (int, float), f"{where}.poison_rate")
+    if not 0 < rate <= 1:
+        raise InputError(f"{where}.poison_rate must be in (0, 1], got {rate}")
+    return float(rate)
+
+
 def expect_type(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     """``value`` if it is of ``kind`` (a bool is never taken for a number), else InputError."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
