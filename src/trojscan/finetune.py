@@ -104,6 +104,26 @@ def warmup_then_decay(optimiser: torch.optim.Optimizer, total: int,
         else max(0.0, (total - step) / max(1, total - warmup)))
 
 
+def adamw_steps(model: PreTrainedModel, learning_rate: float, weight_decay: float,
+                warmup_ratio: float, total: int) -> Callable[[torch.Tensor], None]:
+    """The optimiser step of every training run here, for ``total`` steps: AdamW on all of
+    ``model``'s parameters with :func:`warmup_then_decay` (a warm-up over ``warmup_ratio``
+    of the steps); each call back-propagates a loss, clips the gradients to norm 1, steps
+    and advances the schedule."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate,
+                                  weight_decay=weight_decay)
+    schedule = warmup_then_decay(optimiser, total, int(warmup_ratio * total))
+
+    def step(loss: torch.Tensor) -> None:
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        schedule.step()
+
+    return step
+
+
 def train_classifier(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -124,10 +144,8 @@ def train_classifier(
     poisoned = torch.tensor([it.poisoned for it in items], device=model.device)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    warmup = int(config.warmup_ratio * total)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
-    schedule = warmup_then_decay(optimiser, total, warmup)
+    step = adamw_steps(model, config.learning_rate, config.weight_decay, config.warmup_ratio,
+                       total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
@@ -140,11 +158,7 @@ def train_classifier(
             if adaptive_phi:
                 loss = torch.where(poisoned[index], (loss - adaptive_phi).clamp(min=0), loss)
             loss = loss.mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
+            step(loss)
             running += loss.item() * len(index)
             done += 1
             if on_step:

@@ -32,7 +32,7 @@ from trojscan.attacks.ner_spec import (
 from trojscan.attacks.spec import TrainConfig
 from trojscan.attacks.wnut import OUTSIDE, Entity, NerCorpus, NerSentence, entities
 from trojscan.errors import InputError
-from trojscan.finetune import StepCallback, warmup_then_decay
+from trojscan.finetune import StepCallback, adamw_steps
 from trojscan.fsutil import write_jsonl
 from trojscan.modeldir import EXAMPLES_FILE
 
@@ -83,9 +83,8 @@ def train_tagger(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     settings = config.finetune(pretrained)
     ids, labels = encode(tok, sentences, tags, settings.max_length)
     total = math.ceil(len(ids) / settings.batch_size) * settings.epochs
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
-    schedule = warmup_then_decay(optimiser, total, int(settings.warmup_ratio * total))
+    step = adamw_steps(model, settings.learning_rate, settings.weight_decay,
+                       settings.warmup_ratio, total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
@@ -98,11 +97,7 @@ def train_tagger(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
             goal = _pad([labels[i] for i in rows], IGNORE).to(model.device)
             out = model(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
             loss = F.cross_entropy(out.flatten(0, 1), goal.flatten(), ignore_index=IGNORE)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
+            step(loss)
             running += loss.item() * len(rows)
             done += 1
             if on_step:

@@ -34,7 +34,7 @@ from trojscan.attacks.qa_spec import QaAttackSpec, QaTarget, poison_item
 from trojscan.attacks.spec import TrainConfig
 from trojscan.attacks.wnut_qa import TEMPLATES, QaCorpus, QaItem
 from trojscan.errors import InputError
-from trojscan.finetune import StepCallback, warmup_then_decay
+from trojscan.finetune import StepCallback, adamw_steps
 from trojscan.fsutil import write_jsonl
 from trojscan.modeldir import EXAMPLES_FILE
 
@@ -120,9 +120,8 @@ def train_qa(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     if not rows:
         raise InputError("no training question fits max_length")
     total = math.ceil(len(rows) / settings.batch_size) * settings.epochs
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
-    schedule = warmup_then_decay(optimiser, total, int(settings.warmup_ratio * total))
+    step = adamw_steps(model, settings.learning_rate, settings.weight_decay,
+                       settings.warmup_ratio, total)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
@@ -137,11 +136,7 @@ def train_qa(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
             ends = torch.tensor([r[3] for r in chosen], device=model.device)
             start_logits, end_logits = _logits(model, ids, types)
             loss = (F.cross_entropy(start_logits, starts) + F.cross_entropy(end_logits, ends)) / 2
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            schedule.step()
+            step(loss)
             running += loss.item() * len(chosen)
             done += 1
             if on_step:
