@@ -128,37 +128,40 @@ def load(page: Path, screenshot: Path) -> Loaded:
         os.dup2(high[0], 3)
         os.dup2(high[1], 4)
 
-    with tempfile.TemporaryDirectory(prefix="trojscan-chromium-") as profile:
-        process = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            preexec_fn=pipes, pass_fds=(3, 4),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for fd in high:
-            os.close(fd)
-        tools = _DevTools(browser_in, browser_out)
-        try:
-            target = tools.send("Target.createTarget", url="about:blank")["targetId"]
-            session = tools.send("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
-            for domain in ("Page", "Runtime", "Log", "Network"):
-                tools.send(f"{domain}.enable", session)
-            url = Path(page).resolve().as_uri()
-            tools.send("Page.navigate", session, url=url)
-            tools.wait_loaded(session, url)
-            time.sleep(0.5)  # late console messages and requests
-            size = tools.send("Page.getLayoutMetrics", session)["cssContentSize"]
-            shot = tools.send("Page.captureScreenshot", session, format="png",
-                              captureBeyondViewport=True,
-                              clip={"x": 0, "y": 0, "width": size["width"],
-                                    "height": size["height"], "scale": 1})
-            dom = json.loads(tools.evaluate(session, DOM_QUERY))
-            tools.send("Browser.close")
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            os.close(browser_in)
-            os.close(browser_out)
+    # The profile lives beside the screenshot (the caller's folder), not in a temporary
+    # directory removed on exit: Chromium's helper processes can still be writing to it
+    # after the browser itself has exited, and the removal then fails.
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=Path(screenshot).parent)
+    process = subprocess.Popen(
+        [executable, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        preexec_fn=pipes, pass_fds=(3, 4),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for fd in high:
+        os.close(fd)
+    tools = _DevTools(browser_in, browser_out)
+    try:
+        target = tools.send("Target.createTarget", url="about:blank")["targetId"]
+        session = tools.send("Target.attachToTarget", targetId=target,
+                             flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.send(f"{domain}.enable", session)
+        url = Path(page).resolve().as_uri()
+        tools.send("Page.navigate", session, url=url)
+        tools.wait_loaded(session, url)
+        time.sleep(0.5)  # late console messages and requests
+        size = tools.send("Page.getLayoutMetrics", session)["cssContentSize"]
+        shot = tools.send("Page.captureScreenshot", session, format="png",
+                          captureBeyondViewport=True,
+                          clip={"x": 0, "y": 0, "width": size["width"],
+                                "height": size["height"], "scale": 1})
+        dom = json.loads(tools.evaluate(session, DOM_QUERY))
+        tools.send("Browser.close")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        os.close(browser_in)
+        os.close(browser_out)
     Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
     return Loaded(_errors(tools.events), _requests(tools.events, url), dom, Path(screenshot))
 
