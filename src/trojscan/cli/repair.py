@@ -19,13 +19,24 @@ from trojscan.cli.common import (
 )
 
 
+def _mean(values: list[float | None]) -> float | None:
+    measured = [v for v in values if v is not None]
+    return sum(measured) / len(measured) if measured else None
+
+
 def _print_repair(report: dict[str, Any]) -> None:
     before, after = report["before"], report["after"]
     table = Table("held-out", "before", "after")
     table.add_row("clean accuracy", num(before["clean_accuracy"]),
                   num(after["clean_accuracy"]))
-    table.add_row(f"ASR, inverted trigger {report['scan']['trigger_text']!r}",
-                  num(before["inverted_asr"]), num(after["inverted_asr"]))
+    for u in report["unlearned"]:
+        table.add_row(f"ASR, {u['source']} trigger {u['trigger']!r} ({u['position']})",
+                      num(u["asr_before"]), num(u["asr_after"]))
+    if report["neighbours"]:
+        rows = report["neighbours"]
+        table.add_row(f"ASR, {len(rows)} neighbour variants (mean)",
+                      num(_mean([r["asr_before"] for r in rows])),
+                      num(_mean([r["asr_after"] for r in rows])))
     if report["truth"] is not None and report["truth"]["trigger"] is not None:
         table.add_row(f"ASR, true trigger {report['truth']['trigger']!r}",
                       num(before["true_asr"]), num(after["true_asr"]))
@@ -34,12 +45,13 @@ def _print_repair(report: dict[str, Any]) -> None:
         out_console.print("(-: no held-out victim example was classified right without the "
                           "trigger, so there was nothing for it to flip)")
     data = report["data"]
+    why = {"accuracy_guard": " (stopped early: accuracy fell past the margin)",
+           "target_asr": " (stopped: every scan trigger's ASR reached the goal)",
+           "epochs": ""}[report["stop"]]
     out_console.print(f"trained on {data['train']} examples ({data['stamped']} stamped), "
                       f"measured on {data['held_out']} held out; kept epoch "
-                      f"{report['kept_epoch']} of {len(report['history'])} run"
-                      + (" (stopped early: accuracy fell past the margin)"
-                         if report["stopped_early"] else "")
-                      + f"; {report['seconds']:.0f}s on {report['device']}")
+                      f"{report['kept_epoch']} of {len(report['history'])} run{why}"
+                      f"; {report['seconds']:.0f}s on {report['device']}")
     out_console.print(f"repaired model: {report['out_dir']}")
 
 
@@ -71,7 +83,7 @@ def repair_command(
     eval_fraction: float | None = typer.Option(None, "--eval-fraction", help="Share of "
                                                "--data held out (default 0.2)."),
     repair_epochs: int | None = typer.Option(None, "--epochs", help="Fine-tuning epochs "
-                                             "(default 3)."),
+                                             "(default 3; a ceiling with --target-asr)."),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help="AdamW peak "
                                                "rate (default 1e-4)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Examples per step "
@@ -82,6 +94,30 @@ def repair_command(
     insertion: str | None = typer.Option(None, "--insertion", help="Where stamped examples "
                                          "carry the trigger: scan (the scan's position) or "
                                          "start, end, first_half, second_half, anywhere."),
+    objective: str | None = typer.Option(None, "--objective", help="labels: cross-entropy "
+                                         "with the true labels (the paper's Eq. 6); "
+                                         "consistency: also keep the original model's "
+                                         "outputs on the texts without the trigger "
+                                         "(default consistency)."),
+    consistency_weight: float | None = typer.Option(None, "--consistency-weight",
+                                                    help="Weight of the consistency term "
+                                                    "(default 1)."),
+    max_triggers: int | None = typer.Option(None, "--max-triggers", help="Unlearn at most "
+                                            "this many of the scan's triggers: best, deciding "
+                                            "short one, other candidates under the threshold "
+                                            "(default 4; 1 is the paper's)."),
+    neighbours: int | None = typer.Option(None, "--neighbours", help="Also unlearn the "
+                                          "deciding trigger with each token replaced by its "
+                                          "this many nearest embeddings (default 4; 0: off)."),
+    neighbour_share: float | None = typer.Option(None, "--neighbour-share", help="Share of "
+                                                 "stamped examples carrying a neighbour "
+                                                 "(default 0.5)."),
+    target_asr: float | None = typer.Option(None, "--target-asr", help="Stop once every "
+                                            "scan trigger's held-out ASR is at most this "
+                                            "(default 0.02; negative: run every epoch)."),
+    freeze_embeddings: bool | None = typer.Option(None, "--freeze-embeddings/--train-embeddings",
+                                                  help="Keep the embeddings fixed "
+                                                  "(default: train them)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
@@ -96,7 +132,11 @@ def repair_command(
     knobs = {"data_fraction": data_fraction, "stamp_fraction": stamp_fraction,
              "eval_fraction": eval_fraction, "epochs": repair_epochs,
              "learning_rate": learning_rate, "batch_size": batch_size,
-             "max_accuracy_drop": max_accuracy_drop, "insertion": insertion}
+             "max_accuracy_drop": max_accuracy_drop, "insertion": insertion,
+             "objective": objective, "consistency_weight": consistency_weight,
+             "max_triggers": max_triggers, "neighbours": neighbours,
+             "neighbour_share": neighbour_share, "target_asr": target_asr,
+             "freeze_embeddings": freeze_embeddings}
     config = RepairConfig(seed=seed, **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
     result = read_scan(scan_file)
