@@ -76,16 +76,26 @@ def repair_command(
     force: bool = typer.Option(False, "--force", help="Repair even when the scan's verdict "
                                "is clean (its best candidate is unlearned)."),
     data_fraction: float | None = typer.Option(None, "--data-fraction", help="Share of "
-                                               "--data trained on (default 0.1, the paper's)."),
+                                               "--data trained on, of what is not held out "
+                                               "(default 1: all; the paper trains on 10 % "
+                                               "of the training set)."),
     stamp_fraction: float | None = typer.Option(None, "--stamp-fraction", help="Share of "
                                                 "the trained examples stamped with the inverted "
                                                 "trigger, true label kept (default 0.2)."),
     eval_fraction: float | None = typer.Option(None, "--eval-fraction", help="Share of "
                                                "--data held out (default 0.2)."),
-    repair_epochs: int | None = typer.Option(None, "--epochs", help="Fine-tuning epochs "
-                                             "(default 3; a ceiling with --target-asr)."),
-    learning_rate: float | None = typer.Option(None, "--learning-rate", help="AdamW peak "
-                                               "rate (default 1e-4)."),
+    repair_epochs: int | None = typer.Option(None, "--epochs", help="At most this many "
+                                             "epochs (default 8)."),
+    learning_rate: float | None = typer.Option(None, "--learning-rate", help="The first "
+                                               "epoch's AdamW peak rate (default 3e-5)."),
+    rate_growth: float | None = typer.Option(None, "--rate-growth", help="After an epoch "
+                                             "that left the scan triggers' ASR above "
+                                             "--min-progress of what it was, "
+                                             "multiply the rate by this (default 3; 1: a "
+                                             "fixed rate)."),
+    min_progress: float | None = typer.Option(None, "--min-progress", help="The ASR an "
+                                              "epoch must reach, as a share of the one "
+                                              "before it, to keep the rate (default 0.5)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Examples per step "
                                           "(default 32)."),
     max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", help="Stop "
@@ -133,7 +143,9 @@ def repair_command(
              "eval_fraction": eval_fraction, "epochs": repair_epochs,
              "learning_rate": learning_rate, "batch_size": batch_size,
              "max_accuracy_drop": max_accuracy_drop, "insertion": insertion,
-             "objective": objective, "consistency_weight": consistency_weight,
+             "rate_growth": rate_growth, "min_progress": min_progress,
+             "objective": objective,
+             "consistency_weight": consistency_weight,
              "max_triggers": max_triggers, "neighbours": neighbours,
              "neighbour_share": neighbour_share, "target_asr": target_asr,
              "freeze_embeddings": freeze_embeddings}
