@@ -315,7 +315,8 @@ def test_the_trigger_set_takes_the_short_trigger_and_other_candidates_under_thre
              "asr": 1.0}
     result = scan_result(0.01, threshold=0.1, best={"trigger_text": "lantern fog ##s",
                                                     "trigger_ids": [7, 8, 9]}, candidates=[
-        {"loss": 0.02, "shortened": [short]},
+        {"loss": 0.02, "shortened": [short, {**short, "length": 2, "loss": 0.005,
+                                         "trigger_text": "lantern fog"}]},
         {"position": "end", "loss": 0.05,
          "shortened": [{**short, "trigger_text": "lanterns", "loss": 0.05}]},
         {"position": "end", "target": 0, "target_name": "negative", "victims": [1],

@@ -265,17 +265,20 @@ def _inverted_trigger(result: ScanResult, n_labels: int) -> PlantedTrigger:
 
 def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int) -> list[Unlearned]:
     """The scan's triggers to unlearn, at most ``max_triggers``: its best inversion, the
-    short trigger that decided the verdict, then the short triggers (shortened or screened)
-    of other candidates whose loss is under the scan's threshold, lowest loss first; the
-    same text at the same position and target only once."""
+    short trigger that decided the verdict, then, for each other candidate with a short
+    trigger (shortened or screened) under the scan's threshold, its shortest such trigger,
+    lowest loss first; the same text at the same position and target only once."""
     best = _inverted_trigger(result, n_labels)
     found = [Unlearned(best, "inverted")]
     if result.short_trigger is not None:
         found.append(Unlearned(replace(best, trigger=" ".join(
             result.short_trigger.trigger_text.split())), "short"))
-    others = sorted(((t.loss, c, t) for c in result.candidates for t in c.short_triggers()
-                     if t.loss < result.threshold), key=lambda r: r[0])
-    for _, c, t in others:
+    shortest = []
+    for c in result.candidates:
+        under = [t for t in c.short_triggers() if t.loss < result.threshold]
+        if under:
+            shortest.append((c, min(under, key=lambda t: (t.length, t.loss))))
+    for c, t in sorted(shortest, key=lambda r: r[1].loss):
         victims = tuple(sorted(set(c.victims)))
         if c.position in POSITIONS and _fits(c.target, victims, n_labels):
             found.append(Unlearned(PlantedTrigger(" ".join(t.trigger_text.split()), c.position,
