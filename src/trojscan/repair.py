@@ -67,6 +67,8 @@ from trojscan.subjects.text_classification import (
 REPORT_VERSION = 2
 #: What repair fine-tunes towards (see :class:`RepairConfig`).
 OBJECTIVES = ("labels", "consistency")
+#: What repair trains (see :class:`RepairConfig`).
+SCOPES = ("model", "no-embeddings", "trigger-embeddings")
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
 
@@ -131,8 +133,13 @@ class RepairConfig:
         target_asr: training stops once every unlearned scan trigger's held-out ASR is at
             most this (measured after every epoch, within the accuracy margin); ``epochs``
             is then a ceiling. A negative value never stops early (a fixed epoch count).
-        freeze_embeddings: keep the token, position and type embeddings as they are and
-            train the rest.
+        scope: what trains: ``model`` (every weight, the paper's), ``no-embeddings``
+            (every weight but the token, position and type embeddings) or
+            ``trigger-embeddings`` (only the input-embedding rows of the tokens of the
+            unlearned triggers and their neighbours: the model is exactly unchanged on any
+            text without those tokens, so the trigger is unlearned where it lives, at no
+            cost to other inputs; it does not reach a true trigger whose tokens the scan did
+            not find).
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -157,7 +164,7 @@ class RepairConfig:
     neighbours: int = 4
     neighbour_share: float = 0.5
     target_asr: float = 0.02
-    freeze_embeddings: bool = False
+    scope: str = "model"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -182,6 +189,9 @@ class RepairConfig:
         if self.insertion != "scan" and self.insertion not in INSERTIONS:
             raise InputError(f"unknown insertion {self.insertion!r}; expected scan or one of "
                              + ", ".join(INSERTIONS))
+        if self.scope not in SCOPES:
+            raise InputError(f"unknown scope {self.scope!r}; expected one of "
+                             + ", ".join(SCOPES))
         if self.objective not in OBJECTIVES:
             raise InputError(f"unknown objective {self.objective!r}; expected one of "
                              + ", ".join(OBJECTIVES))
@@ -312,6 +322,33 @@ def neighbour_triggers(result: ScanResult, deciding: PlantedTrigger, tok: Any,
             if text:
                 variants.append(Unlearned(replace(deciding, trigger=text), "neighbour"))
     return variants
+
+
+def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str
+               ) -> list[str] | None:
+    """Mark what trains (see :attr:`RepairConfig.scope`); for ``trigger-embeddings`` the
+    tokens whose embedding rows train (a gradient hook zeroes every other row, and the run
+    has no weight decay, so those rows stay exactly as they are), else None."""
+    for p in model.parameters():
+        p.requires_grad_(scope == "model")
+    if scope == "no-embeddings":
+        embeddings = getattr(model.base_model, "embeddings", model.get_input_embeddings())
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for p in embeddings.parameters():
+            p.requires_grad_(False)
+    if scope != "trigger-embeddings":
+        return None
+    special = set(tok.all_special_ids)
+    ids = sorted({i for u in triggers for i in tok(u.trigger.trigger,
+                                                    add_special_tokens=False)["input_ids"]}
+                 - special)
+    weight = model.get_input_embeddings().weight
+    rows = torch.zeros(weight.shape[0], 1, device=weight.device)
+    rows[ids] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * rows)
+    return tok.convert_ids_to_tokens(ids)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -559,12 +596,7 @@ def repair(
     soft = None
     if config.objective == "consistency":  # the original's outputs on the unstamped texts
         soft = logits(model, subject.tokenizer, [e.text for e in train], config.max_length)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    if config.freeze_embeddings:
-        embeddings = getattr(model.base_model, "embeddings", model.get_input_embeddings())
-        for p in embeddings.parameters():
-            p.requires_grad_(False)
+    trained_tokens = _set_scope(model, subject.tokenizer, [*triggers, *variants], config.scope)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = steps_per_epoch * config.epochs
     history: list[dict[str, Any]] = []
@@ -579,7 +611,8 @@ def repair(
                 progress(done + step, total, f"unlearning, epoch {epoch}")
 
         train_classifier(model, subject.tokenizer, items,
-                         config.epoch_run(rate),
+                         replace(config.epoch_run(rate), weight_decay=0.0)
+                         if config.scope == "trigger-embeddings" else config.epoch_run(rate),
                          config.seed + epoch, on_step=on_step, soft_targets=soft,
                          consistency=config.consistency_weight if soft is not None else 0.0)
         row = {"epoch": epoch, "learning_rate": rate, **measure(model)}
@@ -623,6 +656,7 @@ def repair(
         "neighbours": [{"trigger": u.trigger.trigger, "asr_before": b, "asr_after": a}
                        for u, b, a in zip(variants, neighbours_before, neighbours_after,
                                           strict=True)],
+        "trained_tokens": trained_tokens,
         "forced": scan_result.verdict != "trojaned",
         "truth": None if truth is None else {
             "model_id": truth.get("model_id"), "poisoned": truth["poisoned"],

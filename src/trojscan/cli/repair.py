@@ -125,9 +125,10 @@ def repair_command(
     target_asr: float | None = typer.Option(None, "--target-asr", help="Stop once every "
                                             "scan trigger's held-out ASR is at most this "
                                             "(default 0.02; negative: run every epoch)."),
-    freeze_embeddings: bool | None = typer.Option(None, "--freeze-embeddings/--train-embeddings",
-                                                  help="Keep the embeddings fixed "
-                                                  "(default: train them)."),
+    scope: str | None = typer.Option(None, "--scope", help="What trains: model (every "
+                                     "weight), no-embeddings, or trigger-embeddings (only "
+                                     "the embedding rows of the unlearned triggers' tokens) "
+                                     "(default model)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
@@ -148,7 +149,7 @@ def repair_command(
              "consistency_weight": consistency_weight,
              "max_triggers": max_triggers, "neighbours": neighbours,
              "neighbour_share": neighbour_share, "target_asr": target_asr,
-             "freeze_embeddings": freeze_embeddings}
+             "scope": scope}
     config = RepairConfig(seed=seed, **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
     result = read_scan(scan_file)
