@@ -403,13 +403,15 @@ class _Stages:
 def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig | None = None,
                  progress: ProgressCallback | None = None,
                  reference: Subject | None = None) -> ScanResult:
-    """Scan a loaded subject with its clean examples (as the subject reads them); with a
+    """Scan a loaded subject with its clean examples (as the subject reads them, then as
+    the model sees them: :meth:`~trojscan.subjects.base.Subject.as_seen`); with a
     clean ``reference`` subject of the same labels, its best short triggers are measured on
     it too (the result's ``reference``, its path and weights left empty)."""
     config = config or ScanConfig()
     if config.prerun_epochs is None:
         config = replace(config, prerun_epochs=subject.prerun_epochs)
     started = time.perf_counter()
+    examples = subject.as_seen(examples)
     inverter = method_of(config.method)(config.inverter)
     if not inverter.supports(subject):
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
@@ -619,12 +621,13 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
 def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidate,
                   trigger: str, cap: int = 0) -> tuple[float, float]:
     """Loss and attack success rate of a known ``trigger`` (text, as hard tokens) for
-    ``candidate`` on its victims among ``examples`` (at most ``cap``, 0: all), measured as a
-    scan measures its inverted triggers: the subject's goal loss, averaged over the victims."""
+    ``candidate`` on its victims among ``examples`` as the model sees them (at most ``cap``,
+    0: all), measured as a scan measures its inverted triggers: the subject's goal loss,
+    averaged over the victims."""
     ids = subject.token_ids(trigger)
     if not ids:
         raise InputError(f"the trigger {trigger!r} has no tokens")
-    victims = subject.victims(examples, candidate, cap)
+    victims = subject.victims(subject.as_seen(examples), candidate, cap)
     if not victims:
         raise InputError(f"no example of the victim label(s) {list(candidate.victims)}")
     batch = subject.batch([candidate], [victims], len(ids))
