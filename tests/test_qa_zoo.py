@@ -263,13 +263,8 @@ def test_tiny_zoo_directories_load_in_the_qa_subject(tiny_qa_zoo: dict[str, Any]
 
 
 #: The scan of the tiny QA models: DBS's 10 trigger slots (the paper's) for 100 epochs
-#: instead of 200, and the question and context positions only (3 candidates, each inverted
-#: where it is measured); every other setting (the threshold too) the default. With 'both'
-#: too, the trigger-answer candidate is searched spread over context and both and resolved
-#: to both; its inverted trigger held 'lantern', but the shortening there kept 'maryland'
-#: (0.355, the verdict's score; 'lantern' alone scores 0.21 at both, 0.0001 in the context)
-#: and the poisoned model was cleared.
-TINY_QA_SCAN = ScanConfig(inverter=DBSConfig(epochs=100), positions=("question", "context"))
+#: instead of 200; every other setting (every position, the threshold) the default.
+TINY_QA_SCAN = ScanConfig(inverter=DBSConfig(epochs=100))
 
 
 @pytest.fixture(scope="module")
