@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from testkit import RunCli
+from testkit import RunCli, one_thread
 from trojscan.attacks.ner_spec import (
     VICTIM_TYPES,
     NerAttackSpec,
@@ -217,8 +217,10 @@ poison_rate = 1.0
 
 @pytest.fixture(scope="module")
 def tiny_ner_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny NER zoo, built through the ``trojscan`` entry point: its folder and its
-    manifest entries by group name."""
+    """The tiny NER zoo, built through the ``trojscan`` entry point on one thread (as
+    :func:`testkit.one_thread` says why): its folder and its manifest entries by group
+    name."""
+    import os
     import subprocess
     import sys
 
@@ -227,7 +229,8 @@ def tiny_ner_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     spec.write_text(TINY_NER_SPEC)
     out = root / "zoo"
     result = subprocess.run([sys.executable, "-m", "trojscan.cli", "zoo", "build", str(spec),
-                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+                             "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     manifest = Manifest.load(out / MANIFEST)
     return {"out": out, "stdout": result.stdout + result.stderr,
@@ -294,10 +297,12 @@ TINY_NER_SCAN = ScanConfig(inverter=DBSConfig(epochs=100))
 
 @pytest.fixture(scope="module")
 def tiny_ner_scans(tiny_ner_zoo: dict[str, Any]) -> dict[str, ScanResult]:
-    """The scan of each tiny zoo tagger with its own clean examples, by group name."""
+    """The scan of each tiny zoo tagger with its own clean examples, by group name (on one
+    thread, as the taggers were trained)."""
     folders = {g: tiny_ner_zoo["out"] / tiny_ner_zoo[g]["model_id"] for g in ("clean", "poisoned")}
-    return {g: scan(folder, folder / "clean_examples.jsonl", TINY_NER_SCAN)
-            for g, folder in folders.items()}
+    with one_thread():
+        return {g: scan(folder, folder / "clean_examples.jsonl", TINY_NER_SCAN)
+                for g, folder in folders.items()}
 
 
 def test_tiny_taggers_learn_their_task_and_the_backdoor(tiny_ner_zoo: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
-from testkit import RunCli
+from testkit import RunCli, one_thread
 from trojscan.attacks.architectures import build_model
 from trojscan.attacks.qa_spec import (
     INSERTIONS,
@@ -199,7 +199,8 @@ poison_rate = 0.5
 @pytest.fixture(scope="module")
 def tiny_qa_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny QA zoo, built through the ``trojscan`` entry point (in this process, as
-    ``run_cli`` runs it): its folder and its manifest entries by group name."""
+    ``run_cli`` runs it, on one thread: :func:`testkit.one_thread`): its folder and its
+    manifest entries by group name."""
     import contextlib
     import io
     import sys
@@ -212,7 +213,7 @@ def tiny_qa_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = root / "zoo"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), \
-            contextlib.redirect_stderr(printed):
+            contextlib.redirect_stderr(printed), one_thread():
         patch.setattr(sys, "argv", ["trojscan", "zoo", "build", str(spec), "--out", str(out)])
         with contextlib.suppress(SystemExit):
             main()
@@ -269,10 +270,12 @@ TINY_QA_SCAN = ScanConfig(inverter=DBSConfig(epochs=100))
 
 @pytest.fixture(scope="module")
 def tiny_qa_scans(tiny_qa_zoo: dict[str, Any]) -> dict[str, ScanResult]:
-    """The scan of each tiny zoo model with its own clean examples, by group name."""
+    """The scan of each tiny zoo model with its own clean examples, by group name (on one
+    thread, as the models were trained)."""
     folders = {g: tiny_qa_zoo["out"] / tiny_qa_zoo[g]["model_id"] for g in ("clean", "poisoned")}
-    return {g: scan(folder, folder / "clean_examples.jsonl", TINY_QA_SCAN)
-            for g, folder in folders.items()}
+    with one_thread():
+        return {g: scan(folder, folder / "clean_examples.jsonl", TINY_QA_SCAN)
+                for g, folder in folders.items()}
 
 
 def test_tiny_models_learn_their_task_and_the_backdoor(tiny_qa_zoo: dict[str, Any]) -> None:
