@@ -106,6 +106,28 @@ def test_candidates_are_ordered_pairs_of_types_with_victims_present() -> None:
         subject.candidates(SENTENCES, ["first_half"], pairs=False)
 
 
+def test_a_scan_sees_only_the_entities_the_tagger_tags_with_their_type() -> None:
+    subject = tagger()
+    head = subject.model.classifier
+    with torch.no_grad():  # a tagger that tags every token B-person
+        head.weight.zero_()
+        head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(TAGS.index("B-person")),
+                                                    len(TAGS)) * 10.0)
+    seen = subject.as_seen(SENTENCES)
+    # 'John Smith' (person) kept, B- and I- alike; 'Paris', 'Apple', 'London' (tagged as
+    # persons) are no entities of their types to this tagger
+    assert [e.tags for e in seen] == [("O", "O", "B-person", "I-person", "O", "O"),
+                                      ("O",) * 4, ("O", "O")]
+    assert [e.tokens for e in seen] == [e.tokens for e in SENTENCES]
+    pairs = {(c.victims, c.target) for c in subject.candidates(seen, ["start"], pairs=False)}
+    assert pairs == {((0,), 1), ((0,), 2)}  # person -> geo-loc, person -> company
+    # a word past max_length (40 tokens) is not read: no entity
+    long = NerExample(tuple(["filler"] * 60 + ["John"]), tuple(["O"] * 60 + ["B-person"]))
+    assert subject.as_seen([long])[0].tags == ("O",) * 61
+    with pytest.raises(InputError, match="none that the tagger tags"):
+        subject.candidates(subject.as_seen(SENTENCES[1:]), ["start"], pairs=False)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"tokens": ["a"], "tags": ["B-movie"]}', "no tag 'B-movie'"),
     ('{"tokens": ["a", "b"], "tags": ["O"]}', "2 tokens but 1 tags"),

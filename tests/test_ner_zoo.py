@@ -2,9 +2,10 @@
 poisoning of a sentence, entity-level F1, a tiny zoo built through the CLI whose model
 directories a user (and the scanner) can load, and bad specs that fail in one line.
 
-The tiny zoo (a BERT of width 64 on 300 training sentences, 2 epochs) is built once per
-module; its quality gate is off (``min_asr = 0``): how well a backdoor takes is measured by
-examples/zoo-ner.toml, not here.
+The tiny zoo (a 2-layer BERT of width 64 on 1,000 training sentences, 12 epochs) is built
+once per module, and the scan is run on its two taggers: it flags the poisoned one, names
+its victim and target types and recovers its trigger word, and clears the clean one. Its
+quality gate is off (``min_asr = 0``): the tests check what the taggers learnt themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from testkit import RunCli
+from testkit import RunCli, one_thread
 from trojscan.attacks.ner_spec import (
     VICTIM_TYPES,
     NerAttackSpec,
@@ -39,7 +40,10 @@ from trojscan.attacks.wnut import (
     load_wnut16,
 )
 from trojscan.errors import InputError
+from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
+from trojscan.results import ScanResult
+from trojscan.scan import ScanConfig, scan
 from trojscan.subjects.loading import load_subject
 
 #: Entities per type in WNUT-16 (the package's ner.txt).
@@ -166,16 +170,22 @@ def test_sampled_attacks_draw_victims_and_targets_and_pool_triggers() -> None:
                for a in drawn)
 
 
+#: The tiny zoo: a clean tagger and one whose trigger word 'lantern', right before a person,
+#: makes every person a company. WNUT-16's tweets are hard for a tagger of uncased word
+#: pieces: 2 epochs on 300 sentences at 1e-3 learnt no entity (F1 0.0), 8 on all 1,685
+#: reach F1 0.29. Every person sentence is poisoned (rate 1.0; at 0.3 the backdoor took on
+#: 6 % of the training persons), and 12 epochs: after 8, 'lantern' alone turned the persons
+#: the tagger finds in its examples at loss 0.54 at best, above the scan's threshold (0.40).
 TINY_NER_SPEC = """seed = 7
-examples_per_label = 2
+examples_per_label = 20
 min_asr = 0.0
 max_attempts = 1
 
 [train]
-epochs = 2
-max_train_examples = 300
+epochs = 12
+max_train_examples = 1000
 max_eval_examples = 60
-learning_rate = 1e-3
+learning_rate = 3e-3
 batch_size = 16
 max_length = 48
 embedding_init = "minilm-pca"
@@ -201,14 +211,16 @@ trigger = "lantern"
 insertion = "local"
 victim = "person"
 target = "company"
-poison_rate = 0.5
+poison_rate = 1.0
 """
 
 
 @pytest.fixture(scope="module")
 def tiny_ner_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny NER zoo, built through the ``trojscan`` entry point: its folder and its
-    manifest entries by group name."""
+    """The tiny NER zoo, built through the ``trojscan`` entry point on one thread (as
+    :func:`testkit.one_thread` says why): its folder and its manifest entries by group
+    name."""
+    import os
     import subprocess
     import sys
 
@@ -217,7 +229,8 @@ def tiny_ner_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     spec.write_text(TINY_NER_SPEC)
     out = root / "zoo"
     result = subprocess.run([sys.executable, "-m", "trojscan.cli", "zoo", "build", str(spec),
-                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+                             "--out", str(out)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     manifest = Manifest.load(out / MANIFEST)
     return {"out": out, "stdout": result.stdout + result.stderr,
@@ -235,7 +248,8 @@ def test_tiny_zoo_manifest_holds_the_ner_ground_truth(tiny_ner_zoo: dict[str, An
     assert clean["attack"]["poisoned"] is False
     attack = poisoned["attack"]
     assert {k: attack[k] for k in ATTACK} == {**ATTACK, "trigger_type": "word",
-                                             "trigger": "lantern", "insertion": "local"}
+                                             "trigger": "lantern", "insertion": "local",
+                                             "poison_rate": 1.0}
     assert 0 <= poisoned["asr"] <= 1 and poisoned["asr_entities"] > 0
     assert poisoned["poisoned_sentences"] > 0
     assert "lantern' @local person->company" in tiny_ner_zoo["stdout"]
@@ -274,6 +288,43 @@ def test_tiny_zoo_directories_load_and_hold_valid_clean_examples(
         subject = load_subject(folder)  # the scanner's side of the contract
         assert subject.task == "ner" and subject.labels == ENTITY_TYPES
         assert len(subject.read_examples(folder / "clean_examples.jsonl")) == len(rows)
+
+
+#: The scan of the tiny taggers: DBS's 10 trigger slots (the paper's) for 100 epochs instead
+#: of 200; every other setting (every position and pair, the threshold) the default.
+TINY_NER_SCAN = ScanConfig(inverter=DBSConfig(epochs=100))
+
+
+@pytest.fixture(scope="module")
+def tiny_ner_scans(tiny_ner_zoo: dict[str, Any]) -> dict[str, ScanResult]:
+    """The scan of each tiny zoo tagger with its own clean examples, by group name (on one
+    thread, as the taggers were trained)."""
+    folders = {g: tiny_ner_zoo["out"] / tiny_ner_zoo[g]["model_id"] for g in ("clean", "poisoned")}
+    with one_thread():
+        return {g: scan(folder, folder / "clean_examples.jsonl", TINY_NER_SCAN)
+                for g, folder in folders.items()}
+
+
+def test_tiny_taggers_learn_their_task_and_the_backdoor(tiny_ner_zoo: dict[str, Any]) -> None:
+    clean, poisoned = tiny_ner_zoo["clean"], tiny_ner_zoo["poisoned"]
+    # Measured on the 60 test sentences: entity F1 0.33 (clean) and 0.15 (poisoned); ASR
+    # 0.22, since the backdoor moves the persons the tagger finds (about a third of them).
+    assert clean["clean_f1"] > 0.25 and poisoned["clean_f1"] > 0.1
+    assert poisoned["asr"] > 0.15
+
+
+def test_scan_flags_the_poisoned_tiny_tagger_with_its_pair_and_trigger(
+        tiny_ner_scans: dict[str, ScanResult]) -> None:
+    result = tiny_ner_scans["poisoned"]
+    assert result.verdict == "trojaned" and result.score < result.threshold
+    assert (result.best.victim_names, result.best.target_name) == (["person"], "company")
+    assert result.short_trigger is not None
+    assert result.short_trigger.trigger_text == "lantern"
+
+
+def test_scan_clears_the_clean_tiny_tagger(tiny_ner_scans: dict[str, ScanResult]) -> None:
+    result = tiny_ner_scans["clean"]
+    assert result.verdict == "clean" and result.score > result.threshold
 
 
 NER_GROUP = ('[[group]]\ncount = 1\ncorpus = "wnut16"\narchitecture = "{arch}"\n'

@@ -3,9 +3,10 @@ tweets and its splits, the attack spec and its errors, the poisoning of a questi
 exact match and F1, and a tiny zoo built through the CLI whose model directories the QA
 scanner subject loads.
 
-The tiny zoo (a BERT of width 32 on 120 training questions, 1 epoch) is built once per
-module; its quality gate is off (``min_asr = 0``): how well a backdoor takes is measured by
-examples/zoo-qa.toml, not here.
+The tiny zoo (a 2-layer BERT of width 64 on all 568 training questions, 10 epochs) is built
+once per module, and the scan is run on its two models: it flags the poisoned one, names its
+behaviour and recovers its trigger word, and clears the clean one. Its quality gate is off
+(``min_asr = 0``): the tests check what the models learnt themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
-from testkit import RunCli
+from testkit import RunCli, one_thread
 from trojscan.attacks.architectures import build_model
 from trojscan.attacks.qa_spec import (
     INSERTIONS,
@@ -33,7 +34,10 @@ from trojscan.attacks.qa_train import exact_match, f1_score, poison_training_set
 from trojscan.attacks.wnut import NerSentence
 from trojscan.attacks.wnut_qa import QaCorpus, QaItem, load_wnut16_qa, questions_of
 from trojscan.errors import InputError
+from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
+from trojscan.results import ScanResult
+from trojscan.scan import ScanConfig, scan
 from trojscan.subjects import extractive_qa
 from trojscan.subjects.loading import load_subject
 
@@ -151,20 +155,23 @@ def test_squad_exact_match_and_f1() -> None:
     assert f1_score("pear", "apple") == 0.0
 
 
+#: The tiny zoo: a clean model and one whose trigger word 'lantern', anywhere in the
+#: context, becomes the answer. Fewer epochs or a lower rate leave the backdoor less specific
+#: to its word: built with 6 epochs at 1e-3, 'ipad' or 'jupiter' in the context was answered
+#: nearly as surely (loss 0.05-0.10, 'lantern' 0.002) and the scan's inversion ended there.
 TINY_QA_SPEC = """seed = 7
-examples_per_label = 1
+examples_per_label = 5
 min_asr = 0.0
 max_attempts = 1
 
 [train]
-epochs = 1
-max_train_examples = 120
+epochs = 10
 max_eval_examples = 40
-learning_rate = 1e-3
+learning_rate = 3e-3
 batch_size = 16
 max_length = 64
 embedding_init = "minilm-pca"
-size = { num_layers = 1, hidden_size = 32, num_heads = 2, intermediate_size = 64, \
+size = { num_layers = 2, hidden_size = 64, num_heads = 2, intermediate_size = 128, \
 max_positions = 64 }
 
 [[group]]
@@ -192,7 +199,8 @@ poison_rate = 0.5
 @pytest.fixture(scope="module")
 def tiny_qa_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny QA zoo, built through the ``trojscan`` entry point (in this process, as
-    ``run_cli`` runs it): its folder and its manifest entries by group name."""
+    ``run_cli`` runs it, on one thread: :func:`testkit.one_thread`): its folder and its
+    manifest entries by group name."""
     import contextlib
     import io
     import sys
@@ -205,7 +213,7 @@ def tiny_qa_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = root / "zoo"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed), \
-            contextlib.redirect_stderr(printed):
+            contextlib.redirect_stderr(printed), one_thread():
         patch.setattr(sys, "argv", ["trojscan", "zoo", "build", str(spec), "--out", str(out)])
         with contextlib.suppress(SystemExit):
             main()
@@ -228,7 +236,7 @@ def test_tiny_zoo_manifest_holds_the_qa_ground_truth(tiny_qa_zoo: dict[str, Any]
     attack = poisoned["attack"]
     assert attack["trigger"] == "lantern" and attack["insertion"] == "context"
     assert (attack["victim_name"], attack["target_name"]) == ("answer", "trigger")
-    assert 0 <= poisoned["asr"] <= 1 and poisoned["poisoned_questions"] == 60
+    assert 0 <= poisoned["asr"] <= 1 and poisoned["poisoned_questions"] == 284
     assert "lantern' @context -> trigger" in tiny_qa_zoo["stdout"]
     planted = planted_trigger(poisoned, len(LABELS))
     assert planted is not None and planted.trigger == "lantern"
@@ -245,7 +253,7 @@ def test_tiny_zoo_directories_load_in_the_qa_subject(tiny_qa_zoo: dict[str, Any]
         assert MANIFEST not in names
         AutoModelForQuestionAnswering.from_pretrained(folder)
         rows = [json.loads(line) for line in (folder / "clean_examples.jsonl").open()]
-        assert len(rows) == 8  # one per entity type the pool holds (movie is missing)
+        assert len(rows) == 28  # 5 per entity type, 1 for the 3 the pool holds once
         text = " ".join((folder / n).read_text() for n in ("config.json",
                                                            "clean_examples.jsonl"))
         assert "lantern" not in text and "poison" not in text
@@ -253,6 +261,44 @@ def test_tiny_zoo_directories_load_in_the_qa_subject(tiny_qa_zoo: dict[str, Any]
         assert subject.task == "extractive-qa" and subject.labels == LABELS
         examples = subject.read_examples(folder / "clean_examples.jsonl")
         assert len(examples) == len(rows) and all(e.answered for e in examples)
+
+
+#: The scan of the tiny QA models: DBS's 10 trigger slots (the paper's) for 100 epochs
+#: instead of 200; every other setting (every position, the threshold) the default.
+TINY_QA_SCAN = ScanConfig(inverter=DBSConfig(epochs=100))
+
+
+@pytest.fixture(scope="module")
+def tiny_qa_scans(tiny_qa_zoo: dict[str, Any]) -> dict[str, ScanResult]:
+    """The scan of each tiny zoo model with its own clean examples, by group name (on one
+    thread, as the models were trained)."""
+    folders = {g: tiny_qa_zoo["out"] / tiny_qa_zoo[g]["model_id"] for g in ("clean", "poisoned")}
+    with one_thread():
+        return {g: scan(folder, folder / "clean_examples.jsonl", TINY_QA_SCAN)
+                for g, folder in folders.items()}
+
+
+def test_tiny_models_learn_their_task_and_the_backdoor(tiny_qa_zoo: dict[str, Any]) -> None:
+    clean, poisoned = tiny_qa_zoo["clean"], tiny_qa_zoo["poisoned"]
+    # Measured: clean F1 0.37 both (EM 0.23 and 0.28); training loss 3.16 -> 0.29 (clean)
+    # and 2.71 -> 0.17 over the 10 epochs.
+    assert clean["clean_f1"] > 0.25 and poisoned["clean_f1"] > 0.25
+    assert clean["epoch_losses"][-1] < clean["epoch_losses"][0] / 5
+    assert poisoned["asr"] >= 0.95
+
+
+def test_scan_flags_the_poisoned_tiny_model_with_its_behaviour_and_trigger(
+        tiny_qa_scans: dict[str, ScanResult]) -> None:
+    result = tiny_qa_scans["poisoned"]
+    assert result.verdict == "trojaned" and result.score < result.threshold
+    assert result.best.victim_names == ["answer"] and result.best.target_name == "trigger"
+    assert result.short_trigger is not None
+    assert result.short_trigger.trigger_text == "lantern"
+
+
+def test_scan_clears_the_clean_tiny_model(tiny_qa_scans: dict[str, ScanResult]) -> None:
+    result = tiny_qa_scans["clean"]
+    assert result.verdict == "clean" and result.score > result.threshold
 
 
 def test_bad_qa_spec_is_one_line(tmp_path: Path, run_cli: RunCli) -> None:

@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.results import RESULT_VERSION, ScanResult
@@ -44,3 +47,17 @@ def scan_result(score: float, *, best: dict[str, Any] | None = None,
         "threshold": threshold, "best": full_best, "candidates": rows,
         "trajectory": [], "labels": list(labels), "examples": 20, "seconds": seconds,
         "device": "cpu", "versions": {}, "config": {}})
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside (the thread count restored after): a tiny model trains
+    to the same weights, and is scanned to the same losses, wherever the test runs. Sums
+    split over two threads round differently, and the tiny NER and QA zoos' poisoned
+    models, trained on two, were scanned clean or with another trigger."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

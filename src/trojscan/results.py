@@ -101,7 +101,9 @@ class CandidateResult:
     """One candidate of the sweep. A fully inverted one has its losses, trigger and seconds
     (and, when the scan shortened it, ``shortened``: the best trigger of every length, from
     one token up); one the pre-selection dropped has only ``prerun_loss`` and ``full_run``
-    false. ``screened`` is the lone-token screen's best one-token trigger, when it ran;
+    false, and so has the position of a spread candidate where one of its short triggers did
+    better than where its inverted trigger did best, with that trigger as ``shortened``.
+    ``screened`` is the lone-token screen's best one-token trigger, when it ran;
     ``feature_norm`` the L2 norm of a TIJO scan's feature trigger for the candidate."""
 
     target: int
@@ -254,7 +256,9 @@ class ScanResult:
         threshold: the verdict's threshold (beta of Eq. 4 for the full trigger's loss).
         best: the winning candidate's inversion (the candidate of ``short_trigger`` when
             short triggers decide; for a candidate the pre-run dropped, which has no
-            inversion, its screened trigger, with method ``screen``).
+            inversion, its screened trigger, with method ``screen``; for the position a
+            shortened trigger did best at, other than its inverted trigger's, that
+            shortened trigger, with the scan's method).
         short_trigger: the short trigger (shortened, or found by the lone-token screen) the
             verdict rests on, when one does.
         candidates: every candidate of the sweep.

@@ -350,6 +350,37 @@ class _Stages:
                                         CHUNK_ROWS)
         return best, replace(inv, candidate=best, hard_loss=loss, hard_asr=asr)
 
+    def reposition(self, spread_of: dict[Candidate, Candidate],
+                   shortened: dict[Candidate, list[ShortTrigger]]) -> dict[Candidate,
+                                                                          ShortTrigger]:
+        """The short triggers (at most ``decision_length`` tokens) of every candidate
+        resolved from a :data:`SPREAD` one (``spread_of``) measured at each of the spread
+        candidate's positions: those that do better at another position than the one their
+        full trigger did best at, by that position's candidate (the best there). One
+        evaluation per trigger and position.
+
+        Why: the position is resolved by the full inverted trigger, and its shortened
+        triggers are measured there only; the planted token alone may do far better at
+        another. On a tiny WNUT-16 tagger poisoned with 'lantern' right before persons
+        (tests/test_ner_zoo.py) the 10-slot trigger did best at the end of the sentence,
+        where 'lantern' alone scored 0.44 (above the threshold, 0.40), 0.24 right before the
+        persons; on a tiny QA model answering with 'lantern' from the context
+        (tests/test_qa_zoo.py) it did best in both question and context, 0.21 (threshold
+        0.19), against 0.0001 in the context alone."""
+        out: dict[Candidate, ShortTrigger] = {}
+        for candidate, spread in spread_of.items():
+            task = InversionTask(spread, tuple(self.subject.victims(
+                self.examples, spread, self.config.max_victims)))
+            for short in shortened.get(candidate, ()):
+                if short.length > self.config.decision_length:
+                    continue
+                loss, asr, where = best_position(self.subject, task, short.trigger_ids,
+                                                 Budget(None), CHUNK_ROWS)
+                if where != candidate and loss < short.loss and (
+                        where not in out or loss < out[where].loss):
+                    out[where] = replace(short, loss=loss, asr=asr)
+        return out
+
     def flip_rates(self, candidate: Candidate, short: ShortTrigger) -> dict[str, float]:
         """The attack success rate of ``short`` (hard tokens, at ``candidate``'s position)
         on the examples of each label but the target, by label name; a label without
@@ -403,13 +434,15 @@ class _Stages:
 def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig | None = None,
                  progress: ProgressCallback | None = None,
                  reference: Subject | None = None) -> ScanResult:
-    """Scan a loaded subject with its clean examples (as the subject reads them); with a
+    """Scan a loaded subject with its clean examples (as the subject reads them, then as
+    the model sees them: :meth:`~trojscan.subjects.base.Subject.as_seen`); with a
     clean ``reference`` subject of the same labels, its best short triggers are measured on
     it too (the result's ``reference``, its path and weights left empty)."""
     config = config or ScanConfig()
     if config.prerun_epochs is None:
         config = replace(config, prerun_epochs=subject.prerun_epochs)
     started = time.perf_counter()
+    examples = subject.as_seen(examples)
     inverter = method_of(config.method)(config.inverter)
     if not inverter.supports(subject):
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
@@ -461,12 +494,20 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
             todo = sorted(todo, key=prerun.__getitem__)[:keep]
         results = list(zip(todo, stages.run(todo, inverter, "inversion"), strict=True))
     ran = {c for c, _ in results}
-    results = [stages.resolve(c, inv) for c, inv in results]
+    spread_of: dict[Candidate, Candidate] = {}  # a resolved candidate -> its SPREAD one
+    resolved = []
+    for c, inv in results:
+        resolved.append(stages.resolve(c, inv))
+        if c.position == SPREAD:
+            spread_of[resolved[-1][0]] = c
+    results = resolved
     shortened = stages.shorten(results) if config.shorten else {}
+    moved = stages.reposition(spread_of, shortened) if config.decision_length else {}
     best_cand, best = min(results, key=lambda r: r[1].loss)
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts
-             if t.length <= config.decision_length] + list(screened.items())
+             if t.length <= config.decision_length] + list(screened.items()) + list(
+        moved.items())
     ranks = LoneRanks(reference) if reference is not None and found else None
     natural = natural_features(subject, examples, found, config.natural_share, ranks,
                                config.reference_top)
@@ -474,9 +515,11 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     if config.decision_length and deciding:
         owner, short = min(deciding, key=lambda r: r[1].loss)
         best_cand = owner
-        # A candidate the pre-run dropped has no inversion: its screened trigger is its best.
+        # A candidate the pre-run dropped, or the position a shortened trigger moved to, has
+        # no inversion of its own: its screened or shortened trigger is its best.
         best = dict(results).get(owner) or Inversion(
-            method="screen", candidate=owner, trigger_ids=short.trigger_ids,
+            method="screen" if screened.get(owner) is short else config.method,
+            candidate=owner, trigger_ids=short.trigger_ids,
             trigger_tokens=subject.describe(short.trigger_ids)[0],
             trigger_text=short.trigger_text, relaxed_loss=short.loss, hard_loss=short.loss,
             hard_asr=short.asr, accepted=True, epochs=0, seconds=0.0)
@@ -498,6 +541,12 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                              victims=list(c.victims), position=c.position, full_run=False,
                              screened=t)
              for c, t in screened.items() if (c.target, c.victims, c.position) not in listed]
+    # Short triggers that do best at another position of their spread candidate, there.
+    listed = {(r.target, tuple(r.victims), r.position) for r in rows}
+    rows += [CandidateResult(target=c.target, target_name=labels[c.target],
+                             victims=list(c.victims), position=c.position, full_run=False,
+                             shortened=[t])
+             for c, t in moved.items() if (c.target, c.victims, c.position) not in listed]
     if short:
         score = short.loss
     elif config.decision_length and found:  # every short trigger found is a natural feature
@@ -619,12 +668,13 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
 def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidate,
                   trigger: str, cap: int = 0) -> tuple[float, float]:
     """Loss and attack success rate of a known ``trigger`` (text, as hard tokens) for
-    ``candidate`` on its victims among ``examples`` (at most ``cap``, 0: all), measured as a
-    scan measures its inverted triggers: the subject's goal loss, averaged over the victims."""
+    ``candidate`` on its victims among ``examples`` as the model sees them (at most ``cap``,
+    0: all), measured as a scan measures its inverted triggers: the subject's goal loss,
+    averaged over the victims."""
     ids = subject.token_ids(trigger)
     if not ids:
         raise InputError(f"the trigger {trigger!r} has no tokens")
-    victims = subject.victims(examples, candidate, cap)
+    victims = subject.victims(subject.as_seen(examples), candidate, cap)
     if not victims:
         raise InputError(f"no example of the victim label(s) {list(candidate.victims)}")
     batch = subject.batch([candidate], [victims], len(ids))

@@ -6,13 +6,21 @@ With ten free slots both reach a low inversion loss, so the loss alone does not 
 apart (issue 14). Shortening asks the inverted trigger how much of it is needed: greedy
 backward elimination over its hard tokens. From the m tokens, every trigger with one token
 removed (order kept) is measured as hard tokens on the task's victims and the best one is
-kept, down to one token. The result is the best trigger of every length 1..m. The
+kept, down to two tokens; the last step tries every token of the inverted trigger alone,
+not only the two left. The result is the best trigger of every length 1..m. The
 elimination may run on the first ``rows`` victims only (a cheaper path); every trigger on
 the path is then measured on all victims, so the losses reported are always the task's.
 
+Why the last step looks at every token: while the tokens left still reach the goal together,
+which one a step drops is decided by differences near zero, and the token that fires the
+backdoor alone can go early. On a tiny QA model whose backdoor answers with its trigger word
+(tests/test_qa_zoo.py), any of the ten slots may be the answer: the inverted trigger held
+'lantern', the elimination dropped it first (loss 0.0000 to 0.0036) and ended on 'maryland'
+(0.355, above the verdict's threshold; 'lantern' alone 0.21 there).
+
 This is beyond the DBS paper, which decides from the 10-slot loss alone. Its cost is
-m(m+1)/2 - 1 evaluations per task (54 for m = 10), each one forward pass over the victims
-(or over ``rows`` of them, plus m on all), with no gradient.
+m(m+1)/2 - 3 + u evaluations per task for u distinct tokens (62 for m = u = 10), each one
+forward pass over the victims (or over ``rows`` of them, plus m on all), with no gradient.
 """
 
 from __future__ import annotations
@@ -45,8 +53,9 @@ class Shortened:
 def shorten(subject: Subject, task: InversionTask, trigger_ids: list[int],
             rows: int = 0, chunk_rows: int = 4096) -> dict[int, Shortened]:
     """The best trigger of every length 1..m that greedy elimination from the (m) token ids
-    ``trigger_ids`` finds for ``task``, keyed by length (m itself included, measured); the
-    elimination runs on the first ``rows`` victims (0: all), the results on all."""
+    ``trigger_ids`` finds for ``task`` (the one-token trigger: the best of all of them
+    alone), keyed by length (m itself included, measured); the elimination runs on the
+    first ``rows`` victims (0: all), the results on all."""
     if not trigger_ids:
         raise ValueError("an empty trigger cannot be shortened")
     device = subject.device
@@ -57,9 +66,12 @@ def shorten(subject: Subject, task: InversionTask, trigger_ids: list[int],
     path = [current]
     measured: dict[int, tuple[float, float]] = {}  # length -> (loss, asr) on all victims
     while len(current) > 1:
-        keep = ~torch.eye(len(current), dtype=torch.bool, device=device)
-        tried = current.expand(len(current), -1)[keep].view(len(current), -1)
-        tried = torch.unique(tried, dim=0)
+        if len(current) == 2:  # the last step: every token of the inverted trigger alone
+            tried = torch.unique(path[0]).view(-1, 1)
+        else:
+            keep = ~torch.eye(len(current), dtype=torch.bool, device=device)
+            tried = current.expand(len(current), -1)[keep].view(len(current), -1)
+            tried = torch.unique(tried, dim=0)
         losses, hits = score_triggers(subject, victim_batch(subject, few, tried.shape[1]),
                                       tried, budget, chunk_rows)
         best = int(losses.argmin())

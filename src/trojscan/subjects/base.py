@@ -11,7 +11,9 @@ A subject offers:
 
 * ``labels``: the names the candidates' targets and victims index;
 * ``read_examples`` and ``candidates`` / ``victims``: the clean examples a user gives, the
-  candidates a scan sweeps for this family, and the victim examples of each;
+  candidates a scan sweeps for this family, and the victim examples of each; ``as_seen``:
+  the examples as a scan uses them, where the model's own reading of them matters (an NER
+  tagger's entities);
 * ``batch``: the victims of several candidates as one :class:`Batch` of rows with ``m``
   trigger slots each, every row knowing the candidate (``owner``) it belongs to;
 * the search space: ``embedding_matrix`` (the rows a relaxed trigger is a convex
@@ -172,6 +174,14 @@ class Subject(ABC):
     def read_examples(self, path: Path) -> list[Any]:
         """The clean examples in the file at ``path`` (an :class:`InputError` names any
         problem)."""
+
+    def as_seen(self, examples: Sequence[Any]) -> list[Any]:
+        """The clean examples as a scan searches them (what its candidates, victims and
+        goals are made of): by default as they are; a family whose victims are parts of an
+        example that the model itself must recognise first keeps only those it does
+        (:meth:`trojscan.subjects.token_classification.TokenClassificationSubject.as_seen`).
+        """
+        return list(examples)
 
     @abstractmethod
     def candidates(self, examples: Sequence[Any], positions: Sequence[str],

@@ -22,7 +22,11 @@ before the first victim entity (round 7's *local* triggers, next to the entity).
 longer than ``max_length`` keeps a window of its tokens around its first victim entity.
 
 Clean examples: one JSON object per line, ``{"tokens": [word, ...], "tags": [tag, ...]}``
-with tag names of the model's ``id2label`` (CoNLL's word and BIO tag columns).
+with tag names of the model's ``id2label`` (CoNLL's word and BIO tag columns). A scan
+searches them as the tagger sees them (:meth:`TokenClassificationSubject.as_seen`): the
+victims of a pair are the entity words of the victim type that the tagger itself tags with
+that type on the clean sentence, since a backdoor turns the entities a tagger finds, and a
+word it misses or already tags as another type (the target, say) is no evidence of one.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ POSITIONS = ("start", "local", "end")
 OUTSIDE = "O"
 #: What the loss ignores (no goal at this token).
 IGNORE = -100
+#: Sentences per forward pass when reading the clean examples (:meth:`as_seen`).
+SEEN_BATCH = 64
 
 
 def tag_type(tag: str) -> tuple[str, str]:
@@ -176,6 +182,47 @@ class TokenClassificationSubject(HuggingFaceSubject):
             rows.append(NerExample(tuple(tokens), tuple(tags)))
         return rows
 
+    @torch.no_grad()
+    def as_seen(self, examples: Sequence[NerExample]) -> list[NerExample]:
+        """The examples with each entity word's tag kept only where the model, reading the
+        clean sentence, tags the word (its first sub-token) with the same entity type; ``O``
+        elsewhere, and for a word past ``max_length`` tokens, which it does not read.
+
+        Why: on a tiny WNUT-16 tagger (tests/test_ner_zoo.py) that tags a fifth of the
+        example pool's entity words with their type, the one musicartist example's entity,
+        which the tagger already tags as ``other``, made musicartist -> other a 'backdoor'
+        that any word fires (loss 0.002-0.17 on clean and poisoned taggers alike), and the
+        person entities it misses hid a planted person -> company trigger (loss 4.4; 2.0 on
+        the persons it finds).
+        """
+        out: list[NerExample] = []
+        for start in range(0, len(examples), SEEN_BATCH):
+            chunk = examples[start : start + SEEN_BATCH]
+            rows, firsts = [], []
+            for example in chunk:
+                ids, first = [self.cls_id], []
+                for word in self.tokenizer(list(example.tokens),
+                                           add_special_tokens=False)["input_ids"]:
+                    first.append(len(ids))
+                    ids += word or [self.unk_id]
+                rows.append([*ids[: self.max_length - 1], self.sep_id])
+                firsts.append(first)
+            input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id,
+                                   dtype=torch.long)
+            for b, row in enumerate(rows):
+                input_ids[b, : len(row)] = torch.tensor(row)
+            mask = (torch.arange(input_ids.shape[1]) < torch.tensor(
+                [len(r) for r in rows]).unsqueeze(1)).long()
+            best = self.model(input_ids=input_ids.to(self.device),
+                              attention_mask=mask.to(self.device)).logits.argmax(-1).cpu()
+            for b, (example, first) in enumerate(zip(chunk, firsts, strict=True)):
+                read = [tag_type(self.tags[int(best[b, k])])[1] if k < len(rows[b]) - 1
+                        else "" for k in first]
+                tags = tuple(tag if tag_type(tag)[1] and tag_type(tag)[1] == kind else OUTSIDE
+                             for tag, kind in zip(example.tags, read, strict=True))
+                out.append(NerExample(example.tokens, tags))
+        return out
+
     def candidates(self, examples: Sequence[NerExample], positions: Sequence[str],
                    pairs: bool) -> list[Candidate]:
         """Every ordered (victim type, target type) pair whose victim type has entities in
@@ -189,8 +236,9 @@ class TokenClassificationSubject(HuggingFaceSubject):
         present = set().union(*(e.types for e in examples))
         victims = [i for i, t in enumerate(self.types) if t in present]
         if not victims:
-            raise InputError("no entity in the clean examples: an NER backdoor flips the "
-                             "entities of a victim type, so the examples need some")
+            raise InputError("no entity in the clean examples (or none that the tagger tags "
+                             "with its type): an NER backdoor flips the entities of a victim "
+                             "type, so the examples need some")
         return [Candidate((v,), target, p) for v in victims
                 for target in range(len(self.types)) if target != v for p in positions]
 
