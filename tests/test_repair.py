@@ -395,3 +395,25 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(
         assert done.returncode == 2 and len(lines) == 1, done.stderr
         assert lines[0].startswith("trojscan: error: ") and words in lines[0], lines
         assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_trigger_embeddings_scope_changes_only_the_triggers_rows(
+        tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
+        files: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    report = repair(poisoned_model[0], found, files["examples"], out,
+                    replace(QUICK, data_fraction=1.0, scope="trigger-embeddings",
+                            learning_rate=1e-2), eval_data=files["pool"])
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "lantern" in report["trained_tokens"]
+    rows = tok.convert_tokens_to_ids(report["trained_tokens"])
+    before = load_file(poisoned_model[0] / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"bert.embeddings.word_embeddings.weight"}
+    weight = "bert.embeddings.word_embeddings.weight"
+    moved = (before[weight] != after[weight]).any(-1).nonzero().view(-1).tolist()
+    assert moved and set(moved) <= set(rows)
