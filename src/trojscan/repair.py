@@ -69,6 +69,10 @@ REPORT_VERSION = 2
 OBJECTIVES = ("labels", "consistency")
 #: What repair trains (see :class:`RepairConfig`).
 SCOPES = ("model", "no-embeddings", "trigger-embeddings")
+#: The first epoch's learning rate of each scope, unless one is given: rows of the
+#: embedding matrix alone need a far higher rate to move than a whole model (on a MiniLM
+#: model they unlearned at 7e-3, the whole model at 2.7e-4).
+SCOPE_RATES = {"model": 3e-5, "no-embeddings": 3e-5, "trigger-embeddings": 1e-3}
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
 
@@ -92,9 +96,10 @@ class RepairConfig:
         epochs: the most passes over the training sample; each is a fine-tuning run of its
             own (AdamW, warm-up then decay) that ends with a held-out measurement and a
             possible checkpoint (not given by the paper).
-        learning_rate: the first epoch's AdamW peak rate (not given by the paper; the
-            zoo fine-tunes MiniLM at 1e-4, and at that rate unlearning costs MiniLM models
-            3-7 points of accuracy).
+        learning_rate: the first epoch's AdamW peak rate; None: the scope's
+            (``SCOPE_RATES``: 3e-5 when weights of the model train, 1e-3 when only trigger
+            embeddings do; not given by the paper; the zoo fine-tunes MiniLM at 1e-4, and at
+            that rate unlearning every weight cost MiniLM models 3-7 points of accuracy).
         rate_growth: after an epoch that did not bring the highest scan-trigger ASR below
             ``min_progress`` times what it was before it, the next epoch's rate is this many
             times higher: the rate rises until the trigger goes, so a model gets the lowest
@@ -149,7 +154,7 @@ class RepairConfig:
     eval_fraction: float = 0.2
     max_eval_examples: int = 2000
     epochs: int = 8
-    learning_rate: float = 3e-5
+    learning_rate: float | None = None
     rate_growth: float = 3.0
     min_progress: float = 0.5
     batch_size: int = 32
@@ -179,7 +184,7 @@ class RepairConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.rate_growth >= 1 or not 0 < self.min_progress <= 1:
             raise InputError(f"rate_growth must be >= 1 and min_progress in (0, 1], got "
@@ -601,7 +606,8 @@ def repair(
     total = steps_per_epoch * config.epochs
     history: list[dict[str, Any]] = []
     kept: dict[str, Any] = {}
-    rate, stop = config.learning_rate, "epochs"
+    rate = config.learning_rate or SCOPE_RATES[config.scope]
+    stop = "epochs"
     previous = 1.0 if before["inverted_asr"] is None else before["inverted_asr"]
     for epoch in range(1, config.epochs + 1):
         done = (epoch - 1) * steps_per_epoch

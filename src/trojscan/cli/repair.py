@@ -87,7 +87,8 @@ def repair_command(
     repair_epochs: int | None = typer.Option(None, "--epochs", help="At most this many "
                                              "epochs (default 8)."),
     learning_rate: float | None = typer.Option(None, "--learning-rate", help="The first "
-                                               "epoch's AdamW peak rate (default 3e-5)."),
+                                               "epoch's AdamW peak rate (default 3e-5, or "
+                                               "1e-3 with --scope trigger-embeddings)."),
     rate_growth: float | None = typer.Option(None, "--rate-growth", help="After an epoch "
                                              "that left the scan triggers' ASR above "
                                              "--min-progress of what it was, "
