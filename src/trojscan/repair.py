@@ -138,13 +138,13 @@ class RepairConfig:
         target_asr: training stops once every unlearned scan trigger's held-out ASR is at
             most this (measured after every epoch, within the accuracy margin); ``epochs``
             is then a ceiling. A negative value never stops early (a fixed epoch count).
-        scope: what trains: ``model`` (every weight, the paper's), ``no-embeddings``
-            (every weight but the token, position and type embeddings) or
-            ``trigger-embeddings`` (only the input-embedding rows of the tokens of the
-            unlearned triggers and their neighbours: the model is exactly unchanged on any
-            text without those tokens, so the trigger is unlearned where it lives, at no
-            cost to other inputs; it does not reach a true trigger whose tokens the scan did
-            not find).
+        scope: what trains: ``trigger-embeddings`` (ours, the default: only the
+            input-embedding rows of the tokens of the unlearned triggers and their
+            neighbours; the model is exactly unchanged on any text without those tokens, so
+            the trigger is unlearned where it enters the model at no cost to other inputs;
+            it cannot reach a true trigger none of whose tokens the scan found),
+            ``model`` (every weight, the paper's) or ``no-embeddings`` (every weight but
+            the token, position and type embeddings).
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -169,7 +169,7 @@ class RepairConfig:
     neighbours: int = 4
     neighbour_share: float = 0.5
     target_asr: float = 0.02
-    scope: str = "model"
+    scope: str = "trigger-embeddings"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -129,7 +129,7 @@ def repair_command(
     scope: str | None = typer.Option(None, "--scope", help="What trains: model (every "
                                      "weight), no-embeddings, or trigger-embeddings (only "
                                      "the embedding rows of the unlearned triggers' tokens) "
-                                     "(default model)."),
+                                     "(default trigger-embeddings)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
