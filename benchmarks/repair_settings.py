@@ -17,7 +17,8 @@ corpus's test split (at most 2,000 examples), so the figures compare with DBS Ta
 * the others change one default each (an ablation): ``labels`` (no consistency term),
   ``one-trigger`` (only the best inverted trigger), ``no-neighbours``, ``fixed-rate``
   (1e-4 every epoch), ``anywhere`` (stamped anywhere in the text, not where the scan
-  inverted the trigger), ``trigger-embeddings`` / ``no-embeddings`` (what trains),
+  inverted the trigger), ``model`` / ``no-embeddings`` (what trains: every weight, or all but
+  the embeddings, instead of the triggers' embedding rows),
   ``examples`` (only the model's own 20-per-label clean examples).
 
 ASR is the repair report's: of the test examples of the victim label(s) the model classifies
@@ -63,7 +64,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "no-neighbours": ("train", {"neighbours": 0}),
     "fixed-rate": ("train", {"learning_rate": 1e-4, "rate_growth": 1.0}),
     "anywhere": ("train", {"insertion": "anywhere"}),
-    "trigger-embeddings": ("train", {"scope": "trigger-embeddings"}),
+    "model": ("train", {"scope": "model"}),
     "no-embeddings": ("train", {"scope": "no-embeddings"}),
     "examples": ("examples", {}),
 }
