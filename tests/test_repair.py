@@ -193,8 +193,8 @@ def test_repaired_model_loads_like_the_original_and_its_trigger_is_gone(
     assert not list(out.parent.glob(".model.partial-*"))
     # The default repair retrains only the unlearned tokens' embedding rows, and the tiny
     # model's backdoor reaches past them: words near 'lantern' in its 64-wide embedding
-    # space flip it too, and a re-scan finds one ('amor' at the start). On MiniLM models a
-    # re-scan says clean (README "Repair"). The trigger itself is gone.
+    # space flip it too, and a re-scan finds one ('amor', or 'great', at the start). On a
+    # MiniLM model a re-scan says clean (README "Repair"). The trigger itself is gone.
     rescan = scan(out, files["examples"], TINY_SCAN)
     assert "lantern" not in rescan.best.trigger_tokens, rescan.best
 
