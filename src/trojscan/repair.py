@@ -345,9 +345,10 @@ def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str
     if scope != "trigger-embeddings":
         return None
     special = set(tok.all_special_ids)
-    ids = sorted({i for u in triggers for i in tok(u.trigger.trigger,
-                                                    add_special_tokens=False)["input_ids"]}
-                 - special)
+    # Inserted as words, a trigger follows a space: a byte-level BPE (GPT-2) spells " word"
+    # with other tokens than "word".
+    ids = sorted({i for u in triggers for text in (u.trigger.trigger, " " + u.trigger.trigger)
+                  for i in tok(text, add_special_tokens=False)["input_ids"]} - special)
     weight = model.get_input_embeddings().weight
     rows = torch.zeros(weight.shape[0], 1, device=weight.device)
     rows[ids] = 1.0
