@@ -107,7 +107,7 @@ class RepairConfig:
             trained at, which a user rarely knows). 1: a fixed rate.
         min_progress: see ``rate_growth``.
         batch_size: examples per optimiser step.
-        weight_decay: AdamW decoupled weight decay.
+        weight_decay: AdamW decoupled weight decay (none with ``trigger-embeddings``).
         warmup_ratio: fraction of an epoch's steps over which the rate rises from 0.
         max_length: inputs are truncated to this many tokens (training and measurement), or
             to the model's position embeddings when it has fewer.
@@ -215,9 +215,11 @@ class RepairConfig:
 
     def epoch_run(self, learning_rate: float) -> FinetuneConfig:
         """One epoch's fine-tuning settings at ``learning_rate``, as
-        :func:`~trojscan.finetune.train_classifier` takes them."""
+        :func:`~trojscan.finetune.train_classifier` takes them (no weight decay when only
+        trigger embeddings train: it would shrink every other row of the matrix too)."""
+        decay = 0.0 if self.scope == "trigger-embeddings" else self.weight_decay
         return FinetuneConfig(epochs=1, batch_size=self.batch_size,
-                              learning_rate=learning_rate, weight_decay=self.weight_decay,
+                              learning_rate=learning_rate, weight_decay=decay,
                               warmup_ratio=self.warmup_ratio, max_length=self.max_length)
 
 
@@ -305,12 +307,13 @@ def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int) -> list[
     return list(unique.values())[:max_triggers]
 
 
-def neighbour_triggers(result: ScanResult, deciding: PlantedTrigger, tok: Any,
+def neighbour_triggers(result: ScanResult, best: PlantedTrigger, tok: Any,
                        embeddings: torch.Tensor, k: int) -> list[Unlearned]:
-    """Variants of the deciding trigger (the short one, else the best inversion): each of
-    its tokens replaced, one at a time, by each of its ``k`` nearest tokens by cosine
-    similarity of ``embeddings`` (the model's input embeddings), leaving out special,
-    unused and word-piece (``##``) tokens and the trigger's own."""
+    """Variants of the deciding trigger (the short one, else the best inversion), at the
+    position, target and victims of ``best`` (the scan's best trigger, whose candidate the
+    short one belongs to): each of its tokens replaced, one at a time, by each of its ``k``
+    nearest tokens by cosine similarity of ``embeddings`` (the model's input embeddings),
+    leaving out special, unused and word-piece (``##``) tokens and the trigger's own."""
     if k == 0:
         return []
     ids = list(result.short_trigger.trigger_ids if result.short_trigger is not None
@@ -325,7 +328,7 @@ def neighbour_triggers(result: ScanResult, deciding: PlantedTrigger, tok: Any,
         for near in similarity.topk(k).indices.tolist():
             text = " ".join(tok.decode([*ids[:j], near, *ids[j + 1:]]).split())
             if text:
-                variants.append(Unlearned(replace(deciding, trigger=text), "neighbour"))
+                variants.append(Unlearned(replace(best, trigger=text), "neighbour"))
     return variants
 
 
@@ -335,11 +338,9 @@ def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str
     tokens whose embedding rows train (a gradient hook zeroes every other row, and the run
     has no weight decay, so those rows stay exactly as they are), else None."""
     for p in model.parameters():
-        p.requires_grad_(scope == "model")
+        p.requires_grad_(scope != "trigger-embeddings")
     if scope == "no-embeddings":
         embeddings = getattr(model.base_model, "embeddings", model.get_input_embeddings())
-        for p in model.parameters():
-            p.requires_grad_(True)
         for p in embeddings.parameters():
             p.requires_grad_(False)
     if scope != "trigger-embeddings":
@@ -591,8 +592,7 @@ def repair(
     held_rows = subject.read_examples(Path(eval_data)) if eval_data is not None else None
     train, held = split_data(rows, config, held_rows)
     model = subject.model
-    deciding = triggers[1 if len(triggers) > 1 and triggers[1].source == "short" else 0]
-    variants = neighbour_triggers(scan_result, deciding.trigger, subject.tokenizer,
+    variants = neighbour_triggers(scan_result, triggers[0].trigger, subject.tokenizer,
                                   model.get_input_embeddings().weight, config.neighbours)
     items, n_stamped = stamp(train, triggers, variants, config)
     measure = _Measure(subject.tokenizer, held, triggers, true_trigger, config)
@@ -617,11 +617,9 @@ def repair(
             if progress:
                 progress(done + step, total, f"unlearning, epoch {epoch}")
 
-        train_classifier(model, subject.tokenizer, items,
-                         replace(config.epoch_run(rate), weight_decay=0.0)
-                         if config.scope == "trigger-embeddings" else config.epoch_run(rate),
+        train_classifier(model, subject.tokenizer, items, config.epoch_run(rate),
                          config.seed + epoch, on_step=on_step, soft_targets=soft,
-                         consistency=config.consistency_weight if soft is not None else 0.0)
+                         consistency=config.consistency_weight)
         row = {"epoch": epoch, "learning_rate": rate, **measure(model)}
         drop = round(100 * (before["clean_accuracy"] - row["clean_accuracy"]), 9)
         row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
