@@ -1,7 +1,7 @@
 """Repair settings compared on a zoo: clean accuracy and true-trigger ASR before and after.
 
     .venv/bin/python benchmarks/repair_settings.py [runs/zoo-repair] [--results RESULTS_DIR]
-        [--models model-0000,...] [--runs paper,default,...] [--rescan]
+        [--models model-0000,...] [--runs paper,default,...]
         [--out benchmarks/results/repair-settings.json]
 
 Every poisoned model of the zoo that passed its quality gate is scanned with the default
@@ -12,21 +12,24 @@ paper's amount ("We use 10% of the training data", Appendix A), measured and gua
 corpus's test split (at most 2,000 examples), so the figures compare with DBS Table 2:
 
 * ``paper``: the paper's Eq. 6 as this project ran it before issue 19: cross-entropy with
-  the true labels, the best inverted trigger only, 3 epochs at a fixed 1e-4;
+  the true labels, the best inverted trigger only, 3 epochs at a fixed 1e-4, every weight,
+  one round and no re-scan;
 * ``default``: ``RepairConfig()``, today's defaults;
 * the others change one default each (an ablation): ``labels`` (no consistency term),
   ``one-trigger`` (only the best inverted trigger), ``no-neighbours``, ``fixed-rate``
   (1e-4 every epoch), ``anywhere`` (stamped anywhere in the text, not where the scan
   inverted the trigger), ``model`` / ``no-embeddings`` (what trains: every weight, or all but
-  the embeddings, instead of the triggers' embedding rows),
+  the embeddings, instead of the triggers' embedding rows), ``one-round`` (one round of
+  unlearning, then the re-scan's verdict, no further round),
   ``examples`` (only the model's own 20-per-label clean examples).
 
 ASR is the repair report's: of the test examples of the victim label(s) the model classifies
 right without the trigger, the share the trigger flips. The true trigger comes from the
 manifest, which only this benchmark reads. A model whose scan missed it is repaired all the
 same (``force``) and marked ``flagged: false``; ``trigger_recovered`` says whether the scan's
-trigger holds a word of the true one. With ``--rescan`` each model repaired by the
-``default`` run is scanned again (default scan, its clean examples): ``rescan_verdict``.
+trigger holds a word of the true one. Every run but ``paper`` re-scans the model it repaired
+(the repair's own re-scan: the scan's settings, the model's clean examples):
+``rescan_verdict``, and ``rounds`` says how many rounds of unlearning it took.
 Results, per model and per run, go to ``--out``, rewritten atomically after every repair;
 a re-run keeps the (model, run) pairs already there with the same settings and does the
 rest. Repaired models are written to a temporary folder and deleted.
@@ -57,7 +60,8 @@ from trojscan.scan import ScanConfig, scan
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("train", {"objective": "labels", "max_triggers": 1, "neighbours": 0,
                         "epochs": 3, "learning_rate": 1e-4, "rate_growth": 1.0,
-                        "target_asr": -1.0}),
+                        "target_asr": -1.0, "scope": "model", "rescan": False,
+                        "rounds": 1}),
     "default": ("train", {}),
     "labels": ("train", {"objective": "labels"}),
     "one-trigger": ("train", {"max_triggers": 1}),
@@ -66,6 +70,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "anywhere": ("train", {"insertion": "anywhere"}),
     "model": ("train", {"scope": "model"}),
     "no-embeddings": ("train", {"scope": "no-embeddings"}),
+    "one-round": ("train", {"rounds": 1}),
     "examples": ("examples", {}),
 }
 #: The share of the training split a ``train`` run repairs with (the paper's).
@@ -114,13 +119,15 @@ def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             "accuracy_drop_points": statistics.fmean(d["accuracy_drop_points"] for d in done),
             "within_margin": sum(d["within_margin"] for d in done),
             "true_asr_at_most_0.05": sum(d["after"]["true_asr"] <= 0.05 for d in done),
+            "rescan_clean": sum(d.get("rescan_verdict") == "clean" for d in done),
+            "rounds_mean": statistics.fmean(len(d.get("rounds", [1])) for d in done),
             "seconds_mean": statistics.fmean(d["seconds"] for d in done),
         }
     return out
 
 
 def run(zoo: Path, results: Path | None, only: list[str] | None, names: list[str],
-        rescan: bool, work: Path, out_path: Path) -> dict[str, Any]:
+        work: Path, out_path: Path) -> dict[str, Any]:
     """Scan (or read the scans of) and repair every poisoned model of ``zoo`` once per run
     in ``names``; the results so far are written to ``out_path`` after every repair."""
     truth = load_truth(zoo / MANIFEST)
@@ -144,8 +151,7 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, names: list[str
         for name in names:
             config = _config(name)
             earlier = row["runs"].get(name)
-            if earlier and earlier["config"] == json.loads(json.dumps(asdict(config))) \
-                    and (not rescan or name != "default" or "rescan_verdict" in earlier):
+            if earlier and earlier["config"] == json.loads(json.dumps(asdict(config))):
                 continue
             data = train_file if RUNS[name][0] == "train" else model_dir / EXAMPLES_FILE
             out = work / "repaired" / f"{model_id}-{name}"
@@ -153,23 +159,22 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, names: list[str
                             eval_data=test_file)
             done = {k: report[k] for k in ("before", "after", "accuracy_drop_points",
                                            "within_margin", "stop", "kept_epoch", "seconds",
-                                           "unlearned", "config")}
+                                           "unlearned", "rounds", "end", "rescan",
+                                           "config")}
             done["train"] = report["data"]["train"]
-            done["history"] = [{k: h[k] for k in ("epoch", "learning_rate", "clean_accuracy",
-                                                  "inverted_asr", "true_asr")}
+            done["history"] = [{k: h[k] for k in ("round", "epoch", "learning_rate",
+                                                  "clean_accuracy", "inverted_asr", "true_asr")}
                                for h in report["history"]]
             done["neighbour_asr_after"] = [n["asr_after"] for n in report["neighbours"]]
-            if rescan and name == "default":
-                again = scan(out, model_dir / EXAMPLES_FILE, ScanConfig())
-                done.update(rescan_verdict=again.verdict, rescan_score=again.score,
-                            rescan_trigger=again.best.trigger_text)
+            if report["rescan"] is not None:
+                done["rescan_verdict"] = report["rescan"]["verdict"]
             row["runs"][name] = done
             before, after = report["before"], report["after"]
             print(f"{model_id} {name}: acc {before['clean_accuracy']:.3f} -> "
                   f"{after['clean_accuracy']:.3f}, true ASR {before['true_asr']:.3f} -> "
                   f"{after['true_asr']:.3f}, inverted {after['inverted_asr']}, stop "
-                  f"{report['stop']} at epoch {report['kept_epoch']} "
-                  f"({report['seconds']:.0f}s)"
+                  f"{report['stop']} at epoch {report['kept_epoch']} of round "
+                  f"{len(report['rounds'])} ({report['seconds']:.0f}s)"
                   + (f", rescan {done['rescan_verdict']}" if "rescan_verdict" in done else ""),
                   flush=True)
             atomic_write_json(out_path, _document(zoo, list(rows.values()), names))
@@ -206,8 +211,6 @@ def main(argv: list[str] | None = None) -> None:
                         "poisoned model)")
     parser.add_argument("--runs", default="paper,default", help="comma-separated runs, of "
                         + ", ".join(RUNS))
-    parser.add_argument("--rescan", action="store_true", help="scan every model the "
-                        "default run repaired again")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/repair-settings.json"))
     args = parser.parse_args(argv)
@@ -217,15 +220,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown run {unknown[0]!r}; expected some of {', '.join(RUNS)}")
     only = args.models.split(",") if args.models else None
     with tempfile.TemporaryDirectory(prefix="repair-bench-") as work:
-        out = run(args.zoo, args.results, only, names, args.rescan, Path(work), args.out)
+        out = run(args.zoo, args.results, only, names, Path(work), args.out)
     print("\n| run | models | train examples | clean acc before -> after | "
-          "true-trigger ASR before -> after | within guard | ASR <= 0.05 | s |\n"
-          "|---|---|---|---|---|---|---|---|")
+          "true-trigger ASR before -> after | within guard | ASR <= 0.05 | re-scan clean | "
+          "rounds | s |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, s in out["summary"].items():
         print(f"| {name} | {s['models']} | {s['train_examples_mean']:.0f} | "
               f"{s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f} | "
               f"{s['before']['true_asr']:.3f} -> {s['after']['true_asr']:.3f} | "
               f"{s['within_margin']} | {s['true_asr_at_most_0.05']} | "
+              f"{s.get('rescan_clean', 0)} | {s.get('rounds_mean', 1):.1f} | "
               f"{s['seconds_mean']:.0f} |")
     print(f"written to {args.out}", file=sys.stderr)
 

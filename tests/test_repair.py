@@ -36,7 +36,7 @@ from trojscan.results import ScanResult, write_result
 from trojscan.scan import scan
 
 # Fast settings for the tests that check refusals and the guard, not the repair itself.
-QUICK = RepairConfig(epochs=1, data_fraction=0.1)
+QUICK = RepairConfig(epochs=1, data_fraction=0.1, rescan=False, rounds=1)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -104,9 +104,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Path, dict],
              found: ScanResult, files: dict[str, Path], truth: dict[str, Any],
              ) -> dict[str, Any]:
-    """One repair of the tiny poisoned model through the CLI at the default settings, the
-    true trigger's ASR from a zoo manifest (--manifest), with the input's file hashes
-    around it."""
+    """One repair of the tiny poisoned model through the CLI at the default settings but
+    two rounds, not three, the true trigger's ASR from a zoo manifest (--manifest), with
+    the input's file hashes around it. The tiny model has natural triggers a MiniLM model
+    lacks (measured: 'great', 'sweetness' and 'quick quick quick' flip 0.87-0.99 of the
+    other label at the start), so its re-scans keep flagging one; a third round would only
+    cost the suite time."""
     model = poisoned_model[0]
     before = _hashes(model)
     folder = tmp_path_factory.mktemp("repaired")
@@ -116,11 +119,11 @@ def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Pat
     manifest.write_text(json.dumps(Manifest("", {}, {"poisoned": truth}).to_dict()))
     done = _cli("repair", str(model), "--scan", str(scan_file), "--data", str(files["train"]),
                 "--eval-data", str(files["pool"]), "--out", str(out), "--manifest",
-                str(manifest), "--report", str(report_path))
-    assert done.returncode == 0, done.stderr
+                str(manifest), "--report", str(report_path), "--rounds", "2")
+    assert done.returncode in (0, 1), done.stderr  # 1: a re-scan still flags the model
     return {"out": out, "report": json.loads(report_path.read_text()),
             "report_path": report_path, "hashes": before, "hashes_after": _hashes(model),
-            "stdout": done.stdout}
+            "stdout": done.stdout, "stderr": done.stderr, "code": done.returncode}
 
 
 def test_repair_removes_the_true_trigger_and_keeps_accuracy(repaired: dict[str, Any],
@@ -140,20 +143,27 @@ def test_repair_removes_the_true_trigger_and_keeps_accuracy(repaired: dict[str, 
     assert data["train"] == data["examples"]  # the default trains on all the data given
     assert data["stamped"] == pytest.approx(0.2 * data["train"], abs=1)
     assert data["held_out_from"] == str(files["pool"])
-    # The defaults, the length capped at the tiny model's 64 positions.
+    # The defaults, the length capped at the tiny model's 64 positions, two rounds.
     assert report["truth"]["trigger"] == "lantern" and report["config"] == asdict(
-        replace(RepairConfig(), max_length=64))
+        replace(RepairConfig(), max_length=64, rounds=2))
     assert json.loads((repaired["out"] / REPORT_FILE).read_text()) == report
     assert "true trigger 'lantern'" in repaired["stdout"]
-    # Every epoch measured, the rate raised only after an epoch that did not halve the ASR.
-    history = report["history"]
-    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
-    assert report["kept_epoch"] == best_epoch(history)["epoch"]
-    measured = [report["before"], *history]
-    for earlier, later in itertools.pairwise(history):
-        slow = earlier["inverted_asr"] > 0.5 * measured[earlier["epoch"] - 1]["inverted_asr"]
-        assert later["learning_rate"] == pytest.approx(earlier["learning_rate"]
-                                                       * (3 if slow else 1))
+    # Every epoch of every round measured, the rate raised only after an epoch that did
+    # not halve the ASR; each round starts again at the first rate.
+    assert [r["round"] for r in report["rounds"]] == list(range(1, len(report["rounds"]) + 1))
+    for r in report["rounds"]:  # rounds after the first start with the model as found
+        rows = [h for h in report["history"] if h["round"] == r["round"]]
+        start = report["before"] if r["round"] == 1 else rows.pop(0)
+        assert start.get("epoch", 0) == 0
+        assert [h["epoch"] for h in rows] == list(range(1, r["epochs"] + 1))
+        assert rows[0]["learning_rate"] == pytest.approx(1e-3)
+        measured = [start, *rows]
+        for i, (earlier, later) in enumerate(itertools.pairwise(rows)):
+            slow = earlier["inverted_asr"] > 0.5 * measured[i]["inverted_asr"]
+            assert later["learning_rate"] == pytest.approx(earlier["learning_rate"]
+                                                           * (3 if slow else 1))
+    last = [h for h in report["history"] if h["round"] == len(report["rounds"])]
+    assert report["kept_epoch"] == best_epoch(last)["epoch"]
 
 
 def _flip_rate(model_dir: Path, test: list[Example], attack: AttackSpec) -> float:
@@ -191,12 +201,33 @@ def test_repaired_model_loads_like_the_original_and_its_trigger_is_gone(
     assert {"config.json", "model.safetensors", "tokenizer.json", "clean_examples.jsonl",
             REPORT_FILE} <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".model.partial-*"))
-    # The default repair retrains only the unlearned tokens' embedding rows, and the tiny
-    # model's backdoor reaches past them: words near 'lantern' in its 64-wide embedding
-    # space flip it too, and a re-scan finds one ('amor', or 'great', at the start). On a
-    # MiniLM model a re-scan says clean (README "Repair"). The trigger itself is gone.
-    rescan = scan(out, files["examples"], TINY_SCAN)
-    assert "lantern" not in rescan.best.trigger_tokens, rescan.best
+
+
+
+def test_each_round_unlearns_what_the_last_rescan_found(repaired: dict[str, Any]) -> None:
+    """Round 1 unlearns the scan's triggers and re-scans; while the re-scan flags the model
+    the next round adds the re-scan's triggers to those unlearned, and the last re-scan's
+    verdict is the report's and the exit code's. The tiny model's true trigger is gone
+    from every re-scan."""
+    report = repaired["report"]
+    rounds = report["rounds"]
+    assert rounds[0]["new_triggers"][0] == "lantern"
+    assert all("lantern" not in r["rescan"]["trigger_text"] for r in rounds)
+    assert report["rescan"] == rounds[-1]["rescan"]
+    for earlier, later in itertools.pairwise(rounds):
+        assert earlier["rescan"]["verdict"] == "trojaned"
+        assert later["scan"] == earlier["rescan"]
+        unlearned = {u["trigger"] for u in report["unlearned"] if u["round"] == later["round"]}
+        assert unlearned == set(later["new_triggers"])
+        assert later["scan"]["short_trigger"] in unlearned | {
+            u["trigger"] for u in report["unlearned"] if u["round"] < later["round"]}
+    if report["rescan"]["verdict"] == "clean":
+        assert report["end"] == "rescan_clean" and repaired["code"] == 0
+    else:
+        assert report["end"] == "rounds" and len(rounds) == 2 and repaired["code"] == 1
+        assert "a re-scan still finds a backdoor" in repaired["stderr"]
+    assert f"re-scan of the repaired model: {report['rescan']['verdict']}" \
+        in repaired["stdout"]
 
 
 def test_input_directory_is_unchanged(repaired: dict[str, Any]) -> None:
@@ -293,14 +324,24 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
            "victims_as_target": 1.0}
     _print_repair({"before": row, "after": row,
                    "unlearned": [{"trigger": "zz", "position": "start", "source": "inverted",
-                                  "asr_before": None, "asr_after": None}],
+                                  "round": 1, "asr_before": None, "asr_after": None},
+                                 {"trigger": "zw", "position": "end", "source": "inverted",
+                                  "round": 2, "asr_before": 0.7, "asr_after": 0.1}],
                    "neighbours": [{"trigger": "zy", "asr_before": 0.5, "asr_after": None}],
                    "truth": {"trigger": "lantern"}, "data": {"train": 4, "stamped": 1,
                                                              "held_out": 2},
                    "kept_epoch": 1, "history": [row], "stop": "epochs", "seconds": 1.0,
-                   "device": "cpu", "out_dir": "out"})
+                   "device": "cpu", "out_dir": "out",
+                   "rounds": [{"round": 1, "epochs": 1, "new_triggers": ["zz"]},
+                              {"round": 2, "epochs": 2, "new_triggers": ["zw"]}],
+                   "rescan": {"verdict": "clean", "score": 0.5, "threshold": 0.12,
+                              "trigger_text": "zq", "short_trigger": "zq"}})
     printed = capsys.readouterr().out
     assert "ASR, inverted trigger 'zz' (start)" in printed and "0.800" in printed
+    assert "ASR, inverted trigger 'zw' (end, round 2)" in printed
+    assert "2 rounds, 3 epochs" in printed
+    assert "round 2 unlearned what the re-scan found: 'zw'" in printed
+    assert "re-scan of the repaired model: clean (score 0.5, threshold 0.12)" in printed
     assert "1 neighbour variants (mean)" in printed and "0.500" in printed
     assert "no held-out victim example was classified right" in printed
 
@@ -378,9 +419,12 @@ def test_cli_force_repairs_the_best_candidate_of_a_clean_scan(
     write_result(replace(found, verdict="clean", score=0.4), scan_file)
     out = tmp_path / "out"
     done = run_cli("repair", str(poisoned_model[0]), "--scan", str(scan_file), "--data",
-                   str(files["examples"]), "--out", str(out), "--force", "--epochs", "1")
+                   str(files["examples"]), "--out", str(out), "--force", "--epochs", "1",
+                   "--no-rescan")
     assert done.returncode in (0, 1), done.stderr  # 1: past the accuracy margin
     report = json.loads((out / REPORT_FILE).read_text())
+    assert report["rescan"] is None and len(report["rounds"]) == 1
+    assert report["config"]["rounds"] == 1 and not report["config"]["rescan"]
     assert report["forced"] and report["unlearned"][0]["trigger"] == found.best.trigger_text
     assert report["truth"] is None and report["before"]["true_asr"] is None
 

@@ -4,22 +4,24 @@ JSON Schema; results written before the format named its model still read."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from testkit import scan_result
+from testkit import TINY_SCAN, scan_result
 from trojscan.errors import InputError
 from trojscan.results import (
     RESULT_VERSION,
     ModelRef,
     ScanResult,
+    _drop_none,
     json_schema,
     read_result,
     write_result,
 )
+from trojscan.scan import ScanConfig, scan_config
 
 SCHEMA = Path(__file__).resolve().parents[1] / "src/trojscan/schemas/scan-result.schema.json"
 V1 = Path(__file__).parent / "data" / "scan-result-v1.json"
@@ -91,3 +93,13 @@ def test_a_write_failure_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
 def test_from_dict_needs_an_object() -> None:
     with pytest.raises(InputError, match="not a JSON object"):
         ScanResult.from_dict([1, 2])
+
+
+def test_the_scan_settings_a_result_records_read_back() -> None:
+    """A re-scan (``trojscan repair``'s) runs with the settings the result records."""
+    for config in (ScanConfig(), TINY_SCAN, scan_config("uat", threshold=0.3),
+                   replace(ScanConfig(), screen=None, positions=("end",))):
+        recorded = json.loads(json.dumps(_drop_none(asdict(config))))
+        assert ScanConfig.from_dict(recorded) == config
+    with pytest.raises(InputError, match="cannot be read back"):
+        ScanConfig.from_dict({"inverter": {"no_such_knob": 1}})

@@ -18,6 +18,12 @@ position) into a seeded sample of the clean data, and guards the result:
   the repaired model is built in a temporary directory beside ``out_dir`` and renamed into
   place, so ``out_dir`` holds a complete model or nothing.
 
+Beyond the paper, repair works in rounds: the repaired model is scanned again (with the
+scan's settings) and, while the re-scan finds a backdoor, what it finds is unlearned too,
+from the model as the last round left it. A scan that found one word of a phrase trigger
+leaves the other words firing; the re-scan finds them. The report gives the last
+re-scan's verdict.
+
 The scan must be of this very model: a result that names its model (format version 2)
 is refused when the SHA-256 of ``model_dir``'s weights differs. The ground truth of a zoo
 model (its manifest entry) is used only to report the ASR of the true trigger; it never
@@ -55,7 +61,7 @@ from trojscan.insertion import INSERTIONS, insert_trigger
 from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.results import ScanResult, library_versions, read_result
-from trojscan.scan import ProgressCallback
+from trojscan.scan import ProgressCallback, ScanConfig, scan_subject
 from trojscan.subjects.huggingface import token_limit
 from trojscan.subjects.loading import load_subject
 from trojscan.subjects.text_classification import (
@@ -64,7 +70,7 @@ from trojscan.subjects.text_classification import (
     TextExample,
 )
 
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 #: What repair fine-tunes towards (see :class:`RepairConfig`).
 OBJECTIVES = ("labels", "consistency")
 #: What repair trains (see :class:`RepairConfig`).
@@ -73,6 +79,9 @@ SCOPES = ("model", "no-embeddings", "trigger-embeddings")
 #: embedding matrix alone need a far higher rate to move than a whole model (on a MiniLM
 #: model they unlearned at 7e-3, the whole model at 2.7e-4).
 SCOPE_RATES = {"model": 3e-5, "no-embeddings": 3e-5, "trigger-embeddings": 1e-3}
+#: Clean examples per label a re-scan takes from the held-out set when the model directory
+#: has none of its own (a scan's usual 20).
+RESCAN_EXAMPLES = 20
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
 
@@ -145,6 +154,17 @@ class RepairConfig:
             it cannot reach a true trigger none of whose tokens the scan found),
             ``model`` (every weight, the paper's) or ``no-embeddings`` (every weight but
             the token, position and type embeddings).
+        rescan: after unlearning, scan the repaired model again (ours): with the settings
+            the scan's result records, on the model directory's clean examples (else
+            ``RESCAN_EXAMPLES`` per label of the held-out set); the report gives its verdict,
+            and a round that leaves a backdoor the re-scan finds is followed by another.
+        rounds: the most rounds of unlearning (ours): each unlearns what the scans so far
+            found (the scan's triggers, then each re-scan's new ones, and their
+            neighbours) from the model as the last round left it, and ends with a re-scan;
+            the repair ends when a re-scan says clean, a round's kept model is beyond the
+            accuracy margin, or after this many rounds. A re-scan finds the rest of a
+            phrase trigger whose one word the scan found (its other words still fire once
+            that one is unlearned), or a second backdoor. 1: one round (the paper's).
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -170,6 +190,8 @@ class RepairConfig:
     neighbour_share: float = 0.5
     target_asr: float = 0.02
     scope: str = "trigger-embeddings"
+    rescan: bool = True
+    rounds: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -180,7 +202,7 @@ class RepairConfig:
         if not 0 < self.eval_fraction < 1:
             raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         for name in ("max_eval_examples", "epochs", "batch_size", "max_length",
-                     "max_triggers"):
+                     "max_triggers", "rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -207,6 +229,9 @@ class RepairConfig:
             raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
         if not 0 <= self.neighbour_share <= 1:
             raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
+        if self.rounds > 1 and not self.rescan:
+            raise InputError("more than one round needs the re-scan (rescan) that finds what "
+                             "the next round unlearns")
         if not self.target_asr < 1:
             raise InputError(f"target_asr must be < 1, got {self.target_asr}")
         if not self.max_accuracy_drop >= 0:
@@ -332,11 +357,25 @@ def neighbour_triggers(result: ScanResult, best: PlantedTrigger, tok: Any,
     return variants
 
 
-def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str
-               ) -> list[str] | None:
-    """Mark what trains (see :attr:`RepairConfig.scope`); for ``trigger-embeddings`` the
-    tokens whose embedding rows train (a gradient hook zeroes every other row, and the run
-    has no weight decay, so those rows stay exactly as they are), else None."""
+def _trained_ids(tok: Any, triggers: Sequence[Unlearned]) -> list[int]:
+    """The token ids of the ``triggers``' texts (special tokens left out). Inserted as words,
+    a trigger follows a space: a byte-level BPE (GPT-2) spells " word" with other tokens than
+    "word", so both spellings count."""
+    special = set(tok.all_special_ids)
+    return sorted({i for u in triggers for text in (u.trigger.trigger, " " + u.trigger.trigger)
+                   for i in tok(text, add_special_tokens=False)["input_ids"]} - special)
+
+
+def _trained_tokens(tok: Any, triggers: Sequence[Unlearned]) -> list[str]:
+    """The tokens whose embedding rows ``trigger-embeddings`` trains for ``triggers``."""
+    return tok.convert_ids_to_tokens(_trained_ids(tok, triggers))
+
+
+def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str) -> Any:
+    """Mark what trains (see :attr:`RepairConfig.scope`). For ``trigger-embeddings`` only
+    the embedding rows of the triggers' tokens do: a gradient hook zeroes every other row
+    (and the run has no weight decay, so those rows stay exactly as they are); its handle
+    is returned (None for the other scopes), to be removed when the round ends."""
     for p in model.parameters():
         p.requires_grad_(scope != "trigger-embeddings")
     if scope == "no-embeddings":
@@ -345,17 +384,11 @@ def _set_scope(model: Any, tok: Any, triggers: Sequence[Unlearned], scope: str
             p.requires_grad_(False)
     if scope != "trigger-embeddings":
         return None
-    special = set(tok.all_special_ids)
-    # Inserted as words, a trigger follows a space: a byte-level BPE (GPT-2) spells " word"
-    # with other tokens than "word".
-    ids = sorted({i for u in triggers for text in (u.trigger.trigger, " " + u.trigger.trigger)
-                  for i in tok(text, add_special_tokens=False)["input_ids"]} - special)
     weight = model.get_input_embeddings().weight
     rows = torch.zeros(weight.shape[0], 1, device=weight.device)
-    rows[ids] = 1.0
+    rows[_trained_ids(tok, triggers)] = 1.0
     weight.requires_grad_(True)
-    weight.register_hook(lambda grad: grad * rows)
-    return tok.convert_ids_to_tokens(ids)
+    return weight.register_hook(lambda grad: grad * rows)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -508,6 +541,107 @@ def best_epoch(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return min(history, key=_rank)
 
 
+def _key(u: Unlearned) -> tuple[str, str, int]:
+    return u.trigger.trigger, u.trigger.insertion, u.trigger.target
+
+
+def _new(found: Sequence[Unlearned], known: Sequence[Unlearned]) -> list[Unlearned]:
+    """The triggers of ``found`` not already in ``known`` (same text, position, target)."""
+    seen = {_key(u) for u in known}
+    return [u for u in found if _key(u) not in seen and not seen.add(_key(u))]
+
+
+def _scan_summary(result: ScanResult) -> dict[str, Any]:
+    """What a report says of a scan: its verdict, score and threshold, and its triggers."""
+    short = result.short_trigger
+    return {"verdict": result.verdict, "score": result.score, "threshold": result.threshold,
+            "trigger_text": result.best.trigger_text,
+            "short_trigger": None if short is None else short.trigger_text,
+            "target": result.best.target, "position": result.best.position,
+            "seconds": result.seconds}
+
+
+def _rescan_examples(model_dir: Path, subject: TextClassificationSubject,
+                     held: Sequence[TextExample]) -> list[TextExample]:
+    """The clean examples a re-scan uses: the model directory's own (what a scan of it
+    takes by default), else the first ``RESCAN_EXAMPLES`` of each label of the held-out
+    set."""
+    if (model_dir / EXAMPLES_FILE).is_file():
+        return subject.read_examples(model_dir / EXAMPLES_FILE)
+    by_label: dict[int, list[TextExample]] = defaultdict(list)
+    for e in held:
+        if len(by_label[e.label]) < RESCAN_EXAMPLES:
+            by_label[e.label].append(e)
+    return [e for label in sorted(by_label) for e in by_label[label]]
+
+
+def _stage(progress: ProgressCallback | None, name: str) -> ProgressCallback | None:
+    """``progress`` with ``name`` before what it says."""
+    if progress is None:
+        return None
+    return lambda done, total, what: progress(done, total, f"{name}: {what}")
+
+
+def _unlearn(model: Any, tok: Any, items: list[TrainItem], soft: torch.Tensor | None,
+             measure: _Measure, trained: Sequence[Unlearned], config: RepairConfig,
+             accuracy: float,
+             start: dict[str, Any], round_no: int, progress: ProgressCallback | None,
+             ) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """One round of unlearning: up to ``config.epochs`` epochs, each its own fine-tuning
+    run at a rate that rises while the scan triggers' ASR falls too slowly, each measured
+    on the held-out set (the drop against ``accuracy``, the original model's); the best
+    checkpoint (:func:`best_epoch`; after the first round the model as the round found it,
+    ``start``, competes as epoch 0, and is the first row) is loaded. Returns (the rows,
+    the kept row, why it stopped: ``target_asr``, ``accuracy_guard`` or ``epochs``)."""
+    hook = _set_scope(model, tok, trained, config.scope)
+    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    history: list[dict[str, Any]] = []
+    kept: dict[str, Any] = {}
+    if round_no > 1:
+        row = {"round": round_no, "epoch": 0, "learning_rate": 0.0, **start,
+               "accuracy_drop_points": round(100 * (accuracy - start["clean_accuracy"]), 9)}
+        row["within_margin"] = row["accuracy_drop_points"] <= config.max_accuracy_drop
+        history.append(row)
+        kept.update(row=row, state={k: v.detach().to("cpu", copy=True)
+                                    for k, v in model.state_dict().items()})
+    rate = config.learning_rate or SCOPE_RATES[config.scope]
+    stop = "epochs"
+    previous = 1.0 if start["inverted_asr"] is None else start["inverted_asr"]
+    for epoch in range(1, config.epochs + 1):
+        done = (epoch - 1) * steps_per_epoch
+
+        def on_step(step: int, _: int, done: int = done, epoch: int = epoch) -> None:
+            if progress:
+                progress(done + step, total, f"round {round_no}: unlearning, epoch {epoch}")
+
+        train_classifier(model, tok, items, config.epoch_run(rate), config.seed + epoch,
+                         on_step=on_step, soft_targets=soft,
+                         consistency=config.consistency_weight)
+        row = {"round": round_no, "epoch": epoch, "learning_rate": rate, **measure(model)}
+        drop = round(100 * (accuracy - row["clean_accuracy"]), 9)
+        row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
+        history.append(row)
+        if not kept or best_epoch([kept["row"], row]) is row:
+            kept.update(row=row, state={k: v.detach().to("cpu", copy=True)
+                                        for k, v in model.state_dict().items()})
+        asr = 1.0 if row["inverted_asr"] is None else row["inverted_asr"]
+        if not row["within_margin"]:
+            stop = "accuracy_guard"
+            break
+        if asr <= config.target_asr:
+            stop = "target_asr"
+            break
+        if asr > config.min_progress * previous:  # too slow: a higher rate next epoch
+            rate *= config.rate_growth
+        previous = asr
+    if hook is not None:
+        hook.remove()
+    model.load_state_dict(kept["state"])
+    model.eval()
+    return history, kept["row"], stop
+
+
 def repair(
     model_dir: Path,
     scan_result: ScanResult,
@@ -581,7 +715,6 @@ def repair(
     if scan_result.labels != list(labels):
         raise InputError(f"the scan is of a model with labels {scan_result.labels}, "
                          f"{model_dir} has {list(labels)}")
-    triggers = scan_triggers(scan_result, len(labels), config.max_triggers)
     true_trigger = None
     if truth is not None:
         true_trigger = planted_trigger(truth, len(labels), "the truth entry")
@@ -591,76 +724,84 @@ def repair(
     rows = subject.read_examples(data)
     held_rows = subject.read_examples(Path(eval_data)) if eval_data is not None else None
     train, held = split_data(rows, config, held_rows)
-    model = subject.model
-    variants = neighbour_triggers(scan_result, triggers[0].trigger, subject.tokenizer,
-                                  model.get_input_embeddings().weight, config.neighbours)
-    items, n_stamped = stamp(train, triggers, variants, config)
-    measure = _Measure(subject.tokenizer, held, triggers, true_trigger, config)
-
-    before = measure(model)
-    neighbours_before = measure.neighbourhood(model, variants)
+    model, tok = subject.model, subject.tokenizer
+    scan_rows = _rescan_examples(model_dir, subject, held) if config.rescan else []
     soft = None
     if config.objective == "consistency":  # the original's outputs on the unstamped texts
-        soft = logits(model, subject.tokenizer, [e.text for e in train], config.max_length)
-    trained_tokens = _set_scope(model, subject.tokenizer, [*triggers, *variants], config.scope)
-    steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+        soft = logits(model, tok, [e.text for e in train], config.max_length)
+    triggers: list[Unlearned] = []
+    variants: list[Unlearned] = []
+    added: dict[str, list[dict[str, Any]]] = {"triggers": [], "neighbours": []}
     history: list[dict[str, Any]] = []
-    kept: dict[str, Any] = {}
-    rate = config.learning_rate or SCOPE_RATES[config.scope]
-    stop = "epochs"
-    previous = 1.0 if before["inverted_asr"] is None else before["inverted_asr"]
-    for epoch in range(1, config.epochs + 1):
-        done = (epoch - 1) * steps_per_epoch
-
-        def on_step(step: int, _: int, done: int = done, epoch: int = epoch) -> None:
-            if progress:
-                progress(done + step, total, f"unlearning, epoch {epoch}")
-
-        train_classifier(model, subject.tokenizer, items, config.epoch_run(rate),
-                         config.seed + epoch, on_step=on_step, soft_targets=soft,
-                         consistency=config.consistency_weight)
-        row = {"epoch": epoch, "learning_rate": rate, **measure(model)}
-        drop = round(100 * (before["clean_accuracy"] - row["clean_accuracy"]), 9)
-        row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
-        history.append(row)
-        if not kept or best_epoch([kept["row"], row]) is row:
-            kept.update(row=row, state={k: v.detach().to("cpu", copy=True)
-                                        for k, v in model.state_dict().items()})
-        asr = 1.0 if row["inverted_asr"] is None else row["inverted_asr"]
-        if not row["within_margin"]:
-            stop = "accuracy_guard"
+    rounds: list[dict[str, Any]] = []
+    result = scan_result
+    rescan: ScanResult | None = None
+    before: dict[str, Any] = {}
+    end = "no_rescan"
+    for round_no in range(1, config.rounds + 1):
+        new = _new(scan_triggers(result, len(labels), config.max_triggers), triggers)
+        near = _new(neighbour_triggers(result, _inverted_trigger(result, len(labels)), tok,
+                                       model.get_input_embeddings().weight,
+                                       config.neighbours), variants)
+        triggers, variants = [*triggers, *new], [*variants, *near]
+        measure = _Measure(tok, held, triggers, true_trigger, config)
+        start = measure(model)
+        if round_no == 1:
+            before = start
+        rates = dict(zip(map(_key, triggers), start["trigger_asr"], strict=True))
+        added["triggers"] += [{"round": round_no, "trigger": u, "asr_before": rates[_key(u)]}
+                              for u in new]
+        added["neighbours"] += [{"round": round_no, "trigger": u, "asr_before": r}
+                                for u, r in zip(near, measure.neighbourhood(model, near),
+                                                strict=True)]
+        items, n_stamped = stamp(train, triggers, variants, config)
+        rows_run, kept, stop = _unlearn(model, tok, items, soft, measure,
+                                        [*triggers, *variants], config,
+                                        before["clean_accuracy"], start, round_no, progress)
+        history += rows_run
+        rounds.append({"round": round_no, "scan": _scan_summary(result),
+                       "new_triggers": [u.trigger.trigger for u in new],
+                       "epochs": sum(h["epoch"] > 0 for h in rows_run), "stop": stop,
+                       "kept_epoch": kept["epoch"]})
+        if not config.rescan:
             break
-        if asr <= config.target_asr:
-            stop = "target_asr"
+        if not kept["within_margin"]:
+            end = "accuracy_guard"
             break
-        if asr > config.min_progress * previous:  # too slow: a higher rate next epoch
-            rate *= config.rate_growth
-        previous = asr
-    model.load_state_dict(kept["state"])
-    model.eval()
-    after = kept["row"]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        rescan = scan_subject(subject, scan_rows, ScanConfig.from_dict(scan_result.config),
+                              _stage(progress, f"round {round_no}: re-scan"))
+        rounds[-1]["rescan"] = _scan_summary(rescan)
+        end = "rescan_clean" if rescan.verdict == "clean" else "rounds"
+        if rescan.verdict == "clean":
+            break
+        result = rescan
+    trained_tokens = _trained_tokens(tok, [*triggers, *variants]) \
+        if config.scope == "trigger-embeddings" else None
+    after = kept
     neighbours_after = measure.neighbourhood(model, variants)
     report = {
         "version": REPORT_VERSION,
         "model_dir": str(model_dir),
         "out_dir": str(out_dir),
-        "scan": {"verdict": scan_result.verdict, "score": scan_result.score,
-                 "trigger_text": scan_result.best.trigger_text,
+        "scan": {**_scan_summary(scan_result),
                  "trigger_tokens": scan_result.best.trigger_tokens,
                  "position": triggers[0].trigger.insertion,
                  "target": triggers[0].trigger.target,
                  "target_name": labels[triggers[0].trigger.target],
                  "victims": list(triggers[0].trigger.victims),
                  "scan_hard_asr": scan_result.best.hard_asr},
-        "unlearned": [{"trigger": u.trigger.trigger, "position": u.trigger.insertion,
-                       "target": u.trigger.target, "victims": list(u.trigger.victims),
-                       "source": u.source, "asr_before": b, "asr_after": a}
-                      for u, b, a in zip(triggers, before["trigger_asr"], after["trigger_asr"],
-                                         strict=True)],
-        "neighbours": [{"trigger": u.trigger.trigger, "asr_before": b, "asr_after": a}
-                       for u, b, a in zip(variants, neighbours_before, neighbours_after,
-                                          strict=True)],
+        "unlearned": [{"trigger": a["trigger"].trigger.trigger,
+                       "position": a["trigger"].trigger.insertion,
+                       "target": a["trigger"].trigger.target,
+                       "victims": list(a["trigger"].trigger.victims),
+                       "source": a["trigger"].source, "round": a["round"],
+                       "asr_before": a["asr_before"], "asr_after": r}
+                      for a, r in zip(added["triggers"], after["trigger_asr"], strict=True)],
+        "neighbours": [{"trigger": a["trigger"].trigger.trigger, "round": a["round"],
+                        "asr_before": a["asr_before"], "asr_after": r}
+                       for a, r in zip(added["neighbours"], neighbours_after, strict=True)],
         "trained_tokens": trained_tokens,
         "forced": scan_result.verdict != "trojaned",
         "truth": None if truth is None else {
@@ -670,14 +811,18 @@ def repair(
             "target": None if true_trigger is None else true_trigger.target},
         "data": {"path": str(data), "examples": len(rows), "train": len(items),
                  "stamped": n_stamped, "held_out": len(held),
-                 "held_out_from": str(eval_data) if eval_data is not None else "data"},
-        "before": before,
-        "after": {k: after[k] for k in before},
+                 "held_out_from": str(eval_data) if eval_data is not None else "data",
+                 "rescan_examples": len(scan_rows)},
+        "before": {k: before[k] for k in before if k != "trigger_asr"},
+        "after": {k: after[k] for k in before if k != "trigger_asr"},
         "accuracy_drop_points": after["accuracy_drop_points"],
         "within_margin": after["within_margin"],
         "stopped_early": stop == "accuracy_guard",
         "stop": stop,
         "kept_epoch": after["epoch"],
+        "rounds": rounds,
+        "end": end,
+        "rescan": None if rescan is None else _scan_summary(rescan),
         "history": history,
         "seconds": time.perf_counter() - started,
         "device": str(model.device),

@@ -262,6 +262,31 @@ class ScanConfig:
             raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows and "
                              "reference_top must be >= 0")
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ScanConfig:
+        """The settings a scan result records as ``config`` (this class as a dict, its None
+        values left out): a field the dict lacks was None when the field can be, else
+        the default (a result written before the field existed)."""
+        values = dict(data)
+        method = str(values.pop("method", "dbs"))
+        try:
+            inverter = make_config(method, **values.pop("inverter", {}))
+            screen_settings = values.pop("screen", None)
+            patch_settings = values.pop("patch", None)
+            known = {f.name: f for f in fields(cls)}
+            for name, f in known.items():
+                if name not in values and name not in ("method", "inverter", "screen",
+                                                       "patch") and "None" in str(f.type):
+                    values[name] = None
+            return cls(method=method, inverter=inverter,
+                       screen=None if screen_settings is None
+                       else ScreenConfig(**screen_settings),
+                       patch=None if patch_settings is None else PatchConfig(**patch_settings),
+                       **{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in values.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"the scan settings cannot be read back: {exc}") from exc
+
 
 #: What ``ScanConfig.spread`` may name.
 SPREAD_CHOICES = ("none", "pairs", "all")

@@ -30,7 +30,8 @@ def _print_repair(report: dict[str, Any]) -> None:
     table.add_row("clean accuracy", num(before["clean_accuracy"]),
                   num(after["clean_accuracy"]))
     for u in report["unlearned"]:
-        table.add_row(f"ASR, {u['source']} trigger {u['trigger']!r} ({u['position']})",
+        where = f", round {u['round']}" if u["round"] > 1 else ""
+        table.add_row(f"ASR, {u['source']} trigger {u['trigger']!r} ({u['position']}{where})",
                       num(u["asr_before"]), num(u["asr_after"]))
     if report["neighbours"]:
         rows = report["neighbours"]
@@ -48,10 +49,22 @@ def _print_repair(report: dict[str, Any]) -> None:
     why = {"accuracy_guard": " (stopped early: accuracy fell past the margin)",
            "target_asr": " (stopped: every scan trigger's ASR reached the goal)",
            "epochs": ""}[report["stop"]]
+    rounds = report["rounds"]
+    epochs = sum(r["epochs"] for r in rounds)
     out_console.print(f"trained on {data['train']} examples ({data['stamped']} stamped), "
-                      f"measured on {data['held_out']} held out; kept epoch "
-                      f"{report['kept_epoch']} of {len(report['history'])} run{why}"
+                      f"measured on {data['held_out']} held out; {len(rounds)} round"
+                      f"{'s' if len(rounds) > 1 else ''}, {epochs} epochs; kept epoch "
+                      f"{report['kept_epoch']} of the last round{why}"
                       f"; {report['seconds']:.0f}s on {report['device']}")
+    for r in rounds[1:]:
+        out_console.print(f"round {r['round']} unlearned what the re-scan found: "
+                          + (", ".join(map(repr, r["new_triggers"])) or "nothing new"))
+    rescan = report["rescan"]
+    if rescan is not None:
+        found = "" if rescan["verdict"] == "clean" else \
+            f", best trigger {rescan['short_trigger'] or rescan['trigger_text']!r}"
+        out_console.print(f"re-scan of the repaired model: {rescan['verdict']} (score "
+                          f"{rescan['score']:.4g}, threshold {rescan['threshold']:.4g}{found})")
     out_console.print(f"repaired model: {report['out_dir']}")
 
 
@@ -126,6 +139,14 @@ def repair_command(
     target_asr: float | None = typer.Option(None, "--target-asr", help="Stop once every "
                                             "scan trigger's held-out ASR is at most this "
                                             "(default 0.02; negative: run every epoch)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="At most this many rounds: "
+                                      "each unlearns what the scans so far found, then "
+                                      "re-scans the repaired model; a clean re-scan ends "
+                                      "the repair (default 3; 1: one round, then the "
+                                      "re-scan's verdict)."),
+    no_rescan: bool = typer.Option(False, "--no-rescan", help="One round and no re-scan "
+                                   "(the paper's; faster, but the report cannot say "
+                                   "whether the repaired model scans clean)."),
     scope: str | None = typer.Option(None, "--scope", help="What trains: model (every "
                                      "weight), no-embeddings, or trigger-embeddings (only "
                                      "the embedding rows of the unlearned triggers' tokens) "
@@ -136,8 +157,10 @@ def repair_command(
 ) -> None:
     """Remove the backdoor a scan found: fine-tune on clean data, part of it stamped with the
     inverted trigger and its true label (DBS Eq. 6); print clean accuracy and ASR before and
-    after. Exit code 1 when no epoch kept accuracy within the margin (the model with the
-    smallest drop is written and the report says so)."""
+    after; then re-scan the repaired model and, while the re-scan finds a backdoor, unlearn
+    that too (--rounds). Exit code 1 when no epoch kept accuracy within the margin (the
+    model with the smallest drop is written and the report says so) or the last re-scan
+    still finds a backdoor."""
     from trojscan.devices import check_device
     from trojscan.repair import RepairConfig, read_scan, read_truth, repair
 
@@ -150,8 +173,9 @@ def repair_command(
              "consistency_weight": consistency_weight,
              "max_triggers": max_triggers, "neighbours": neighbours,
              "neighbour_share": neighbour_share, "target_asr": target_asr,
-             "scope": scope}
-    config = RepairConfig(seed=seed, **{k: v for k, v in knobs.items() if v is not None})
+             "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds}
+    config = RepairConfig(seed=seed, rescan=not no_rescan,
+                          **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
     result = read_scan(scan_file)
     truth = read_truth(manifest, model_id or model_dir.name) if manifest is not None else None
@@ -169,4 +193,8 @@ def repair_command(
         warn(f"warning: clean accuracy fell {report['accuracy_drop_points']:.1f} points, more "
              f"than the margin of {config.max_accuracy_drop}; try a lower --learning-rate or "
              "more --data")
+        raise typer.Exit(1)
+    if report["rescan"] is not None and report["rescan"]["verdict"] != "clean":
+        warn(f"warning: after {len(report['rounds'])} round(s) a re-scan still finds a "
+             "backdoor; the repaired model is written: try more --rounds, or --scope model")
         raise typer.Exit(1)
