@@ -232,7 +232,11 @@ def test_bad_inputs_fail_cleanly(run_cli: RunCli, poisoned_model: tuple[Path, di
 
     headless = tmp_path / "headless"
     BertModel.from_pretrained(model).save_pretrained(headless)
-    _one_line_error(_run(run_cli, str(headless), "--examples", ex, "--out", str(out)),
+    # Without --examples the model directory's own clean examples are read.
+    _one_line_error(_run(run_cli, str(headless), "--out", str(out)),
+                    "has no clean_examples.jsonl: give clean examples with --examples")
+    shutil.copyfile(examples_file, headless / "clean_examples.jsonl")
+    _one_line_error(_run(run_cli, str(headless), "--out", str(out)),
                     "holds no model trojscan scans (architectures: BertModel)")
 
     config = json.loads((model / "config.json").read_text())

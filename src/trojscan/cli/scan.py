@@ -122,11 +122,14 @@ def scan_command(
     model_dir: Path = typer.Argument(..., help="Hugging Face model directory (sequence "
                                      "classifier, token classifier / NER tagger, extractive "
                                      "QA model), or a trojscan VQA model directory."),
-    examples: Path = typer.Option(..., "--examples", help="Clean examples, JSON Lines of "
-                                  '{"text", "label"} (label: index or name); for a VQA '
-                                  'model {"image", "question", "answer"}; for an NER tagger '
-                                  '{"tokens", "tags"}; for a QA model SQuAD\'s {"question", '
-                                  '"context", "answers"}.'),
+    examples: Path | None = typer.Option(None, "--examples", help="Clean examples, JSON "
+                                         'Lines of {"text", "label"} (label: index or name); '
+                                         'for a VQA model {"image", "question", "answer"}; '
+                                         'for an NER tagger {"tokens", "tags"}; for a QA '
+                                         'model SQuAD\'s {"question", "context", "answers"} '
+                                         "(default: MODEL_DIR/clean_examples.jsonl, the "
+                                         "examples a zoo model or a repaired one ships "
+                                         "with)."),
     out: Path | None = typer.Option(None, "--out", help="Write the full result record here "
                                     "(JSON, written atomically; checked before the scan)."),
     method: str | None = METHOD_OPTION,
@@ -163,6 +166,7 @@ def scan_command(
     from trojscan.errors import InputError
     from trojscan.fsutil import check_writable
     from trojscan.inversion.tijo_patch import PatchConfig
+    from trojscan.modeldir import EXAMPLES_FILE
     from trojscan.results import write_result
     from trojscan.scan import scan_config, write_patch
     from trojscan.subjects.loading import default_method
@@ -179,6 +183,11 @@ def scan_command(
     if method:  # bad options fail before anything is read
         config = configure(method)
     check_device(device)
+    if examples is None:
+        examples = model_dir / EXAMPLES_FILE
+        if model_dir.is_dir() and not examples.is_file():  # else the loader names it
+            raise InputError(f"{model_dir} has no {EXAMPLES_FILE}: give clean examples with "
+                             "--examples")
     if out is not None:
         check_writable(out, "--out")
     fitted = load_detector(detector) if detector is not None else None  # fail before scanning
