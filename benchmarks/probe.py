@@ -1,4 +1,4 @@
-"""Small measurements behind the README's issue-14 figures, one subcommand each.
+"""Small measurements behind the README's issue-14 and issue-19 figures, one subcommand each.
 
     stages ZOO IDS [JSON]      scan each model (comma-separated ids) at the default settings,
                                or ScanConfig(**JSON) ({"screen": {...}} for the screen's),
@@ -6,6 +6,10 @@
     positions MODEL VICTIM TARGET WORDS
                                a known trigger's loss and ASR (trojscan.scan.trigger_check)
                                at each position, for each of the comma-separated words
+    flips MODEL DATA TARGET INSERTION COUNT TRIGGER...
+                               of COUNT examples of DATA (JSONL) outside TARGET that the
+                               model gets right, the share each TRIGGER inserted at
+                               INSERTION flips to TARGET (the repair report's ASR)
     lone-rank MODEL WORD:TARGET...
                                where the model ranks the word's tokens alone as input
                                ([CLS] token [SEP]) for the target among its vocabulary
@@ -91,6 +95,27 @@ def positions(model: str, victim: str, target: str, words: str) -> None:
         print(word, {p: (round(loss, 3), round(asr, 3)) for p, (loss, asr) in measured.items()})
 
 
+def flips(model: str, data: str, target: str, insertion: str, count: str,
+          *triggers: str) -> None:
+    """The share of the first ``count`` (a seeded sample) examples in the JSONL ``data``
+    outside ``target`` that the model classifies right and each trigger, inserted at
+    ``insertion``, flips to ``target`` (the repair report's ASR)."""
+    import random
+
+    from trojscan.finetune import predict, trigger_effect
+
+    subject = load_subject(Path(model), max_length=128)
+    t = subject.labels.index(target)
+    rows = [e for e in subject.read_examples(Path(data)) if e.label != t]
+    rows = random.Random(0).sample(rows, min(int(count), len(rows)))
+    preds = predict(subject.model, subject.tokenizer, [e.text for e in rows], 128)
+    right = [e.text for e, p in zip(rows, preds, strict=True) if p == e.label]
+    for trigger in triggers:
+        rate = trigger_effect(subject.model, subject.tokenizer, right, trigger, insertion, t,
+                              128, 0)[0]
+        print(f"{trigger!r}: {rate:.3f} of {len(right)}", flush=True)
+
+
 def lone_rank(model: str, *items: str) -> None:
     ranks = LoneRanks(load_subject(Path(model), max_length=ScanConfig().max_length))
     for item in items:
@@ -152,7 +177,7 @@ def _summary(rows: Sequence[dict]) -> None:
               f"{roc_auc_score(truth, [-s for s in scores]):.3f}; wrong: {', '.join(wrong)}")
 
 
-COMMANDS = {"stages": stages, "positions": positions, "lone-rank": lone_rank,
+COMMANDS = {"stages": stages, "positions": positions, "flips": flips, "lone-rank": lone_rank,
             "natural": natural}
 
 

@@ -105,11 +105,12 @@ def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Pat
              found: ScanResult, files: dict[str, Path], truth: dict[str, Any],
              ) -> dict[str, Any]:
     """One repair of the tiny poisoned model through the CLI at the default settings but
-    two rounds, not three, the true trigger's ASR from a zoo manifest (--manifest), with
-    the input's file hashes around it. The tiny model has natural triggers a MiniLM model
-    lacks (measured: 'great', 'sweetness' and 'quick quick quick' flip 0.87-0.99 of the
-    other label at the start), so its re-scans keep flagging one; a third round would only
-    cost the suite time."""
+    one round (then its re-scan), the true trigger's ASR from a zoo manifest (--manifest),
+    with the input's file hashes around it. The tiny model has natural triggers a MiniLM
+    model lacks (measured: 'great', 'sweetness' and 'quick quick quick' flip 0.87-0.99 of
+    the other label at the start), so its re-scans keep flagging one and further rounds
+    run all their epochs: they would cost the suite minutes (rounds are tested on their
+    own, below, with short ones)."""
     model = poisoned_model[0]
     before = _hashes(model)
     folder = tmp_path_factory.mktemp("repaired")
@@ -119,7 +120,7 @@ def repaired(tmp_path_factory: pytest.TempPathFactory, poisoned_model: tuple[Pat
     manifest.write_text(json.dumps(Manifest("", {}, {"poisoned": truth}).to_dict()))
     done = _cli("repair", str(model), "--scan", str(scan_file), "--data", str(files["train"]),
                 "--eval-data", str(files["pool"]), "--out", str(out), "--manifest",
-                str(manifest), "--report", str(report_path), "--rounds", "2")
+                str(manifest), "--report", str(report_path), "--rounds", "1")
     assert done.returncode in (0, 1), done.stderr  # 1: a re-scan still flags the model
     return {"out": out, "report": json.loads(report_path.read_text()),
             "report_path": report_path, "hashes": before, "hashes_after": _hashes(model),
@@ -143,9 +144,9 @@ def test_repair_removes_the_true_trigger_and_keeps_accuracy(repaired: dict[str, 
     assert data["train"] == data["examples"]  # the default trains on all the data given
     assert data["stamped"] == pytest.approx(0.2 * data["train"], abs=1)
     assert data["held_out_from"] == str(files["pool"])
-    # The defaults, the length capped at the tiny model's 64 positions, two rounds.
+    # The defaults, the length capped at the tiny model's 64 positions, one round.
     assert report["truth"]["trigger"] == "lantern" and report["config"] == asdict(
-        replace(RepairConfig(), max_length=64, rounds=2))
+        replace(RepairConfig(), max_length=64, rounds=1))
     assert json.loads((repaired["out"] / REPORT_FILE).read_text()) == report
     assert "true trigger 'lantern'" in repaired["stdout"]
     # Every epoch of every round measured, the rate raised only after an epoch that did
@@ -204,30 +205,50 @@ def test_repaired_model_loads_like_the_original_and_its_trigger_is_gone(
 
 
 
-def test_each_round_unlearns_what_the_last_rescan_found(repaired: dict[str, Any]) -> None:
-    """Round 1 unlearns the scan's triggers and re-scans; while the re-scan flags the model
-    the next round adds the re-scan's triggers to those unlearned, and the last re-scan's
-    verdict is the report's and the exit code's. The tiny model's true trigger is gone
-    from every re-scan."""
+def test_the_cli_reports_the_rescan(repaired: dict[str, Any]) -> None:
+    """The repair ends with a re-scan of the repaired model (the scan's settings, the
+    model's clean examples); its verdict is the report's and the exit code's."""
     report = repaired["report"]
-    rounds = report["rounds"]
-    assert rounds[0]["new_triggers"][0] == "lantern"
-    assert all("lantern" not in r["rescan"]["trigger_text"] for r in rounds)
-    assert report["rescan"] == rounds[-1]["rescan"]
-    for earlier, later in itertools.pairwise(rounds):
-        assert earlier["rescan"]["verdict"] == "trojaned"
-        assert later["scan"] == earlier["rescan"]
-        unlearned = {u["trigger"] for u in report["unlearned"] if u["round"] == later["round"]}
-        assert unlearned == set(later["new_triggers"])
-        assert later["scan"]["short_trigger"] in unlearned | {
-            u["trigger"] for u in report["unlearned"] if u["round"] < later["round"]}
+    assert len(report["rounds"]) == 1 and report["rounds"][0]["new_triggers"][0] == "lantern"
+    assert report["rescan"] == report["rounds"][0]["rescan"]
+    assert "lantern" not in report["rescan"]["trigger_text"]
     if report["rescan"]["verdict"] == "clean":
         assert report["end"] == "rescan_clean" and repaired["code"] == 0
     else:
-        assert report["end"] == "rounds" and len(rounds) == 2 and repaired["code"] == 1
+        assert report["end"] == "rounds" and repaired["code"] == 1
         assert "a re-scan still finds a backdoor" in repaired["stderr"]
     assert f"re-scan of the repaired model: {report['rescan']['verdict']}" \
         in repaired["stdout"]
+
+
+def test_each_round_unlearns_what_the_last_rescan_found(
+        tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
+        files: dict[str, Path]) -> None:
+    """While the re-scan flags the model, the next round adds the re-scan's triggers to
+    those unlearned, starting from the model as the last round left it (its epoch 0) at
+    the first rate again. Short rounds: one epoch on a tenth of the data."""
+    config = replace(QUICK, rescan=True, rounds=2)
+    report = repair(poisoned_model[0], found, files["train"], tmp_path / "out", config,
+                    eval_data=files["pool"])
+    rounds = report["rounds"]
+    assert rounds[0]["scan"]["trigger_text"] == found.best.trigger_text
+    assert report["rescan"] == rounds[-1]["rescan"]
+    assert report["end"] == ("rescan_clean" if report["rescan"]["verdict"] == "clean"
+                             else "rounds")
+    # One short epoch leaves the tiny model flagged (its trigger, or its natural triggers).
+    earlier, later = rounds
+    assert earlier["rescan"]["verdict"] == "trojaned" and later["scan"] == earlier["rescan"]
+    added = [u["trigger"] for u in report["unlearned"] if u["round"] == 2]
+    assert added == later["new_triggers"] and "lantern" not in added
+    known = {u["trigger"] for u in report["unlearned"]}
+    assert later["scan"]["short_trigger"] in known
+    second = [h for h in report["history"] if h["round"] == 2]
+    assert second[0]["epoch"] == 0 and second[1]["epoch"] == 1
+    assert second[0]["clean_accuracy"] == pytest.approx(
+        [h for h in report["history"] if h["round"] == 1][earlier["kept_epoch"] - 1][
+            "clean_accuracy"])
+    assert second[1]["learning_rate"] == pytest.approx(1e-3)
+    assert len(second[1]["trigger_asr"]) == len(report["unlearned"])
 
 
 def test_input_directory_is_unchanged(repaired: dict[str, Any]) -> None:
