@@ -196,13 +196,11 @@ def test_repaired_model_measured_on_the_test_split(
     assert _flip_rate(repaired["out"], test, word_attack) <= min(max(ordinary), 0.15)
 
 
-def test_repaired_model_loads_like_the_original_and_its_trigger_is_gone(
-        repaired: dict[str, Any], files: dict[str, Path]) -> None:
+def test_the_repaired_model_directory_is_complete(repaired: dict[str, Any]) -> None:
     out = repaired["out"]
     assert {"config.json", "model.safetensors", "tokenizer.json", "clean_examples.jsonl",
             REPORT_FILE} <= {p.name for p in out.iterdir()}
     assert not list(out.parent.glob(".model.partial-*"))
-
 
 
 def test_the_cli_reports_the_rescan(repaired: dict[str, Any]) -> None:
