@@ -23,16 +23,18 @@ from trojscan.attacks.train import evaluate
 from trojscan.corpora import Corpus, Example
 from trojscan.errors import InputError
 from trojscan.finetune import predict, trigger_effect
-from trojscan.manifest import Manifest
+from trojscan.manifest import Manifest, PlantedTrigger
 from trojscan.repair import (
     REPORT_FILE,
     RepairConfig,
+    Unlearned,
     best_epoch,
+    is_residual,
     neighbour_triggers,
     repair,
     scan_triggers,
 )
-from trojscan.results import ScanResult, write_result
+from trojscan.results import ScanResult, ShortTrigger, write_result
 from trojscan.scan import scan
 
 # Fast settings for the tests that check refusals and the guard, not the repair itself.
@@ -351,7 +353,8 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
                                                              "held_out": 2},
                    "kept_epoch": 1, "history": [row], "stop": "epochs", "seconds": 1.0,
                    "device": "cpu", "out_dir": "out",
-                   "rounds": [{"round": 1, "epochs": 1, "new_triggers": ["zz"]},
+                   "rounds": [{"round": 1, "epochs": 1, "new_triggers": ["zz"],
+                               "residual": True},
                               {"round": 2, "epochs": 2, "new_triggers": ["zw"]}],
                    "rescan": {"verdict": "clean", "score": 0.5, "threshold": 0.12,
                               "trigger_text": "zq", "short_trigger": "zq"}})
@@ -359,7 +362,8 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
     assert "ASR, inverted trigger 'zz' (start)" in printed and "0.800" in printed
     assert "ASR, inverted trigger 'zw' (end, round 2)" in printed
     assert "2 rounds, 3 epochs" in printed
-    assert "round 2 unlearned what the re-scan found: 'zw'" in printed
+    assert "round 2 unlearned what the re-scan found (clean, but a near miss at an " \
+        "unlearned target): 'zw'" in printed
     assert "re-scan of the repaired model: clean (score 0.5, threshold 0.12)" in printed
     assert "1 neighbour variants (mean)" in printed and "0.500" in printed
     assert "no held-out victim example was classified right" in printed
@@ -493,3 +497,24 @@ def test_trigger_embeddings_scope_changes_only_the_triggers_rows(
     weight = "bert.embeddings.word_embeddings.weight"
     moved = (before[weight] != after[weight]).any(-1).nonzero().view(-1).tolist()
     assert moved and set(moved) <= set(rows)
+
+
+def test_a_clean_rescan_near_the_threshold_at_an_unlearned_target_is_a_residual() -> None:
+    """A re-scan that says clean by a hair, at the target a trigger was unlearned for, is
+    taken as what is left of the backdoor; far over the threshold, or at another target, or
+    flagged (the verdict decides then), it is not."""
+    unlearned = [Unlearned(PlantedTrigger("wagon", "end", 1, (0,)), "short")]
+    short = {"length": 1, "trigger_ids": [5], "trigger_text": "voyage", "loss": 0.123,
+             "asr": 0.9}
+
+    def rescan(score: float, target: int = 1) -> ScanResult:
+        result = scan_result(score, threshold=0.12, best={"target": target,
+                                                          "victims": [1 - target]})
+        return replace(result, short_trigger=ShortTrigger(**{**short, "loss": score}))
+
+    assert is_residual(rescan(0.123), unlearned, 1.5)
+    assert not is_residual(rescan(0.216), unlearned, 1.5)
+    assert not is_residual(rescan(0.123, target=0), unlearned, 1.5)
+    assert not is_residual(rescan(0.123), unlearned, 1.0)
+    assert not is_residual(rescan(0.05), unlearned, 1.5)  # flagged: not a near miss
+

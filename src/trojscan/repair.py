@@ -165,6 +165,13 @@ class RepairConfig:
             accuracy margin, or after this many rounds. A re-scan finds the rest of a
             phrase trigger whose one word the scan found (its other words still fire once
             that one is unlearned), or a second backdoor. 1: one round (the paper's).
+        residual_factor: a re-scan that says clean still leads to another round when its
+            deciding trigger points at a target the repair unlearned and its score is
+            under this many times the threshold (ours): the model is known to have had a
+            backdoor there, so a near miss at the same target is more likely what is left
+            of it than a natural feature. Chosen from two MiniLM models (README "Repair"):
+            the rest of `voyage wagon` re-scanned at 1.02 times the threshold, the
+            natural word the other re-scan ended on at 1.8 times. 1: the verdict alone.
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -192,6 +199,7 @@ class RepairConfig:
     scope: str = "trigger-embeddings"
     rescan: bool = True
     rounds: int = 3
+    residual_factor: float = 1.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,6 +235,8 @@ class RepairConfig:
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) \
                 or self.neighbours < 0:
             raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
+        if not self.residual_factor >= 1:
+            raise InputError(f"residual_factor must be >= 1, got {self.residual_factor}")
         if not 0 <= self.neighbour_share <= 1:
             raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.rounds > 1 and not self.rescan:
@@ -551,6 +561,15 @@ def _new(found: Sequence[Unlearned], known: Sequence[Unlearned]) -> list[Unlearn
     return [u for u in found if _key(u) not in seen and not seen.add(_key(u))]
 
 
+def is_residual(rescan: ScanResult, unlearned: Sequence[Unlearned], factor: float) -> bool:
+    """Whether a re-scan that says clean found what is left of an unlearned backdoor: its
+    deciding trigger's target is one a trigger was unlearned for, and its score is under
+    ``factor`` times its threshold (see :attr:`RepairConfig.residual_factor`)."""
+    return (rescan.verdict == "clean" and rescan.short_trigger is not None
+            and rescan.best.target in {u.trigger.target for u in unlearned}
+            and rescan.score < factor * rescan.threshold)
+
+
 def _scan_summary(result: ScanResult) -> dict[str, Any]:
     """What a report says of a scan: its verdict, score and threshold, and its triggers."""
     short = result.short_trigger
@@ -773,8 +792,10 @@ def repair(
         rescan = scan_subject(subject, scan_rows, ScanConfig.from_dict(scan_result.config),
                               _stage(progress, f"round {round_no}: re-scan"))
         rounds[-1]["rescan"] = _scan_summary(rescan)
+        residual = is_residual(rescan, triggers, config.residual_factor)
+        rounds[-1]["residual"] = residual
         end = "rescan_clean" if rescan.verdict == "clean" else "rounds"
-        if rescan.verdict == "clean":
+        if rescan.verdict == "clean" and not residual:
             break
         result = rescan
     trained_tokens = _trained_tokens(tok, [*triggers, *variants]) \

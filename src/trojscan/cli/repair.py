@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def _print_repair(report: dict[str, Any]) -> None:
                       f"{'s' if len(rounds) > 1 else ''}, {epochs} epochs; kept epoch "
                       f"{report['kept_epoch']} of the last round{why}"
                       f"; {report['seconds']:.0f}s on {report['device']}")
-    for r in rounds[1:]:
-        out_console.print(f"round {r['round']} unlearned what the re-scan found: "
+    for earlier, r in itertools.pairwise(rounds):
+        why = " (clean, but a near miss at an unlearned target)" \
+            if earlier.get("residual") else ""
+        out_console.print(f"round {r['round']} unlearned what the re-scan found{why}: "
                           + (", ".join(map(repr, r["new_triggers"])) or "nothing new"))
     rescan = report["rescan"]
     if rescan is not None:
@@ -144,6 +147,12 @@ def repair_command(
                                       "re-scans the repaired model; a clean re-scan ends "
                                       "the repair (default 3; 1: one round, then the "
                                       "re-scan's verdict)."),
+    residual_factor: float | None = typer.Option(None, "--residual-factor", help="A clean "
+                                                 "re-scan still leads to another round when "
+                                                 "its trigger's target was unlearned and its "
+                                                 "score is under this many times the "
+                                                 "threshold (default 1.5; 1: the verdict "
+                                                 "alone)."),
     no_rescan: bool = typer.Option(False, "--no-rescan", help="One round and no re-scan "
                                    "(the paper's; faster, but the report cannot say "
                                    "whether the repaired model scans clean)."),
@@ -173,7 +182,8 @@ def repair_command(
              "consistency_weight": consistency_weight,
              "max_triggers": max_triggers, "neighbours": neighbours,
              "neighbour_share": neighbour_share, "target_asr": target_asr,
-             "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds}
+             "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds,
+             "residual_factor": residual_factor}
     config = RepairConfig(seed=seed, rescan=not no_rescan,
                           **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
