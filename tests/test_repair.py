@@ -355,8 +355,9 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
                    "device": "cpu", "out_dir": "out",
                    "rounds": [{"round": 1, "epochs": 1, "new_triggers": ["zz"],
                                "residual": True},
-                              {"round": 2, "epochs": 2, "new_triggers": ["zw"]}],
-                   "rescan": {"verdict": "clean", "score": 0.5, "threshold": 0.12,
+                              {"round": 2, "epochs": 2, "new_triggers": ["zw"],
+                               "residual": True}],
+                   "rescan": {"verdict": "clean", "score": 0.13, "threshold": 0.12,
                               "trigger_text": "zq", "short_trigger": "zq"}})
     printed = capsys.readouterr().out
     assert "ASR, inverted trigger 'zz' (start)" in printed and "0.800" in printed
@@ -364,7 +365,8 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
     assert "2 rounds, 3 epochs" in printed
     assert "round 2 unlearned what the re-scan found (clean, but a near miss at an " \
         "unlearned target): 'zw'" in printed
-    assert "re-scan of the repaired model: clean (score 0.5, threshold 0.12)" in printed
+    assert "re-scan of the repaired model: clean (score 0.13, threshold 0.12; a near miss " \
+        "at an unlearned target, 'zq': more --rounds would unlearn it)" in printed
     assert "1 neighbour variants (mean)" in printed and "0.500" in printed
     assert "no held-out victim example was classified right" in printed
 

@@ -66,6 +66,9 @@ def _print_repair(report: dict[str, Any]) -> None:
     if rescan is not None:
         found = "" if rescan["verdict"] == "clean" else \
             f", best trigger {rescan['short_trigger'] or rescan['trigger_text']!r}"
+        if rounds[-1].get("residual"):
+            found += (f"; a near miss at an unlearned target, {rescan['short_trigger']!r}: "
+                      "more --rounds would unlearn it")
         out_console.print(f"re-scan of the repaired model: {rescan['verdict']} (score "
                           f"{rescan['score']:.4g}, threshold {rescan['threshold']:.4g}{found})")
     out_console.print(f"repaired model: {report['out_dir']}")
