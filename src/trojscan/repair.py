@@ -513,13 +513,15 @@ class _Measure:
     def _preds(self, model: Any) -> list[int]:
         return predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
 
-    def __call__(self, model: Any) -> dict[str, Any]:
+    def __call__(self, model: Any, variants: Sequence[Unlearned] = ()) -> dict[str, Any]:
+        """The measurements; with ``variants``, also their ASR (``neighbour_asr``), from
+        the same held-out predictions."""
         preds = self._preds(model)
         first = self.triggers[0].trigger
         victims = [p for e, p in zip(self.held, preds, strict=True) if e.label in first.victims]
         rates = [self._asr(model, u.trigger, preds) for u in self.triggers]
         measured = [r for r in rates if r is not None]
-        return {
+        row = {
             "clean_accuracy": sum(p == e.label for e, p in zip(self.held, preds, strict=True))
             / len(self.held),
             "inverted_asr": max(measured) if measured else None,
@@ -527,6 +529,9 @@ class _Measure:
             "true_asr": None if self.truth is None else self._asr(model, self.truth, preds),
             "victims_as_target": sum(p == first.target for p in victims) / len(victims),
         }
+        if variants:
+            row["neighbour_asr"] = [self._asr(model, u.trigger, preds) for u in variants]
+        return row
 
     def neighbourhood(self, model: Any, variants: Sequence[Unlearned]) -> list[float | None]:
         """The ASR of each neighbour variant."""
@@ -764,15 +769,15 @@ def repair(
                                        config.neighbours), variants)
         triggers, variants = [*triggers, *new], [*variants, *near]
         measure = _Measure(tok, held, triggers, true_trigger, config)
-        start = measure(model)
+        start = measure(model, near)
+        near_rates = start.pop("neighbour_asr", [])
         if round_no == 1:
             before = start
         rates = dict(zip(map(_key, triggers), start["trigger_asr"], strict=True))
         added["triggers"] += [{"round": round_no, "trigger": u, "asr_before": rates[_key(u)]}
                               for u in new]
         added["neighbours"] += [{"round": round_no, "trigger": u, "asr_before": r}
-                                for u, r in zip(near, measure.neighbourhood(model, near),
-                                                strict=True)]
+                                for u, r in zip(near, near_rates, strict=True)]
         items, n_stamped = stamp(train, triggers, variants, config)
         rows_run, kept, stop = _unlearn(model, tok, items, soft, measure,
                                         [*triggers, *variants], config,
