@@ -77,7 +77,7 @@ def _encode(tok: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int)
     return tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def _length_bucketed_batches(ids: Sequence[list[int]], batch_size: int,
+def length_bucketed_batches(ids: Sequence[list[int]], batch_size: int,
                              generator: torch.Generator) -> list[torch.Tensor]:
     """One epoch of shuffled batches whose texts have similar lengths (less padding).
 
@@ -162,7 +162,7 @@ def train_classifier(
     epoch_losses, done = [], 0
     for _ in range(config.epochs):
         running = 0.0
-        for index in _length_bucketed_batches(ids, config.batch_size, generator):
+        for index in length_bucketed_batches(ids, config.batch_size, generator):
             logits = model(**_batch([ids[i] for i in index], model.device)).logits
             loss = F.cross_entropy(logits, labels[index], reduction="none")
             if adaptive_phi:
