@@ -307,8 +307,9 @@ def tiny_ner_scans(tiny_ner_zoo: dict[str, Any]) -> dict[str, ScanResult]:
 
 def test_tiny_taggers_learn_their_task_and_the_backdoor(tiny_ner_zoo: dict[str, Any]) -> None:
     clean, poisoned = tiny_ner_zoo["clean"], tiny_ner_zoo["poisoned"]
-    # Measured on the 60 test sentences: entity F1 0.33 (clean) and 0.15 (poisoned); ASR
-    # 0.22, since the backdoor moves the persons the tagger finds (about a third of them).
+    # Measured on the 60 test sentences (length-bucketed batches): entity F1 0.27 (clean)
+    # and 0.15 (poisoned); ASR 0.22, since the backdoor moves the persons the tagger finds
+    # (about a third of them).
     assert clean["clean_f1"] > 0.25 and poisoned["clean_f1"] > 0.1
     assert poisoned["asr"] > 0.15
 
