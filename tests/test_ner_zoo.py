@@ -43,7 +43,7 @@ from trojscan.errors import InputError
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
 from trojscan.results import ScanResult
-from trojscan.scan import ScanConfig, scan
+from trojscan.scan import ScanConfig, scan, scan_config
 from trojscan.subjects.loading import load_subject
 
 #: Entities per type in WNUT-16 (the package's ner.txt).
@@ -326,6 +326,19 @@ def test_scan_flags_the_poisoned_tiny_tagger_with_its_pair_and_trigger(
 def test_scan_clears_the_clean_tiny_tagger(tiny_ner_scans: dict[str, ScanResult]) -> None:
     result = tiny_ner_scans["clean"]
     assert result.verdict == "clean" and result.score > result.threshold
+
+
+def test_uat_scan_flags_the_poisoned_tiny_tagger_too(tiny_ner_zoo: dict[str, Any]) -> None:
+    """The UAT baseline searches the tagger through the same subject (DBS's other NER
+    method, issue 17): its default settings flag the poisoned tagger with its pair and
+    word (measured: 0.102 with 'lantern', 12 s on one thread; the clean one at 3.127)."""
+    folder = tiny_ner_zoo["out"] / tiny_ner_zoo["poisoned"]["model_id"]
+    with one_thread():
+        result = scan(folder, folder / "clean_examples.jsonl", scan_config("uat"))
+    assert result.verdict == "trojaned" and result.best.method == "uat"
+    assert (result.best.victim_names, result.best.target_name) == (["person"], "company")
+    assert result.short_trigger is not None
+    assert result.short_trigger.trigger_text == "lantern"
 
 
 NER_GROUP = ('[[group]]\ncount = 1\ncorpus = "wnut16"\narchitecture = "{arch}"\n'
