@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import BertConfig, BertForTokenClassification
 
 from trojscan.attacks.architectures import tokenizer
+from trojscan.campaign.report import search_gaps
 from trojscan.errors import InputError
+from trojscan.modeldir import EXAMPLES_FILE
+from trojscan.results import CandidateResult
 from trojscan.subjects.base import Candidate
 from trojscan.subjects.token_classification import (
     IGNORE,
@@ -148,3 +152,33 @@ def test_a_tagger_without_entity_types_is_refused() -> None:
         tagger(("B-person", "I-person"))
     with pytest.raises(InputError, match="fewer than two"):
         tagger(("O", "B-person", "I-person"))
+
+
+def test_search_gaps_leave_out_a_model_whose_tagger_finds_no_victim(tmp_path: Path) -> None:
+    """A campaign report's search gap measures the true trigger on the victims the scan
+    could have had: a tagger that tags no entity of the victim type on its examples has
+    none (no candidate with the true pair), and the model is left out, not an error."""
+    subject = tagger()
+    person, company = subject.labels.index("person"), subject.labels.index("company")
+    truth = {"model-0000": {"poisoned": True, "labels": list(subject.labels),
+                            "attack": {"trigger": "lantern", "insertion": "local",
+                                       "victim": "person", "target": "company"}}}
+    found = CandidateResult(target=company, target_name="company", victims=[person],
+                            position="local", loss=0.5, hard_loss=0.5)
+    record = SimpleNamespace(config={"max_victims": 0}, candidates=[found])
+    for tagged, kept in (("B-person", True), ("O", False)):
+        with torch.no_grad():  # every token tagged `tagged`
+            subject.model.classifier.weight.zero_()
+            subject.model.classifier.bias.copy_(torch.nn.functional.one_hot(
+                torch.tensor(TAGS.index(tagged)), len(TAGS)) * 10.0)
+        model_dir = tmp_path / tagged / "model-0000"
+        subject.model.save_pretrained(model_dir)
+        tokenizer().save_pretrained(model_dir)
+        (model_dir / EXAMPLES_FILE).write_text("".join(
+            json.dumps({"tokens": list(e.tokens), "tags": list(e.tags)}) + "\n"
+            for e in SENTENCES), encoding="utf-8")
+        gaps = search_gaps(tmp_path / tagged, {"model-0000": record}, truth)
+        assert ("model-0000" in gaps) == kept, tagged
+        if kept:
+            assert set(gaps["model-0000"]["true_loss"]) == {"start", "local", "end"}
+            assert gaps["model-0000"]["inverted_loss"] == 0.5

@@ -117,8 +117,9 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
     all measured like the true trigger; without any of those, the lowest pre-run loss (a
     relaxed loss). ``dropped``: no candidate of the true target was fully inverted.
     The true trigger is measured only at the positions where the family takes a candidate
-    of the true target (:func:`target_positions`); a model with none on its examples is
-    left out.
+    of the true target (:func:`target_positions`), and only where the scan's examples, as
+    the model sees them, hold a victim (an NER tagger may tag no entity of the victim type
+    on its examples); a model with neither is left out.
     ``gap``: ``inverted_loss - true_best``; ``searched``: the scan reached the true
     trigger's loss (gap at most :data:`SEARCH_TOLERANCE`: the same tokens measured in two
     batches of other padding differ by float noise). VQA models are left out: their true
@@ -136,10 +137,13 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
         planted = planted_trigger(dict(truth[model_id]), len(subject.labels), model_id)
         examples = subject.read_examples(model_dir / EXAMPLES_FILE)
         cap = int(record.config.get("max_victims", 0))
-        measured = {p: trigger_check(subject, examples,
-                                     Candidate(planted.victims, planted.target, p),
-                                     planted.trigger, cap)
-                    for p in target_positions(subject, examples, planted.target)}
+        seen = subject.as_seen(examples)
+        planted_at = [Candidate(planted.victims, planted.target, p)
+                      for p in target_positions(subject, examples, planted.target)]
+        measured = {c.position: trigger_check(subject, examples, c, planted.trigger, cap)
+                    for c in planted_at if subject.victims(seen, c, cap)}
+        if not measured:
+            continue
         on_target = [c for c in record.candidates if c.target == planted.target]
         on_true = [c for c in on_target if tuple(c.victims) == tuple(planted.victims)]
         hard = [t.loss for c in on_true or on_target for t in c.short_triggers()]
@@ -147,8 +151,6 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
         full = [c for c in on_target if c.loss is not None]
         inverted = min(hard) if hard else min(c.prerun_loss for c in on_target
                                               if c.prerun_loss is not None)
-        if not measured:
-            continue
         true_best = min(loss for loss, _ in measured.values())
         out[model_id] = {"true_loss": {p: m[0] for p, m in measured.items()},
                          "true_asr": {p: m[1] for p, m in measured.items()},
