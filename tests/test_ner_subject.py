@@ -182,3 +182,17 @@ def test_search_gaps_leave_out_a_model_whose_tagger_finds_no_victim(tmp_path: Pa
         if kept:
             assert set(gaps["model-0000"]["true_loss"]) == {"start", "local", "end"}
             assert gaps["model-0000"]["inverted_loss"] == 0.5
+
+
+def test_compact_victims_keep_the_first_victim_entity_alone() -> None:
+    subject = tagger()
+    person, geo = subject.labels.index("person"), subject.labels.index("geo-loc")
+    two = NerExample(("Paris", "and", "Rome", "Rome"), ("B-geo-loc", "O", "B-geo-loc",
+                                                       "I-geo-loc"))
+    compact = subject.compact_victims([SENTENCES[0], two], Candidate((geo,), person, "local"))
+    assert compact == [NerExample(("Paris",), ("B-geo-loc",)),
+                       NerExample(("Paris",), ("B-geo-loc",))]
+    compact = subject.compact_victims(SENTENCES[:1], Candidate((person,), geo, "start"))
+    assert compact == [NerExample(("John", "Smith"), ("B-person", "I-person"))]
+    batch = subject.batch([Candidate((person,), geo, "local")], [compact], 1)
+    assert batch.input_ids.shape[1] == 5  # [CLS] slot john smith [SEP]

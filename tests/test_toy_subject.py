@@ -224,6 +224,29 @@ def test_the_screens_gradient_tokens_find_a_word_that_does_not_fire_alone() -> N
         ScreenConfig(gradient=-1)
 
 
+def test_a_family_without_lone_losses_is_screened_in_context() -> None:
+    # A family whose tokens say nothing alone (an NER tagger) ranks them by HotFlip's
+    # first-order step on each task's victims, from each of the context_inits, and keeps
+    # the best of those measured on the victims: the toy without its lone-token pass
+    # still has 'lantern' screened, with one epoch of search.
+    subject = ToySubject()
+    subject.lone_token_losses = lambda ids, chunk_rows: None  # type: ignore[method-assign]
+    config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=1),
+                        shorten=False, screen=ScreenConfig(top=4, rows=2, keep=2))
+    assert scan_subject(subject, toy_examples(subject), config).candidates[0].screened is None
+    subject.context_screen = True  # type: ignore[misc]
+    config = replace(config, screen=ScreenConfig(rows=2, keep=2, context_top=3,
+                                                 context_inits=("w0", "w1")))
+    result = scan_subject(subject, toy_examples(subject), config)
+    screened = {c.target: c.screened for c in result.candidates}
+    assert screened[1].trigger_text == TRIGGER and screened[1].asr == 1.0
+    assert result.verdict == "trojaned" and result.short_trigger.trigger_text == TRIGGER
+    with pytest.raises(ValueError, match="context_top"):
+        ScreenConfig(context_top=0)
+    with pytest.raises(ValueError, match="context_inits"):
+        ScreenConfig(context_inits=())
+
+
 def test_the_screen_resolves_a_task_whose_token_fires_at_one_position_only() -> None:
     # Spread over start and end rows, 'lantern' (which this toy reads at the start only)
     # averages 3.7 and a strong natural word of the other target less, so with one task

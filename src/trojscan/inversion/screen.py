@@ -23,11 +23,20 @@ is its best token where it does best: there a natural word stays well above a ba
 loss (the strongest measured on a sentiment model, "superb", 0.32 against 0.03-0.05 for
 planted tokens; on BBC the best natural pair 0.35 against 0.08-0.14).
 
+A family whose tokens say nothing alone (an NER tagger: a word alone tells nothing about
+another word's tag; ``Subject.context_screen``) ranks them in context instead: for each
+task, HotFlip's first-order ranking on its first ``rows`` victims from each of a few
+starting tokens, ``context_top`` from each, measured as one-token triggers on those victims
+cut to their compact form (an NER victim: its first victim entity alone, about 6 tokens);
+the ``keep`` best go on to all its victims as above. Without it an NER scan's pre-run
+picked what DBS inverts, and dropped a planted pair ranked 11th of 46.
+
 Evaluations (see :mod:`trojscan.inversion.common`): ``top`` per target (on ``rows`` rows),
 ``keep`` per task on all its victims and one per position of a resolved task; with
 ``gradient``, for each of the ``resolve`` best tasks one forward and backward pass and
 ``gradient`` tokens on all its victims. The vocabulary pass, shared by all tasks, is not
-counted.
+counted. In context, per task and position: one forward and backward pass per init and
+the ranked tokens (at most ``context_top`` per init) on the compact rows.
 """
 
 from __future__ import annotations
@@ -80,6 +89,15 @@ class ScreenConfig:
             0.005 was scanned clean (README "Scan"). The same forward passes; the task's
             record stays its spread measurement until resolved.
         chunk_rows: at most this many rows per forward pass.
+        context_top: for a family whose tokens say nothing alone (``context_screen``: an
+            NER tagger), tokens of each task's first-order ranking on its first ``rows``
+            victims kept per init, then measured on those victims in compact form (the
+            planted token of the WNUT-16 taggers ranked 1st-17th from one init or the
+            other, README "NER taggers and QA models").
+        context_inits: the tokens (as text) each in-context ranking starts from, one
+            first-order ranking each: the gradient at a single point ranks a planted token
+            first from one and in the thousands from another (on the WNUT-16 taggers
+            'plume' 1st from 'the', 24,116th from [MASK]; 'cedar' 17th and 125th).
     """
 
     top: int = 128
@@ -89,10 +107,17 @@ class ScreenConfig:
     gradient: int = 0
     by_position: bool = True
     chunk_rows: int = 4096
+    context_top: int = 32
+    context_inits: tuple[str, ...] = ("[MASK]", "the")
 
     def __post_init__(self) -> None:
-        if min(self.top, self.rows, self.keep, self.resolve, self.chunk_rows) < 1:
-            raise ValueError("top, rows, keep, resolve and chunk_rows must be >= 1")
+        if min(self.top, self.rows, self.keep, self.resolve, self.chunk_rows,
+               self.context_top) < 1:
+            raise ValueError("top, rows, keep, resolve, chunk_rows and context_top must "
+                             "be >= 1")
+        if not self.context_inits:
+            raise ValueError("context_inits needs at least one token")
+        object.__setattr__(self, "context_inits", tuple(self.context_inits))
         if self.gradient < 0:
             raise ValueError("gradient must be >= 0")
 
@@ -111,27 +136,15 @@ class Screened:
 def screen(subject: Subject, tasks: Sequence[InversionTask],
            config: ScreenConfig) -> list[Screened] | None:
     """The best one-token trigger the screen finds for each task, in task order; None when
-    the subject offers no lone-token losses."""
+    the subject offers neither lone-token losses nor the in-context ranking."""
     mask = subject.allowed_tokens()
     allowed = mask.nonzero().squeeze(-1)
     lone = subject.lone_token_losses(allowed, config.chunk_rows)
-    if lone is None:
+    if lone is None and not subject.context_screen:
         return None
     budget = Budget(None)
-    kept: dict[int, torch.Tensor] = {}
-    for target in sorted({t.candidate.target for t in tasks}):
-        mine = sorted((i for i, t in enumerate(tasks) if t.candidate.target == target),
-                      key=lambda i: len(tasks[i].candidate.victims))
-        tokens = allowed[lone[:, target].argsort()[:config.top].to(allowed.device)]
-        rows = _in_turn([tasks[i].examples for i in mine], config.rows)
-        # The rows at the first task's position (spread over all positions for a spread
-        # task); the batch takes only its target and position from it.
-        batch = subject.batch([tasks[mine[0]].candidate], [rows], 1)
-        per_row, _ = score_rows(subject, batch, tokens.view(-1, 1), budget, config.chunk_rows)
-        for i in mine:
-            own = [r for r, e in enumerate(rows) if any(e is v for v in tasks[i].examples)]
-            score = per_row[:, own].mean(1) if own else per_row.mean(1)
-            kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
+    kept = (_kept_in_context(subject, tasks, config, mask, budget) if lone is None
+            else _kept_alone(subject, tasks, config, allowed, lone, budget))
     found: list[tuple[float, float, int, Candidate]] = []
     rank: list[float] = []  # what orders the tasks for the gradient and resolve steps
     for i, task in enumerate(tasks):
@@ -165,6 +178,61 @@ def screen(subject: Subject, tasks: Sequence[InversionTask],
                                          config.chunk_rows)
         found[i] = (loss, asr, found[i][2], where)
     return [Screened(c, Shortened([token], loss, asr)) for loss, asr, token, c in found]
+
+
+def _kept_alone(subject: Subject, tasks: Sequence[InversionTask], config: ScreenConfig,
+                allowed: torch.Tensor, lone: torch.Tensor,
+                budget: Budget) -> dict[int, torch.Tensor]:
+    """Each task's ``keep`` tokens from the lone-token ranking: its target's ``top``
+    tokens tried on ``rows`` victim rows taken in turn from the target's tasks, a task
+    scoring them on the rows among its own victims."""
+    kept: dict[int, torch.Tensor] = {}
+    for target in sorted({t.candidate.target for t in tasks}):
+        mine = sorted((i for i, t in enumerate(tasks) if t.candidate.target == target),
+                      key=lambda i: len(tasks[i].candidate.victims))
+        tokens = allowed[lone[:, target].argsort()[:config.top].to(allowed.device)]
+        rows = _in_turn([tasks[i].examples for i in mine], config.rows)
+        # The rows at the first task's position (spread over all positions for a spread
+        # task); the batch takes only its target and position from it.
+        batch = subject.batch([tasks[mine[0]].candidate], [rows], 1)
+        per_row, _ = score_rows(subject, batch, tokens.view(-1, 1), budget, config.chunk_rows)
+        for i in mine:
+            own = [r for r, e in enumerate(rows) if any(e is v for v in tasks[i].examples)]
+            score = per_row[:, own].mean(1) if own else per_row.mean(1)
+            kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
+    return kept
+
+
+def _kept_in_context(subject: Subject, tasks: Sequence[InversionTask], config: ScreenConfig,
+                     mask: torch.Tensor, budget: Budget) -> dict[int, torch.Tensor]:
+    """Each task's ``keep`` tokens for a family whose tokens say nothing alone (an NER
+    tagger): HotFlip's first-order ranking on its first ``rows`` victims at each position
+    the task stands for, with each of the ``context_inits`` tokens in the slot,
+    ``context_top`` tokens from each, measured as one-token triggers on the same victims cut
+    to their compact form (:meth:`~trojscan.subjects.base.Subject.compact_victims`) at each
+    of those positions; a token's score is its mean loss where it does best (a trigger
+    planted next to its victim fires there only: on rows spread over the positions the
+    WNUT-16 tagger's 'cedar' was lost among tokens that fire a little everywhere)."""
+    inits = [ids[0] for text in config.context_inits if (ids := subject.token_ids(text))]
+    kept: dict[int, torch.Tensor] = {}
+    for i, task in enumerate(tasks):
+        rows = list(task.examples[:config.rows])
+        compact = subject.compact_victims(rows, task.candidate)
+        ranked = []
+        for where in subject.concrete(task.candidate):
+            batch = subject.batch([where], [rows], 1)
+            for init in inits:
+                with torch.enable_grad():
+                    flips, _ = flip_candidates(subject, batch, torch.tensor(
+                        [init], device=subject.device), mask, config.context_top)
+                ranked.append(flips[0])
+            budget.spend(len(inits))
+        tokens = torch.unique(torch.cat(ranked))
+        score = torch.stack([score_rows(subject, subject.batch([where], [compact], 1),
+                                        tokens.view(-1, 1), budget, config.chunk_rows)[0].mean(1)
+                             for where in subject.concrete(task.candidate)]).min(0).values
+        kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
+    return kept
 
 
 def _best_at_a_position(subject: Subject, task: InversionTask, per_row: torch.Tensor) -> float:

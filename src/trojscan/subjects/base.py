@@ -117,6 +117,10 @@ class Subject(ABC):
     preselects: ClassVar[bool] = True
     #: Where a trigger may go (the ``position`` of a candidate).
     positions: ClassVar[tuple[str, ...]]
+    #: Whether the lone-token screen, for a family without lone-token losses, ranks each
+    #: candidate's tokens in context instead (a first-order ranking on its victims, the
+    #: best measured on :meth:`compact_victims`; :mod:`trojscan.inversion.screen`).
+    context_screen: ClassVar[bool] = False
     #: What this family is, for an error that lists the families trojscan scans.
     describes: ClassVar[str]
     #: Whether a scan adds the label-specific (victim, target) candidates by default
@@ -253,6 +257,12 @@ class Subject(ABC):
         ``trigger_ids`` (None: a batch without slots), for :meth:`show`; a family that
         cannot say raises NotImplementedError (the default)."""
         raise NotImplementedError(f"{type(self).__name__} cannot show its examples")
+
+    def compact_victims(self, examples: Sequence[Any], candidate: Candidate) -> list[Any]:
+        """``candidate``'s victim ``examples`` cut to the least text that still holds what
+        its trigger must move, for the in-context screen's exact pass (``context_screen``);
+        the default keeps them whole."""
+        return list(examples)
 
     def lone_token_losses(self, ids: torch.Tensor, chunk_rows: int) -> torch.Tensor | None:
         """(len(ids), targets) the goal loss towards every target of each token of ``ids``

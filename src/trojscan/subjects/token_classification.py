@@ -128,6 +128,9 @@ class TokenClassificationSubject(HuggingFaceSubject):
     #: The paper's K-Arm pre-selection for NER: "20 epochs for each victim-target label
     #: pair" (DBS Appendix A), over up to 90 pairs.
     prerun_epochs = 20
+    #: A token alone says nothing about another word's tag, so the screen ranks tokens in
+    #: context, measured on each victim entity alone (:meth:`compact_victims`).
+    context_screen = True
     describes = "Hugging Face token classifiers (*ForTokenClassification, NER taggers)"
 
     architecture_suffix = "ForTokenClassification"
@@ -249,6 +252,24 @@ class TokenClassificationSubject(HuggingFaceSubject):
         wanted = {self.types[v] for v in candidate.victims}
         chosen = [e for e in examples if e.types & wanted]
         return chosen[:cap] if cap else chosen
+
+    def compact_victims(self, examples: Sequence[NerExample],
+                        candidate: Candidate) -> list[NerExample]:
+        """Each sentence cut to its first entity of a victim type, alone: about 6 tokens
+        with a trigger slot where the sentence has 20-60, and the backdoor still has its
+        victim to move. On the WNUT-16 zoo's taggers the planted token ranked first of the
+        vocabulary on the first victim entity alone on 4 of the 5 word backdoors measured
+        (the fifth 144th; README "NER taggers and QA models")."""
+        wanted = {self.types[v] for v in candidate.victims}
+        out = []
+        for example in examples:
+            types = [tag_type(t)[1] for t in example.tags]
+            first = next(k for k, t in enumerate(types) if t in wanted)
+            end = next((k for k in range(first + 1, len(types))
+                        if types[k] != types[first] or example.tags[k].startswith("B-")),
+                       len(types))
+            out.append(NerExample(example.tokens[first:end], example.tags[first:end]))
+        return out
 
     def occurrences(self, examples: Sequence[NerExample], text: str,
                     label: int) -> tuple[int, int]:
