@@ -130,6 +130,10 @@ def test_a_scan_sees_only_the_entities_the_tagger_tags_with_their_type() -> None
     assert subject.as_seen([long])[0].tags == ("O",) * 61
     with pytest.raises(InputError, match="none that the tagger tags"):
         subject.candidates(subject.as_seen(SENTENCES[1:]), ["start"], pairs=False)
+    # what the scan cannot search, reported in its result: the types held only by
+    # entities the tagger reads as another type
+    assert subject.unseen(SENTENCES, seen) == {"geo-loc": 2, "company": 1}
+    assert subject.unseen(SENTENCES[:1], SENTENCES[:1]) == {}
 
 
 @pytest.mark.parametrize("line, message", [

@@ -39,6 +39,7 @@ from trojscan.attacks.wnut import (
     entities,
     load_wnut16,
 )
+from trojscan.cli.scan import print_verdict
 from trojscan.errors import InputError
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
@@ -326,6 +327,25 @@ def test_scan_flags_the_poisoned_tiny_tagger_with_its_pair_and_trigger(
 def test_scan_clears_the_clean_tiny_tagger(tiny_ner_scans: dict[str, ScanResult]) -> None:
     result = tiny_ner_scans["clean"]
     assert result.verdict == "clean" and result.score > result.threshold
+
+
+def test_scan_names_the_types_it_could_not_search(tiny_ner_zoo: dict[str, Any],
+                                                 tiny_ner_scans: dict[str, ScanResult],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A tagger that finds none of an entity type's words in the examples gives the scan no
+    victims of that type: the result names such types (and how many examples hold them),
+    and the CLI's verdict says they were not searched."""
+    folder = tiny_ner_zoo["out"] / tiny_ner_zoo["poisoned"]["model_id"]
+    with one_thread():
+        subject = load_subject(folder)
+        examples = subject.read_examples(folder / "clean_examples.jsonl")
+        expected = subject.unseen(examples, subject.as_seen(examples))
+    result = tiny_ner_scans["poisoned"]
+    assert expected and result.unseen == expected  # a tiny tagger misses whole types
+    assert "person" not in expected  # its victims are seen, or the scan could not flag it
+    print_verdict(result)
+    assert "not searched as victims: " + ", ".join(
+        f"{name} ({count})" for name, count in expected.items()) in capsys.readouterr().out
 
 
 def test_uat_scan_flags_the_poisoned_tiny_tagger_too(tiny_ner_zoo: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ dataclasses (:func:`json_schema`) and published with the package in
 Format history: version 1 (trojscan 0.1.0); version 2 adds ``task`` and ``model`` (the
 model directory and a SHA-256 of its weights); version 3 adds VQA scans: the feature
 trigger of TIJO (``best.feature_trigger``, ``overlay``, ``feature_norm``; each candidate's
-``feature_norm``) and the synthesised ``patch``.
+``feature_norm``) and the synthesised ``patch``; a version 3 result of a later trojscan
+may also name the labels its examples hold that the model finds on none (``unseen``).
 """
 
 from __future__ import annotations
@@ -285,6 +286,10 @@ class ScanResult:
             first, one per trigger and target).
         patch: for a VQA scan, the image patch synthesised from the best feature trigger,
             when one was (``trojscan scan --patch``).
+        unseen: labels the clean examples hold that the model itself finds on none of them
+            (an NER type the tagger tags on none of its entities), by name, with how many
+            examples hold them: no candidate has them as victims, so a backdoor that flips
+            them was not searched for; None when there is none.
     """
 
     verdict: Literal["trojaned", "clean"]
@@ -310,6 +315,7 @@ class ScanResult:
     reference: ReferenceCheck | None = None
     set_aside: list[NaturalTrigger] | None = None
     patch: SynthesisedPatch | None = None
+    unseen: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; fields that are None (at any depth of the records above) are

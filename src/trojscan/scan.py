@@ -467,7 +467,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     if config.prerun_epochs is None:
         config = replace(config, prerun_epochs=subject.prerun_epochs)
     started = time.perf_counter()
-    examples = subject.as_seen(examples)
+    given, examples = examples, subject.as_seen(examples)
+    unseen = subject.unseen(given, examples)
     inverter = method_of(config.method)(config.inverter)
     if not inverter.supports(subject):
         raise InputError(f"method {config.method} cannot scan {subject.task} models")
@@ -605,6 +606,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         flip_rates=flips,
         reference=checked,
         set_aside=set_aside or None,
+        unseen=unseen or None,
     )
 
 

@@ -74,7 +74,7 @@ def print_verdict(result: ScanResult) -> None:
     if result.short_trigger is not None:
         short = result.short_trigger
         source = ("shortened from" if set(short.trigger_ids) <= set(best.trigger_ids)
-                  else "found by the lone-token screen; DBS's trigger")
+                  else "found by the screen; DBS's trigger")
         out_console.print(f"trigger: {short.trigger_text!r}  loss {short.loss:.4f}, flips "
                           f"{short.asr:.0%} of the examples ({source} "
                           f"{best.trigger_text!r}, loss {best.hard_loss:.4f})")
@@ -103,6 +103,10 @@ def print_verdict(result: ScanResult) -> None:
                               + (f"; the reference ranks it {t.reference_rank} of its "
                                  f"vocabulary for {t.target_name}"
                                  if t.reference_rank is not None else "") + ")")
+    if result.unseen:
+        held = ", ".join(f"{name} ({count})" for name, count in result.unseen.items())
+        out_console.print(f"not searched as victims: {held}: the model finds them in none of "
+                          f"the examples (counted) that hold them; give examples where it does")
     if result.best.feature_norm is not None:
         out_console.print(f"feature trigger: norm {result.best.feature_norm:.2f} on "
                           f"{result.best.overlay} boxes; with the word it flips "

@@ -187,6 +187,12 @@ class Subject(ABC):
         """
         return list(examples)
 
+    def unseen(self, examples: Sequence[Any], seen: Sequence[Any]) -> dict[str, int]:
+        """The labels ``examples`` hold that none of them holds as the model sees them
+        (``seen``, from :meth:`as_seen`), each with how many examples hold it: none by
+        default, where the examples are seen as they are."""
+        return {}
+
     @abstractmethod
     def candidates(self, examples: Sequence[Any], positions: Sequence[str],
                    pairs: bool) -> list[Candidate]:

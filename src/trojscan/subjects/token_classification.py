@@ -226,6 +226,16 @@ class TokenClassificationSubject(HuggingFaceSubject):
                 out.append(NerExample(example.tokens, tags))
         return out
 
+    def unseen(self, examples: Sequence[NerExample],
+               seen: Sequence[NerExample]) -> dict[str, int]:
+        """The entity types of ``examples`` the tagger tags on none of their entities, with
+        how many sentences hold them. On the WNUT-16 zoo two global backdoors went unsearched
+        this way (README "NER taggers and QA models"): a 2-layer BERT tagged none of the 5
+        example companies as companies, a MiniLM none of the 5 ``other`` entities."""
+        found = set().union(*(e.types for e in seen))
+        return {t: sum(t in e.types for e in examples) for t in self.types
+                if t not in found and any(t in e.types for e in examples)}
+
     def candidates(self, examples: Sequence[NerExample], positions: Sequence[str],
                    pairs: bool) -> list[Candidate]:
         """Every ordered (victim type, target type) pair whose victim type has entities in
