@@ -131,6 +131,13 @@ def test_pages_forbid_outside_requests_and_escape_what_they_show() -> None:
                                                            "http://www.w3.org/1999/xlink"}
 
 
+def test_a_scan_page_names_the_labels_it_could_not_search() -> None:
+    html = scan_page(replace(scan_result(0.5), unseen={"company": 5, "movie": 2}))
+    assert "Not searched as victims" in html
+    assert '<tr><td>company</td><td class="n">5</td></tr>' in html
+    assert "Not searched" not in scan_page(scan_result(0.5))
+
+
 def test_bad_input_is_one_line_exit_2_and_no_page(run_cli: RunCli, tmp_path: Path,
                                                   results: dict[str, tuple[Path, Path]]
                                                   ) -> None:
