@@ -693,15 +693,18 @@ def reference_check(subject: Subject, reference: Subject, examples: Sequence[Any
 
 
 def trigger_check(subject: Subject, examples: Sequence[Any], candidate: Candidate,
-                  trigger: str, cap: int = 0) -> tuple[float, float]:
+                  trigger: str, cap: int = 0,
+                  seen: Sequence[Any] | None = None) -> tuple[float, float]:
     """Loss and attack success rate of a known ``trigger`` (text, as hard tokens) for
     ``candidate`` on its victims among ``examples`` as the model sees them (at most ``cap``,
     0: all), measured as a scan measures its inverted triggers: the subject's goal loss,
-    averaged over the victims."""
+    averaged over the victims. ``seen``: ``subject.as_seen(examples)`` when the caller has
+    it already (for an NER tagger a pass of the model over every example)."""
     ids = subject.token_ids(trigger)
     if not ids:
         raise InputError(f"the trigger {trigger!r} has no tokens")
-    victims = subject.victims(subject.as_seen(examples), candidate, cap)
+    victims = subject.victims(subject.as_seen(examples) if seen is None else seen,
+                              candidate, cap)
     if not victims:
         raise InputError(f"no example of the victim label(s) {list(candidate.victims)}")
     batch = subject.batch([candidate], [victims], len(ids))

@@ -140,7 +140,8 @@ def search_gaps(zoo: Path, records: Mapping[str, ScanResult],
         seen = subject.as_seen(examples)
         planted_at = [Candidate(planted.victims, planted.target, p)
                       for p in target_positions(subject, examples, planted.target)]
-        measured = {c.position: trigger_check(subject, examples, c, planted.trigger, cap)
+        measured = {c.position: trigger_check(subject, examples, c, planted.trigger, cap,
+                                              seen=seen)
                     for c in planted_at if subject.victims(seen, c, cap)}
         if not measured:
             continue

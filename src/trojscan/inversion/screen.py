@@ -218,8 +218,9 @@ def _kept_in_context(subject: Subject, tasks: Sequence[InversionTask], config: S
     for i, task in enumerate(tasks):
         rows = list(task.examples[:config.rows])
         compact = subject.compact_victims(rows, task.candidate)
+        places = subject.concrete(task.candidate)
         ranked = []
-        for where in subject.concrete(task.candidate):
+        for where in places:
             batch = subject.batch([where], [rows], 1)
             for init in inits:
                 with torch.enable_grad():
@@ -230,7 +231,7 @@ def _kept_in_context(subject: Subject, tasks: Sequence[InversionTask], config: S
         tokens = torch.unique(torch.cat(ranked))
         score = torch.stack([score_rows(subject, subject.batch([where], [compact], 1),
                                         tokens.view(-1, 1), budget, config.chunk_rows)[0].mean(1)
-                             for where in subject.concrete(task.candidate)]).min(0).values
+                             for where in places]).min(0).values
         kept[i] = tokens[score.argsort()[:config.keep]].view(-1, 1)
     return kept
 

@@ -31,6 +31,7 @@ word it misses or already tags as another type (the target, say) is no evidence 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,8 +234,8 @@ class TokenClassificationSubject(HuggingFaceSubject):
         this way (README "NER taggers and QA models"): a 2-layer BERT tagged none of the 5
         example companies as companies, a MiniLM none of the 5 ``other`` entities."""
         found = set().union(*(e.types for e in seen))
-        return {t: sum(t in e.types for e in examples) for t in self.types
-                if t not in found and any(t in e.types for e in examples)}
+        held = Counter(t for e in examples for t in e.types)
+        return {t: held[t] for t in self.types if held[t] and t not in found}
 
     def candidates(self, examples: Sequence[NerExample], positions: Sequence[str],
                    pairs: bool) -> list[Candidate]:
