@@ -351,7 +351,8 @@ def test_scan_names_the_types_it_could_not_search(tiny_ner_zoo: dict[str, Any],
 def test_uat_scan_flags_the_poisoned_tiny_tagger_too(tiny_ner_zoo: dict[str, Any]) -> None:
     """The UAT baseline searches the tagger through the same subject (DBS's other NER
     method, issue 17): its default settings flag the poisoned tagger with its pair and
-    word (measured: 0.102 with 'lantern', 12 s on one thread; the clean one at 3.127)."""
+    word (measured with the in-context screen: 0.102 with 'lantern', 5.0 s on one thread;
+    the clean one at 5.212, the screen's token; 3.127 before the screen)."""
     folder = tiny_ner_zoo["out"] / tiny_ner_zoo["poisoned"]["model_id"]
     with one_thread():
         result = scan(folder, folder / "clean_examples.jsonl", scan_config("uat"))
