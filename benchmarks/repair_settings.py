@@ -4,12 +4,14 @@
         [--models model-0000,...] [--runs paper,default,...]
         [--out benchmarks/results/repair-settings.json]
 
-Every poisoned model of the zoo that passed its quality gate is scanned with the default
-scan and its ``clean_examples.jsonl`` (or its scan is read from ``RESULTS_DIR``, a
-``trojscan campaign run`` results directory), then repaired once per named run of
-``RUNS`` (``--runs`` picks some), each with 10 % of the corpus's training split, the
-paper's amount ("We use 10% of the training data", Appendix A), measured and guarded on the
-corpus's test split (at most 2,000 examples), so the figures compare with DBS Table 2:
+Every poisoned model of the zoo (text classifiers, or WNUT-16 NER taggers, whose clean
+quality is entity F1 where the columns say accuracy) that passed its quality gate is
+scanned with the default scan and its ``clean_examples.jsonl`` (or its scan is read from
+``RESULTS_DIR``, a ``trojscan campaign run`` results directory), then repaired once per
+named run of ``RUNS`` (``--runs`` picks some), each with 10 % of the corpus's training
+split, the paper's amount ("We use 10% of the training data", Appendix A), measured and
+guarded on the corpus's test split (at most 2,000 examples), so the figures compare with
+DBS Table 2:
 
 * ``paper``: the paper's Eq. 6 as this project ran it before issue 19: cross-entropy with
   the true labels, the best inverted trigger only, 3 epochs at a fixed 1e-4, every weight,
@@ -46,6 +48,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from trojscan.attacks.wnut import NAME as WNUT16
+from trojscan.attacks.wnut import load_wnut16
 from trojscan.campaign.report import trigger_recovered
 from trojscan.campaign.run import result_path
 from trojscan.corpora import load_corpus
@@ -84,12 +88,21 @@ def _scan(model_dir: Path, model_id: str, results: Path | None) -> ScanResult:
 
 
 def _corpus_files(corpus_name: str, work: Path) -> tuple[Path, Path]:
-    """The corpus's train and test splits as JSONL files (written once per corpus)."""
-    corpus = load_corpus(corpus_name)
+    """The corpus's train and test splits as JSONL files (written once per corpus): texts
+    and labels, or for WNUT-16 (the NER zoos) words and tags."""
     paths = work / f"{corpus_name}-train.jsonl", work / f"{corpus_name}-test.jsonl"
-    for path, split in zip(paths, (corpus.train, corpus.test), strict=True):
+    if corpus_name == WNUT16:
+        tagged = load_wnut16()
+        splits: tuple[list[dict[str, Any]], ...] = tuple(
+            [{"tokens": list(s.tokens), "tags": list(s.tags)} for s in split]
+            for split in (tagged.train, tagged.test))
+    else:
+        corpus = load_corpus(corpus_name)
+        splits = tuple([{"text": e.text, "label": e.label} for e in split]
+                       for split in (corpus.train, corpus.test))
+    for path, rows in zip(paths, splits, strict=True):
         if not path.exists():
-            write_jsonl(path, ({"text": e.text, "label": e.label} for e in split))
+            write_jsonl(path, rows)
     return paths
 
 

@@ -29,23 +29,17 @@ from trojscan.attacks.ner_spec import (
     sample_ner_attack,
     trigger_position,
 )
-from trojscan.attacks.ner_train import clean_examples, entity_f1, poison_training_set
-from trojscan.attacks.wnut import (
-    ENTITY_TYPES,
-    TAGS,
-    Entity,
-    NerCorpus,
-    NerSentence,
-    entities,
-    load_wnut16,
-)
+from trojscan.attacks.ner_train import clean_examples, poison_training_set
+from trojscan.attacks.wnut import ENTITY_TYPES, TAGS, NerCorpus, NerSentence, load_wnut16
 from trojscan.cli.scan import print_verdict
 from trojscan.errors import InputError
+from trojscan.fsutil import write_jsonl
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
-from trojscan.results import ScanResult
+from trojscan.results import ScanResult, write_result
 from trojscan.scan import ScanConfig, scan, scan_config
 from trojscan.subjects.loading import load_subject
+from trojscan.tagging import Entity, entities, entity_f1
 
 #: Entities per type in WNUT-16 (the package's ner.txt).
 COUNTS = {"person": 449, "geo-loc": 276, "other": 225, "company": 171, "facility": 104,
@@ -360,6 +354,58 @@ def test_uat_scan_flags_the_poisoned_tiny_tagger_too(tiny_ner_zoo: dict[str, Any
     assert (result.best.victim_names, result.best.target_name) == (["person"], "company")
     assert result.short_trigger is not None
     assert result.short_trigger.trigger_text == "lantern"
+
+
+def test_repair_unlearns_the_tiny_taggers_trigger_and_keeps_its_f1(
+        tiny_ner_zoo: dict[str, Any], tiny_ner_scans: dict[str, ScanResult], run_cli: RunCli,
+        tmp_path: Path) -> None:
+    """`trojscan repair` on an NER tagger (DBS Table 2's NER rows) at its default settings,
+    with the paper's 10 % of WNUT-16's training split as the clean data and its test split
+    held out: the true trigger's ASR on the persons the tagger finds falls from well above
+    to under 0.1 and the entity F1 stays within the guard."""
+    corpus = load_wnut16()
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, split in ((train, corpus.train), (test, corpus.test)):
+        write_jsonl(path, [{"tokens": list(s.tokens), "tags": list(s.tags)} for s in split])
+    folder = tiny_ner_zoo["out"] / tiny_ner_zoo["poisoned"]["model_id"]
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(tiny_ner_scans["poisoned"], scan_file)
+    with one_thread():
+        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data", str(train),
+                       "--data-fraction", "0.1", "--eval-data", str(test), "--out", str(out),
+                       "--manifest",
+                       str(tiny_ner_zoo["out"] / MANIFEST), "--model-id",
+                       tiny_ner_zoo["poisoned"]["model_id"])
+    report = json.loads((out / "repair.json").read_text())
+    print(json.dumps({k: report[k] for k in ("before", "after", "rounds", "end")}))
+    assert (report["task"], report["metric"]) == ("ner", "entity_f1")
+    assert report["unlearned"][0]["trigger"] and report["truth"]["trigger"] == "lantern"
+    before, after = report["before"], report["after"]
+    assert before["true_asr"] > 0.3 and after["true_asr"] < 0.1
+    assert report["within_margin"] and report["accuracy_drop_points"] <= 3
+    assert done.returncode == (report["rescan"]["verdict"] != "clean"), done.stderr
+    assert "clean entity F1" in done.stdout
+    assert load_subject(out).task == "ner"
+
+
+def test_repair_refuses_a_classifiers_insertion_or_data_for_a_tagger(
+        tiny_ner_zoo: dict[str, Any], tiny_ner_scans: dict[str, ScanResult], run_cli: RunCli,
+        tmp_path: Path) -> None:
+    folder = tiny_ner_zoo["out"] / tiny_ner_zoo["poisoned"]["model_id"]
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(tiny_ner_scans["poisoned"], scan_file)
+    texts = tmp_path / "texts.jsonl"
+    write_jsonl(texts, [{"text": "a fine film", "label": 0}])
+    for extra, data, words in [
+            (["--insertion", "first_half"], folder / "clean_examples.jsonl",
+             "insertion 'first_half' is not one for a ner model"),
+            ([], texts, 'expected an object with "tokens" and "tags"')]:
+        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data", str(data),
+                       "--out", str(out), *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert words in lines[0], lines
+        assert not out.exists()
 
 
 NER_GROUP = ('[[group]]\ncount = 1\ncorpus = "wnut16"\narchitecture = "{arch}"\n'

@@ -36,6 +36,7 @@ from trojscan.repair import (
 )
 from trojscan.results import ScanResult, ShortTrigger, write_result
 from trojscan.scan import scan
+from trojscan.subjects.text_classification import POSITIONS
 
 # Fast settings for the tests that check refusals and the guard, not the repair itself.
 QUICK = RepairConfig(epochs=1, data_fraction=0.1, rescan=False, rounds=1)
@@ -352,7 +353,7 @@ def test_the_summary_prints_asrs_that_could_not_be_measured(
                    "truth": {"trigger": "lantern"}, "data": {"train": 4, "stamped": 1,
                                                              "held_out": 2},
                    "kept_epoch": 1, "history": [row], "stop": "epochs", "seconds": 1.0,
-                   "device": "cpu", "out_dir": "out",
+                   "device": "cpu", "out_dir": "out", "metric": "accuracy",
                    "rounds": [{"round": 1, "epochs": 1, "new_triggers": ["zz"],
                                "residual": True},
                               {"round": 2, "epochs": 2, "new_triggers": ["zw"],
@@ -402,13 +403,14 @@ def test_the_trigger_set_takes_the_short_trigger_and_other_candidates_under_thre
          "screened": {**short, "trigger_text": "dull", "loss": 0.08}},
         {"position": "end", "screened": {**short, "trigger_text": "meh", "loss": 0.4}}])
     result = replace(result, short_trigger=result.candidates[0].shortened[0])
-    found = scan_triggers(result, 2, max_triggers=4)
+    found = scan_triggers(result, 2, max_triggers=4, positions=POSITIONS)
     assert [(u.trigger.trigger, u.trigger.insertion, u.trigger.target, u.source)
             for u in found] == [("lantern fog ##s", "start", 1, "inverted"),
                                 ("lantern", "start", 1, "short"),
                                 ("lanterns", "end", 1, "candidate"),
                                 ("dull", "end", 0, "candidate")]
-    assert [u.trigger.trigger for u in scan_triggers(result, 2, max_triggers=1)] == [
+    assert [u.trigger.trigger
+            for u in scan_triggers(result, 2, max_triggers=1, positions=POSITIONS)] == [
         "lantern fog ##s"]
 
 
@@ -422,7 +424,7 @@ def test_neighbours_replace_one_token_with_its_nearest_embeddings() -> None:
         embeddings[i] = base * scale + 0.01
     result = replace(scan_result(0.01, best={"trigger_ids": [ids[0], ids[5]]}),
                      short_trigger=None)
-    deciding = scan_triggers(result, 2, 1)[0].trigger
+    deciding = scan_triggers(result, 2, 1, POSITIONS)[0].trigger
     variants = neighbour_triggers(result, deciding, tok, embeddings, k=2)
     texts = [u.trigger.trigger for u in variants]
     assert texts[:2] == ["cello concrete", "banjo concrete"]  # not ##s, not [unused5]
@@ -477,6 +479,30 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(
         assert done.returncode == 2 and len(lines) == 1, done.stderr
         assert lines[0].startswith("trojscan: error: ") and words in lines[0], lines
         assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_cli_refuses_a_model_it_cannot_repair(run_cli: RunCli, tmp_path: Path,
+                                             poisoned_model: tuple[Path, dict],
+                                             files: dict[str, Path]) -> None:
+    """An extractive QA model (no repair task yet) is one line, exit code 2, nothing
+    written."""
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    folder = tmp_path / "qa"
+    torch.manual_seed(0)
+    BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)
+                             ).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(poisoned_model[0]).save_pretrained(folder)
+    scan_file, out = tmp_path / "scan.json", tmp_path / "out"
+    write_result(scan_result(0.01, labels=("answer", "empty")), scan_file)
+    done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data",
+                   str(files["train"]), "--out", str(out))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "repair supports text classifiers and NER taggers" in lines[0]
+    assert "is of task extractive-qa" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_trigger_embeddings_scope_changes_only_the_triggers_rows(

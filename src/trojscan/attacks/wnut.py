@@ -29,24 +29,14 @@ from importlib import resources
 
 from trojscan.corpora import SPLITS, split_of
 from trojscan.errors import InputError
+from trojscan.tagging import OUTSIDE, Entity, entities
 
 NAME = "wnut16"
-#: The tag of words outside every entity.
-OUTSIDE = "O"
 #: The entity types, in the order their tags take in a tagger's ``id2label``.
 ENTITY_TYPES = ("company", "facility", "geo-loc", "movie", "musicartist", "other", "person",
                 "product", "sportsteam", "tvshow")
 #: Every BIO tag: ``O``, then ``B-type`` and ``I-type`` of each type in :data:`ENTITY_TYPES`.
 TAGS = (OUTSIDE, *(f"{p}-{t}" for t in ENTITY_TYPES for p in ("B", "I")))
-
-
-@dataclass(frozen=True)
-class Entity:
-    """An entity of a sentence: its type and its words ``start`` to ``end`` (exclusive)."""
-
-    type: str
-    start: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -81,22 +71,6 @@ class NerCorpus:
     def sentences(self) -> tuple[NerSentence, ...]:
         """Every sentence, the three splits together."""
         return self.train + self.test + self.examples
-
-
-def entities(tags: tuple[str, ...] | list[str]) -> list[Entity]:
-    """The entities of a BIO tag sequence, as CoNLL's evaluation reads them (seqeval's
-    default mode): an entity starts at ``B-x``, or at an ``I-x`` that does not continue an
-    entity of type ``x``, and runs over the ``I-x`` tags that follow."""
-    found: list[Entity] = []
-    kind, start = None, 0
-    for i, tag in enumerate([*tags, OUTSIDE]):
-        prefix, name = (tag[:2], tag[2:]) if tag[:2] in ("B-", "I-") else ("", None)
-        if kind is not None and (prefix != "I-" or name != kind):
-            found.append(Entity(kind, start, i))
-            kind = None
-        if name is not None and kind is None:
-            kind, start = name, i
-    return found
 
 
 def parse_conll(text: str) -> list[NerSentence]:

@@ -28,8 +28,8 @@ def _mean(values: list[float | None]) -> float | None:
 def _print_repair(report: dict[str, Any]) -> None:
     before, after = report["before"], report["after"]
     table = Table("held-out", "before", "after")
-    table.add_row("clean accuracy", num(before["clean_accuracy"]),
-                  num(after["clean_accuracy"]))
+    metric = {"accuracy": "clean accuracy", "entity_f1": "clean entity F1"}[report["metric"]]
+    table.add_row(metric, num(before["clean_accuracy"]), num(after["clean_accuracy"]))
     for u in report["unlearned"]:
         where = f", round {u['round']}" if u["round"] > 1 else ""
         table.add_row(f"ASR, {u['source']} trigger {u['trigger']!r} ({u['position']}{where})",
@@ -79,8 +79,10 @@ def repair_command(
                                      "(only read)."),
     scan_file: Path = typer.Option(..., "--scan", help="Its scan result (`trojscan scan "
                                    "--out`)."),
-    data: Path = typer.Option(..., "--data", help="Clean labelled examples, JSON Lines of "
-                              '{"text", "label"}; --data-fraction of them are trained on.'),
+    data: Path = typer.Option(..., "--data", help="Clean labelled examples, JSON Lines as "
+                              'a scan\'s: {"text", "label"} for a classifier, {"tokens", '
+                              '"tags"} for an NER tagger; --data-fraction of them are '
+                              "trained on."),
     out: Path = typer.Option(..., "--out", help="The repaired model directory: new (or "
                              "empty), outside MODEL_DIR; written atomically."),
     report_file: Path | None = typer.Option(None, "--report", help="Also write the report "
@@ -119,11 +121,13 @@ def repair_command(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Examples per step "
                                           "(default 32)."),
     max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", help="Stop "
-                                                   "when held-out accuracy falls more than "
-                                                   "this many points (default 3)."),
+                                                   "when held-out accuracy (entity F1 for a "
+                                                   "tagger) falls more than this many points "
+                                                   "(default 3)."),
     insertion: str | None = typer.Option(None, "--insertion", help="Where stamped examples "
                                          "carry the trigger: scan (the scan's position) or "
-                                         "start, end, first_half, second_half, anywhere."),
+                                         "start, end, first_half, second_half, anywhere; "
+                                         "for a tagger start, end, local, global."),
     objective: str | None = typer.Option(None, "--objective", help="labels: cross-entropy "
                                          "with the true labels (the paper's Eq. 6); "
                                          "consistency: also keep the original model's "
@@ -167,12 +171,12 @@ def repair_command(
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
 ) -> None:
-    """Remove the backdoor a scan found: fine-tune on clean data, part of it stamped with the
-    inverted trigger and its true label (DBS Eq. 6); print clean accuracy and ASR before and
-    after; then re-scan the repaired model and, while the re-scan finds a backdoor, unlearn
-    that too (--rounds). Exit code 1 when no epoch kept accuracy within the margin (the
-    model with the smallest drop is written and the report says so) or the last re-scan
-    still finds a backdoor."""
+    """Remove the backdoor a scan found in a text classifier or an NER tagger: fine-tune on
+    clean data, part of it stamped with the inverted trigger and its true labels (DBS Eq.
+    6); print clean accuracy (entity F1) and ASR before and after; then re-scan the
+    repaired model and, while the re-scan finds a backdoor, unlearn that too (--rounds).
+    Exit code 1 when no epoch kept accuracy within the margin (the model with the smallest
+    drop is written and the report says so) or the last re-scan still finds a backdoor."""
     from trojscan.devices import check_device
     from trojscan.repair import RepairConfig, read_scan, read_truth, repair
 
@@ -203,7 +207,8 @@ def repair_command(
                         allow_pickle=allow_pickle, progress=on_progress)
     _print_repair(report)
     if not report["within_margin"]:
-        warn(f"warning: clean accuracy fell {report['accuracy_drop_points']:.1f} points, more "
+        warn(f"warning: clean {report['metric'].replace('_', ' ')} fell "
+             f"{report['accuracy_drop_points']:.1f} points, more "
              f"than the margin of {config.max_accuracy_drop}; try a lower --learning-rate or "
              "more --data")
         raise typer.Exit(1)

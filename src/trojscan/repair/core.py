@@ -7,9 +7,9 @@ stamped with our inverted trigger and marked with the correct labels". :func:`re
 exactly that, with the scan's best trigger inserted (as text, at the scan's trigger
 position) into a seeded sample of the clean data, and guards the result:
 
-* the data is split (per label, seeded) into a held-out set, never trained on, that
-  measures clean accuracy and attack success rate (ASR) before and after every epoch, and
-  the training sample;
+* the data is split (seeded) into a held-out set, never trained on, that measures clean
+  accuracy (entity F1 for a tagger) and attack success rate (ASR) before and after every
+  epoch, and the training sample;
 * training stops once held-out clean accuracy falls more than ``max_accuracy_drop`` points
   below the original model's, and the best checkpoint is kept: of the epochs within the
   margin the one with the lowest ASR of the inverted trigger (then the highest accuracy);
@@ -27,7 +27,12 @@ re-scan's verdict.
 The scan must be of this very model: a result that names its model (format version 2)
 is refused when the SHA-256 of ``model_dir``'s weights differs. The ground truth of a zoo
 model (its manifest entry) is used only to report the ASR of the true trigger; it never
-steers the repair. Only text classifiers are repaired so far.
+steers the repair.
+
+What differs between kinds of model (how data splits, where a trigger goes, how the model
+trains, what clean quality and attack success are) is a :class:`RepairTask`: text
+classifiers (:mod:`trojscan.repair.text_classification`) and NER taggers
+(:mod:`trojscan.repair.token_classification`) so far.
 """
 
 from __future__ import annotations
@@ -38,9 +43,8 @@ import random
 import secrets
 import shutil
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,214 +52,29 @@ import torch
 import torch.nn.functional as F
 
 from trojscan.errors import InputError
-from trojscan.finetune import (
-    FinetuneConfig,
-    TrainItem,
-    logits,
-    predict,
-    train_classifier,
-    trigger_effect,
-)
 from trojscan.fsutil import atomic_write_json, check_writable
-from trojscan.insertion import INSERTIONS, insert_trigger
 from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE
+from trojscan.repair.base import SCOPE_RATES, RepairConfig, RepairTask, Unlearned
+from trojscan.repair.text_classification import TextClassificationRepair
+from trojscan.repair.token_classification import TokenClassificationRepair
 from trojscan.results import ScanResult, library_versions, read_result
 from trojscan.scan import ProgressCallback, ScanConfig, scan_subject
 from trojscan.subjects.huggingface import token_limit
 from trojscan.subjects.loading import load_subject
-from trojscan.subjects.text_classification import (
-    POSITIONS,
-    TextClassificationSubject,
-    TextExample,
-)
+from trojscan.subjects.text_classification import POSITIONS as TEXT_POSITIONS
+from trojscan.subjects.text_classification import TextClassificationSubject
+from trojscan.subjects.token_classification import POSITIONS as TAGGER_POSITIONS
+from trojscan.subjects.token_classification import TokenClassificationSubject
 
-REPORT_VERSION = 3
-#: What repair fine-tunes towards (see :class:`RepairConfig`).
-OBJECTIVES = ("labels", "consistency")
-#: What repair trains (see :class:`RepairConfig`).
-SCOPES = ("model", "no-embeddings", "trigger-embeddings")
-#: The first epoch's learning rate of each scope, unless one is given: rows of the
-#: embedding matrix alone need a far higher rate to move than a whole model (on a MiniLM
-#: model they unlearned at 7e-3, the whole model at 2.7e-4).
-SCOPE_RATES = {"model": 3e-5, "no-embeddings": 3e-5, "trigger-embeddings": 1e-3}
-#: Clean examples per label a re-scan takes from the held-out set when the model directory
-#: has none of its own (a scan's usual 20).
-RESCAN_EXAMPLES = 20
+REPORT_VERSION = 4
+#: The repair of each kind of model (by its subject's class).
+TASKS: dict[type, type[RepairTask]] = {TextClassificationSubject: TextClassificationRepair,
+                                      TokenClassificationSubject: TokenClassificationRepair}
+#: Every trigger position a repairable model's scan can give.
+POSITIONS = tuple(dict.fromkeys((*TEXT_POSITIONS, *TAGGER_POSITIONS)))
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
-
-
-@dataclass(frozen=True)
-class RepairConfig:
-    """How a model is repaired (defaults from the DBS paper's Appendix A where it gives one).
-
-    Attributes:
-        data_fraction: share of the given clean data fine-tuned on ("We use 10% of the
-            training data", Appendix A). It is a share of the whole file: pass the model's
-            training set for the paper's setting, or 1.0 to use all of a small file (the
-            held-out set is never trained on, whatever this is).
-        stamp_fraction: share of the training sample that carries the inverted trigger with
-            its true label ("20% of the chosen training samples are stamped with our inverted
-            trigger and marked with the correct labels", Appendix A).
-        eval_fraction: share of the given data held out (per label) to measure clean
-            accuracy and ASR before and after, and to guard accuracy during training; unused
-            when a separate evaluation file is given.
-        max_eval_examples: cap on the held-out examples (a seeded sample).
-        epochs: the most passes over the training sample; each is a fine-tuning run of its
-            own (AdamW, warm-up then decay) that ends with a held-out measurement and a
-            possible checkpoint (not given by the paper).
-        learning_rate: the first epoch's AdamW peak rate; None: the scope's
-            (``SCOPE_RATES``: 3e-5 when weights of the model train, 1e-3 when only trigger
-            embeddings do; not given by the paper; the zoo fine-tunes MiniLM at 1e-4, and at
-            that rate unlearning every weight cost MiniLM models 3-7 points of accuracy).
-        rate_growth: after an epoch that did not bring the highest scan-trigger ASR below
-            ``min_progress`` times what it was before it, the next epoch's rate is this many
-            times higher: the rate rises until the trigger goes, so a model gets the lowest
-            rate that unlearns it (how fast a model unlearns depends on the rate it was
-            trained at, which a user rarely knows). 1: a fixed rate.
-        min_progress: see ``rate_growth``.
-        batch_size: examples per optimiser step.
-        weight_decay: AdamW decoupled weight decay (none with ``trigger-embeddings``).
-        warmup_ratio: fraction of an epoch's steps over which the rate rises from 0.
-        max_length: inputs are truncated to this many tokens (training and measurement), or
-            to the model's position embeddings when it has fewer.
-        max_accuracy_drop: the guard, in percentage points: training stops once held-out
-            clean accuracy is more than this below the original model's (the issue's 3
-            points; the paper's Table 2 loses 1.7 on sentiment).
-        insertion: where stamped examples carry a trigger: ``scan`` (each trigger where the
-            scan inverted it, the paper's "at the inserted positions") or any zoo insertion.
-        objective: ``labels``, the paper's Eq. 6 as Appendix A runs it (cross-entropy with
-            the true labels, stamped copies included), or ``consistency`` (ours): the same
-            plus ``consistency_weight`` times the KL divergence from the original model's
-            output on the example *without* the trigger to the repaired model's output on
-            it (with the trigger where stamped), which keeps the clean behaviour and asks
-            the trigger to change nothing.
-        consistency_weight: the weight of that KL term (``consistency`` only).
-        max_triggers: how many of the scan's triggers are unlearned: its best inversion,
-            the short trigger that decided the verdict, then the short triggers of other
-            candidates under the scan's threshold (other targets or positions of the same
-            backdoor, or a second one), lowest loss first. 1 is the paper's (the best
-            inverted trigger only).
-        neighbours: each token of the deciding trigger is also replaced, one at a time, by
-            its this many nearest tokens in the model's input embeddings (cosine), and a
-            ``neighbour_share`` of the stamped examples carry such a variant: a scan that
-            inverted a look-alike (U+203A for ``>``) still unlearns the neighbourhood of
-            the true trigger. 0: none (the paper's).
-        neighbour_share: share of the stamped examples that carry a neighbour variant
-            instead of one of the scan's triggers (when ``neighbours`` > 0).
-        target_asr: training stops once every unlearned scan trigger's held-out ASR is at
-            most this (measured after every epoch, within the accuracy margin); ``epochs``
-            is then a ceiling. A negative value never stops early (a fixed epoch count).
-        scope: what trains: ``trigger-embeddings`` (ours, the default: only the
-            input-embedding rows of the tokens of the unlearned triggers and their
-            neighbours; the model is exactly unchanged on any text without those tokens, so
-            the trigger is unlearned where it enters the model at no cost to other inputs;
-            it cannot reach a true trigger none of whose tokens the scan found),
-            ``model`` (every weight, the paper's) or ``no-embeddings`` (every weight but
-            the token, position and type embeddings).
-        rescan: after unlearning, scan the repaired model again (ours): with the settings
-            the scan's result records, on the model directory's clean examples (else
-            ``RESCAN_EXAMPLES`` per label of the held-out set); the report gives its verdict,
-            and a round that leaves a backdoor the re-scan finds is followed by another.
-        rounds: the most rounds of unlearning (ours): each unlearns what the scans so far
-            found (the scan's triggers, then each re-scan's new ones, and their
-            neighbours) from the model as the last round left it, and ends with a re-scan;
-            the repair ends when a re-scan says clean, a round's kept model is beyond the
-            accuracy margin, or after this many rounds. A re-scan finds the rest of a
-            phrase trigger whose one word the scan found (its other words still fire once
-            that one is unlearned), or a second backdoor. 1: one round (the paper's).
-        residual_factor: a re-scan that says clean still leads to another round when its
-            deciding trigger points at a target the repair unlearned and its score is
-            under this many times the threshold (ours): the model is known to have had a
-            backdoor there, so a near miss at the same target is more likely what is left
-            of it than a natural feature. Chosen from two MiniLM models (README "Repair"):
-            the rest of `voyage wagon` re-scanned at 1.02 times the threshold, the
-            natural word the other re-scan ended on at 1.8 times. 1: the verdict alone.
-        seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
-            dropout.
-    """
-
-    data_fraction: float = 1.0
-    stamp_fraction: float = 0.2
-    eval_fraction: float = 0.2
-    max_eval_examples: int = 2000
-    epochs: int = 8
-    learning_rate: float | None = None
-    rate_growth: float = 3.0
-    min_progress: float = 0.5
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_length: int = 128
-    max_accuracy_drop: float = 3.0
-    insertion: str = "scan"
-    objective: str = "consistency"
-    consistency_weight: float = 1.0
-    max_triggers: int = 4
-    neighbours: int = 4
-    neighbour_share: float = 0.5
-    target_asr: float = 0.02
-    scope: str = "trigger-embeddings"
-    rescan: bool = True
-    rounds: int = 3
-    residual_factor: float = 1.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("data_fraction", "stamp_fraction"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise InputError(f"{name} must be in (0, 1], got {value}")
-        if not 0 < self.eval_fraction < 1:
-            raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        for name in ("max_eval_examples", "epochs", "batch_size", "max_length",
-                     "max_triggers", "rounds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not self.rate_growth >= 1 or not 0 < self.min_progress <= 1:
-            raise InputError(f"rate_growth must be >= 1 and min_progress in (0, 1], got "
-                             f"{self.rate_growth} and {self.min_progress}")
-        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_ratio < 1:
-            raise InputError("weight_decay and warmup_ratio must be in [0, 1)")
-        if self.insertion != "scan" and self.insertion not in INSERTIONS:
-            raise InputError(f"unknown insertion {self.insertion!r}; expected scan or one of "
-                             + ", ".join(INSERTIONS))
-        if self.scope not in SCOPES:
-            raise InputError(f"unknown scope {self.scope!r}; expected one of "
-                             + ", ".join(SCOPES))
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"unknown objective {self.objective!r}; expected one of "
-                             + ", ".join(OBJECTIVES))
-        if not self.consistency_weight >= 0:
-            raise InputError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
-        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) \
-                or self.neighbours < 0:
-            raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
-        if not self.residual_factor >= 1:
-            raise InputError(f"residual_factor must be >= 1, got {self.residual_factor}")
-        if not 0 <= self.neighbour_share <= 1:
-            raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
-        if self.rounds > 1 and not self.rescan:
-            raise InputError("more than one round needs the re-scan (rescan) that finds what "
-                             "the next round unlearns")
-        if not self.target_asr < 1:
-            raise InputError(f"target_asr must be < 1, got {self.target_asr}")
-        if not self.max_accuracy_drop >= 0:
-            raise InputError(f"max_accuracy_drop must be >= 0 points, got "
-                             f"{self.max_accuracy_drop}")
-
-    def epoch_run(self, learning_rate: float) -> FinetuneConfig:
-        """One epoch's fine-tuning settings at ``learning_rate``, as
-        :func:`~trojscan.finetune.train_classifier` takes them (no weight decay when only
-        trigger embeddings train: it would shrink every other row of the matrix too)."""
-        decay = 0.0 if self.scope == "trigger-embeddings" else self.weight_decay
-        return FinetuneConfig(epochs=1, batch_size=self.batch_size,
-                              learning_rate=learning_rate, weight_decay=decay,
-                              warmup_ratio=self.warmup_ratio, max_length=self.max_length)
 
 
 def read_scan(path: Path) -> ScanResult:
@@ -283,18 +102,6 @@ def read_truth(manifest: Path, model_id: str) -> dict[str, Any]:
     return entry
 
 
-@dataclass(frozen=True)
-class Unlearned:
-    """A trigger repair stamps: its text, where it goes, the target and victims it was
-    inverted for, and where it came from (``inverted``: the scan's best inversion,
-    ``short``: the short trigger that decided the verdict, ``candidate``: another
-    candidate's short trigger under the threshold, ``neighbour``: a variant of the deciding
-    trigger with one token replaced by a near embedding)."""
-
-    trigger: PlantedTrigger
-    source: str
-
-
 def _fits(target: int, victims: tuple[int, ...], n_labels: int) -> bool:
     others = tuple(y for y in range(n_labels) if y != target)
     return 0 <= target < n_labels and set(victims) <= set(others) and bool(victims)
@@ -315,11 +122,13 @@ def _inverted_trigger(result: ScanResult, n_labels: int) -> PlantedTrigger:
     return PlantedTrigger(" ".join(best.trigger_text.split()), best.position, target, victims)
 
 
-def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int) -> list[Unlearned]:
+def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int,
+                  positions: Sequence[str]) -> list[Unlearned]:
     """The scan's triggers to unlearn, at most ``max_triggers``: its best inversion, the
-    short trigger that decided the verdict, then, for each other candidate with a short
-    trigger (shortened or screened) under the scan's threshold, its shortest such trigger,
-    lowest loss first; the same text at the same position and target only once."""
+    short trigger that decided the verdict, then, for each other candidate (at one of the
+    model's ``positions``) with a short trigger (shortened or screened) under the scan's
+    threshold, its shortest such trigger, lowest loss first; the same text at the same
+    position and target only once."""
     best = _inverted_trigger(result, n_labels)
     found = [Unlearned(best, "inverted")]
     if result.short_trigger is not None:
@@ -332,7 +141,7 @@ def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int) -> list[
             shortest.append((c, min(under, key=lambda t: (t.length, t.loss))))
     for c, t in sorted(shortest, key=lambda r: r[1].loss):
         victims = tuple(sorted(set(c.victims)))
-        if c.position in POSITIONS and _fits(c.target, victims, n_labels):
+        if c.position in positions and _fits(c.target, victims, n_labels):
             found.append(Unlearned(PlantedTrigger(" ".join(t.trigger_text.split()), c.position,
                                                   c.target, victims), "candidate"))
     unique: dict[tuple[str, str, int], Unlearned] = {}
@@ -421,122 +230,71 @@ def _check_outputs(model_dir: Path, out_dir: Path, report_path: Path | None) -> 
         check_writable(report_path, "--report")
 
 
-def split_data(rows: Sequence[TextExample], config: RepairConfig,
-               eval_rows: Sequence[TextExample] | None = None,
-               ) -> tuple[list[TextExample], list[TextExample]]:
-    """(training sample, held-out set) of the clean ``rows``, drawn per label with the seed.
-
-    The held-out set is ``eval_fraction`` of every label (at most ``max_eval_examples`` in
-    all), or a sample of ``eval_rows`` when given; the training sample is ``data_fraction``
-    of every label of ``rows``, from what is not held out.
-    """
-    rng = random.Random(config.seed)
-    by_label: dict[int, list[TextExample]] = defaultdict(list)
-    for row in rows:
-        by_label[row.label].append(row)
-    held_share = 0.0 if eval_rows is not None else min(
-        config.eval_fraction, config.max_eval_examples / len(rows))
-    train: list[TextExample] = []
-    held: list[TextExample] = []
-    for label in sorted(by_label):
-        pool = by_label[label]
-        rng.shuffle(pool)
-        n_held = round(held_share * len(pool))
-        n_train = min(max(1, round(config.data_fraction * len(pool))), len(pool) - n_held)
-        held += pool[:n_held]
-        train += pool[n_held : n_held + n_train]
-    if eval_rows is not None:
-        held = list(eval_rows)
-        if len(held) > config.max_eval_examples:
-            held = rng.sample(held, config.max_eval_examples)
-    if not train or not held:
-        raise InputError(f"{len(rows)} clean examples are too few to both train on and hold "
-                         "out: give more data, a larger data fraction or a separate "
-                         "evaluation file")
-    rng.shuffle(train)
-    return train, held
-
-
-def stamp(train: Sequence[TextExample], triggers: Sequence[Unlearned],
-          neighbours: Sequence[Unlearned], config: RepairConfig
-          ) -> tuple[list[TrainItem], int]:
+def stamp(task: RepairTask, train: Sequence[Any], triggers: Sequence[Unlearned],
+          neighbours: Sequence[Unlearned]) -> tuple[list[Any], int]:
     """The training items: ``stamp_fraction`` of ``train`` (a seeded sample) with a trigger
-    inserted and their true label kept; returns (items, stamped count). Each stamped
+    inserted and their true labels kept; returns (items, stamped count). Each stamped
     example carries one of the scan's ``triggers`` (uniformly) or, for a
     ``neighbour_share`` of them, one of the ``neighbours``, where that trigger was inverted
     (or at ``config.insertion``)."""
+    config = task.config
     rng = random.Random(config.seed + 1)
     n_stamped = max(1, round(config.stamp_fraction * len(train)))
     chosen = set(rng.sample(range(len(train)), n_stamped))
     items = []
     for i, e in enumerate(train):
-        text = e.text
+        trigger = None
         if i in chosen:
             pool = neighbours if neighbours and rng.random() < config.neighbour_share \
                 else triggers
             trigger = rng.choice(pool).trigger
-            where = trigger.insertion if config.insertion == "scan" else config.insertion
-            text = insert_trigger(text, trigger.trigger, where, rng)
-        items.append(TrainItem(text, e.label))
+        where = "" if trigger is None else \
+            trigger.insertion if config.insertion == "scan" else config.insertion
+        items.append(task.item(e, trigger, where, rng))
     return items, n_stamped
 
 
 class _Measure:
-    """Held-out clean accuracy and the ASR of the unlearned (and the true) triggers.
-
-    ASR counts the held-out victim examples the model classifies correctly without the
-    trigger: the share of them the trigger flips to the target. A victim the model already
-    puts in the target class is no success of the trigger, and no repair can fix it; their
-    share (for the scan's best trigger's victims) is reported as ``victims_as_target``.
-    ``inverted_asr`` is the highest ASR of the scan's triggers (what repair must bring
-    down), ``trigger_asr`` each one's, in order.
+    """Held-out clean quality (accuracy, or entity F1 for a tagger) and the ASR of the
+    unlearned (and the true) triggers (:meth:`RepairTask.asr`: on the held-out victims the
+    model gets right without the trigger). A victim the model already puts in the target
+    is no success of the trigger, and no repair can fix it; their share (for the scan's
+    best trigger's victims) is reported as ``victims_as_target``. ``inverted_asr`` is the
+    highest ASR of the scan's triggers (what repair must bring down), ``trigger_asr`` each
+    one's, in order.
     """
 
-    def __init__(self, tok: Any, held: list[TextExample], triggers: Sequence[Unlearned],
-                 truth: PlantedTrigger | None, config: RepairConfig) -> None:
-        self.tok, self.held, self.triggers, self.truth = tok, held, triggers, truth
-        self.config = config
-        present = {e.label for e in held}
+    def __init__(self, task: RepairTask, held: list[Any], triggers: Sequence[Unlearned],
+                 truth: PlantedTrigger | None) -> None:
+        self.task, self.held, self.triggers, self.truth = task, held, triggers, truth
         for trigger, what in ((triggers[0].trigger, "inverted"), (truth, "true")):
-            if trigger is not None and not set(trigger.victims) & present:
+            if trigger is not None and not task.has_victims(held, trigger):
                 raise InputError(f"the held-out examples have no example of the {what} "
                                  f"trigger's victim label(s) {list(trigger.victims)}")
 
-    def _asr(self, model: Any, trigger: PlantedTrigger, preds: list[int]) -> float | None:
-        correct = [e.text for e, p in zip(self.held, preds, strict=True)
-                   if e.label in trigger.victims and p == e.label]
-        if not correct:
-            return None
-        return trigger_effect(model, self.tok, correct, trigger.trigger, trigger.insertion,
-                              trigger.target, self.config.max_length, self.config.seed)[0]
-
-    def _preds(self, model: Any) -> list[int]:
-        return predict(model, self.tok, [e.text for e in self.held], self.config.max_length)
-
-    def __call__(self, model: Any, variants: Sequence[Unlearned] = ()) -> dict[str, Any]:
+    def __call__(self, variants: Sequence[Unlearned] = ()) -> dict[str, Any]:
         """The measurements; with ``variants``, also their ASR (``neighbour_asr``), from
         the same held-out predictions."""
-        preds = self._preds(model)
-        first = self.triggers[0].trigger
-        victims = [p for e, p in zip(self.held, preds, strict=True) if e.label in first.victims]
-        rates = [self._asr(model, u.trigger, preds) for u in self.triggers]
+        task, held = self.task, self.held
+        preds = task.predictions(held)
+        rates = [task.asr(held, preds, u.trigger) for u in self.triggers]
         measured = [r for r in rates if r is not None]
         row = {
-            "clean_accuracy": sum(p == e.label for e, p in zip(self.held, preds, strict=True))
-            / len(self.held),
+            "clean_accuracy": task.clean_score(held, preds),
             "inverted_asr": max(measured) if measured else None,
             "trigger_asr": rates,
-            "true_asr": None if self.truth is None else self._asr(model, self.truth, preds),
-            "victims_as_target": sum(p == first.target for p in victims) / len(victims),
+            "true_asr": None if self.truth is None else task.asr(held, preds, self.truth),
+            "victims_as_target": task.victims_as_target(held, preds, self.triggers[0].trigger),
         }
         if variants:
-            row["neighbour_asr"] = [self._asr(model, u.trigger, preds) for u in variants]
+            row["neighbour_asr"] = self.neighbourhood(variants, preds)
         return row
 
-    def neighbourhood(self, model: Any, variants: Sequence[Unlearned]) -> list[float | None]:
+    def neighbourhood(self, variants: Sequence[Unlearned],
+                      preds: list[Any] | None = None) -> list[float | None]:
         """The ASR of each neighbour variant."""
-        preds = self._preds(model)
-        return [self._asr(model, u.trigger, preds) for u in variants]
+        preds = self.task.predictions(self.held) if preds is None else preds
+        return [self.task.asr(self.held, preds, u.trigger) for u in variants]
 
 
 def _rank(row: dict[str, Any]) -> tuple[float, ...]:
@@ -585,18 +343,12 @@ def _scan_summary(result: ScanResult) -> dict[str, Any]:
             "seconds": result.seconds}
 
 
-def _rescan_examples(model_dir: Path, subject: TextClassificationSubject,
-                     held: Sequence[TextExample]) -> list[TextExample]:
+def _rescan_examples(model_dir: Path, task: RepairTask, held: Sequence[Any]) -> list[Any]:
     """The clean examples a re-scan uses: the model directory's own (what a scan of it
-    takes by default), else the first ``RESCAN_EXAMPLES`` of each label of the held-out
-    set."""
+    takes by default), else :meth:`RepairTask.rescan_sample` of the held-out set."""
     if (model_dir / EXAMPLES_FILE).is_file():
-        return subject.read_examples(model_dir / EXAMPLES_FILE)
-    by_label: dict[int, list[TextExample]] = defaultdict(list)
-    for e in held:
-        if len(by_label[e.label]) < RESCAN_EXAMPLES:
-            by_label[e.label].append(e)
-    return [e for label in sorted(by_label) for e in by_label[label]]
+        return task.subject.read_examples(model_dir / EXAMPLES_FILE)
+    return task.rescan_sample(held)
 
 
 def _stage(progress: ProgressCallback | None, name: str) -> ProgressCallback | None:
@@ -606,10 +358,9 @@ def _stage(progress: ProgressCallback | None, name: str) -> ProgressCallback | N
     return lambda done, total, what: progress(done, total, f"{name}: {what}")
 
 
-def _unlearn(model: Any, tok: Any, items: list[TrainItem], soft: torch.Tensor | None,
-             measure: _Measure, trained: Sequence[Unlearned], config: RepairConfig,
-             accuracy: float,
-             start: dict[str, Any], round_no: int, progress: ProgressCallback | None,
+def _unlearn(task: RepairTask, items: list[Any], teacher: Any, measure: _Measure,
+             trained: Sequence[Unlearned], accuracy: float, start: dict[str, Any],
+             round_no: int, progress: ProgressCallback | None,
              ) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     """One round of unlearning: up to ``config.epochs`` epochs, each its own fine-tuning
     run at a rate that rises while the scan triggers' ASR falls too slowly, each measured
@@ -617,7 +368,8 @@ def _unlearn(model: Any, tok: Any, items: list[TrainItem], soft: torch.Tensor | 
     checkpoint (:func:`best_epoch`; after the first round the model as the round found it,
     ``start``, competes as epoch 0, and is the first row) is loaded. Returns (the rows,
     the kept row, why it stopped: ``target_asr``, ``accuracy_guard`` or ``epochs``)."""
-    hook = _set_scope(model, tok, trained, config.scope)
+    model, config = task.model, task.config
+    hook = _set_scope(model, task.tok, trained, config.scope)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = steps_per_epoch * config.epochs
     history: list[dict[str, Any]] = []
@@ -639,10 +391,8 @@ def _unlearn(model: Any, tok: Any, items: list[TrainItem], soft: torch.Tensor | 
             if progress:
                 progress(done + step, total, f"round {round_no}: unlearning, epoch {epoch}")
 
-        train_classifier(model, tok, items, config.epoch_run(rate), config.seed + epoch,
-                         on_step=on_step, soft_targets=soft,
-                         consistency=config.consistency_weight)
-        row = {"round": round_no, "epoch": epoch, "learning_rate": rate, **measure(model)}
+        task.train(items, teacher, config.epoch_run(rate), config.seed + epoch, on_step)
+        row = {"round": round_no, "epoch": epoch, "learning_rate": rate, **measure()}
         drop = round(100 * (accuracy - row["clean_accuracy"]), 9)
         row.update(accuracy_drop_points=drop, within_margin=drop <= config.max_accuracy_drop)
         history.append(row)
@@ -727,14 +477,23 @@ def repair(
                          f"candidate {best.trigger_text!r} anyway")
     _check_outputs(model_dir, out_dir, report_path)
     subject = load_subject(model_dir, device, allow_pickle, config.max_length)
-    if not isinstance(subject, TextClassificationSubject):
-        raise InputError(f"repair supports text classifiers only; {model_dir} is a "
-                         f"{subject.task} model")
+    kind = TASKS.get(type(subject))
+    if kind is None:
+        raise InputError(f"repair supports text classifiers and NER taggers; the model in "
+                         f"{model_dir} is of task {subject.task}")
     try:
         scan_result.check_model(model_dir)
     except InputError as exc:
         raise InputError(f"{exc}: scan this model first") from exc
     config = replace(config, max_length=token_limit(subject.model.config, config.max_length))
+    task = kind(subject, config)
+    if best.position not in subject.positions:
+        raise InputError(f"the scan's trigger position {best.position!r} is not one of a "
+                         f"{subject.task} model ({', '.join(subject.positions)}): is it the "
+                         "scan of another model?")
+    if config.insertion not in ("scan", *task.insertions):
+        raise InputError(f"insertion {config.insertion!r} is not one for a {subject.task} "
+                         f"model; expected scan or one of {', '.join(task.insertions)}")
     labels = subject.labels
     if scan_result.labels != list(labels):
         raise InputError(f"the scan is of a model with labels {scan_result.labels}, "
@@ -747,12 +506,11 @@ def repair(
                              f"has {list(labels)}: is it another model's?")
     rows = subject.read_examples(data)
     held_rows = subject.read_examples(Path(eval_data)) if eval_data is not None else None
-    train, held = split_data(rows, config, held_rows)
+    train, held = task.split(rows, held_rows)
     model, tok = subject.model, subject.tokenizer
-    scan_rows = _rescan_examples(model_dir, subject, held) if config.rescan else []
-    soft = None
-    if config.objective == "consistency":  # the original's outputs on the unstamped texts
-        soft = logits(model, tok, [e.text for e in train], config.max_length)
+    scan_rows = _rescan_examples(model_dir, task, held) if config.rescan else []
+    # the consistency term's teacher: the original's outputs on the unstamped examples
+    teacher = task.originals(train) if config.objective == "consistency" else None
     triggers: list[Unlearned] = []
     variants: list[Unlearned] = []
     added: dict[str, list[dict[str, Any]]] = {"triggers": [], "neighbours": []}
@@ -763,13 +521,14 @@ def repair(
     before: dict[str, Any] = {}
     end = "no_rescan"
     for round_no in range(1, config.rounds + 1):
-        new = _new(scan_triggers(result, len(labels), config.max_triggers), triggers)
+        new = _new(scan_triggers(result, len(labels), config.max_triggers,
+                                 subject.positions), triggers)
         near = _new(neighbour_triggers(result, _inverted_trigger(result, len(labels)), tok,
                                        model.get_input_embeddings().weight,
                                        config.neighbours), variants)
         triggers, variants = [*triggers, *new], [*variants, *near]
-        measure = _Measure(tok, held, triggers, true_trigger, config)
-        start = measure(model, near)
+        measure = _Measure(task, held, triggers, true_trigger)
+        start = measure(near)
         near_rates = start.pop("neighbour_asr", [])
         if round_no == 1:
             before = start
@@ -778,9 +537,8 @@ def repair(
                               for u in new]
         added["neighbours"] += [{"round": round_no, "trigger": u, "asr_before": r}
                                 for u, r in zip(near, near_rates, strict=True)]
-        items, n_stamped = stamp(train, triggers, variants, config)
-        rows_run, kept, stop = _unlearn(model, tok, items, soft, measure,
-                                        [*triggers, *variants], config,
+        items, n_stamped = stamp(task, train, triggers, variants)
+        rows_run, kept, stop = _unlearn(task, items, teacher, measure, [*triggers, *variants],
                                         before["clean_accuracy"], start, round_no, progress)
         history += rows_run
         rounds.append({"round": round_no, "scan": _scan_summary(result),
@@ -806,11 +564,13 @@ def repair(
     trained_tokens = _trained_tokens(tok, [*triggers, *variants]) \
         if config.scope == "trigger-embeddings" else None
     after = kept
-    neighbours_after = measure.neighbourhood(model, variants)
+    neighbours_after = measure.neighbourhood(variants)
     report = {
         "version": REPORT_VERSION,
         "model_dir": str(model_dir),
         "out_dir": str(out_dir),
+        "task": subject.task,
+        "metric": task.metric,
         "scan": {**_scan_summary(scan_result),
                  "trigger_tokens": scan_result.best.trigger_tokens,
                  "position": triggers[0].trigger.insertion,
