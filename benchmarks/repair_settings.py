@@ -1,7 +1,7 @@
 """Repair settings compared on a zoo: clean accuracy and true-trigger ASR before and after.
 
     .venv/bin/python benchmarks/repair_settings.py [runs/zoo-repair] [--results RESULTS_DIR]
-        [--models model-0000,...] [--runs paper,default,...]
+        [--models model-0000,...] [--runs paper,default,...] [--eval-examples N]
         [--out benchmarks/results/repair-settings.json]
 
 Every poisoned model of the zoo (text classifiers, or WNUT-16 NER taggers, whose clean
@@ -10,7 +10,7 @@ scanned with the default scan and its ``clean_examples.jsonl`` (or its scan is r
 ``RESULTS_DIR``, a ``trojscan campaign run`` results directory), then repaired once per
 named run of ``RUNS`` (``--runs`` picks some), each with 10 % of the corpus's training
 split, the paper's amount ("We use 10% of the training data", Appendix A), measured and
-guarded on the corpus's test split (at most 2,000 examples), so the figures compare with
+guarded on the corpus's test split (at most ``--eval-examples``, 2,000), so the figures compare with
 DBS Table 2:
 
 * ``paper``: the paper's Eq. 6 as this project ran it before issue 19: cross-entropy with
@@ -23,7 +23,10 @@ DBS Table 2:
   inverted the trigger), ``model`` / ``no-embeddings`` (what trains: every weight, or all but
   the embeddings, instead of the triggers' embedding rows), ``one-round`` (one round of
   unlearning, then the re-scan's verdict, no further round),
-  ``examples`` (only the model's own 20-per-label clean examples).
+  ``examples`` (only the model's own 20-per-label clean examples);
+* ``companions``: the defaults and, for a MiniLM model, the public MiniLM it was fine-tuned
+  from as the base model (``--base-model``): the companions of the found trigger are
+  unlearned too (a model of another family is repaired without one).
 
 ASR is the repair report's: of the test examples of the victim label(s) the model classifies
 right without the trigger, the share the trigger flips. The true trigger comes from the
@@ -48,6 +51,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from trojscan.attacks.architectures import PRETRAINED, minilm_path
 from trojscan.attacks.wnut import NAME as WNUT16
 from trojscan.attacks.wnut import load_wnut16
 from trojscan.campaign.report import trigger_recovered
@@ -75,8 +79,11 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("train", {"scope": "model"}),
     "no-embeddings": ("train", {"scope": "no-embeddings"}),
     "one-round": ("train", {"rounds": 1}),
+    "companions": ("train", {}),
     "examples": ("examples", {}),
 }
+#: The runs that pass the public model a MiniLM model was fine-tuned from (``--base-model``).
+BASE_RUNS = {"companions"}
 #: The share of the training split a ``train`` run repairs with (the paper's).
 TRAIN_SHARE = 0.1
 
@@ -106,10 +113,11 @@ def _corpus_files(corpus_name: str, work: Path) -> tuple[Path, Path]:
     return paths
 
 
-def _config(name: str) -> RepairConfig:
+def _config(name: str, eval_examples: int) -> RepairConfig:
     source, changes = RUNS[name]
     share = TRAIN_SHARE if source == "train" else 1.0
-    return replace(RepairConfig(), data_fraction=share, **changes)
+    return replace(RepairConfig(), data_fraction=share, max_eval_examples=eval_examples,
+                   **changes)
 
 
 def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -140,7 +148,7 @@ def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
 
 
 def run(zoo: Path, results: Path | None, only: list[str] | None, names: list[str],
-        work: Path, out_path: Path) -> dict[str, Any]:
+        work: Path, out_path: Path, eval_examples: int) -> dict[str, Any]:
     """Scan (or read the scans of) and repair every poisoned model of ``zoo`` once per run
     in ``names``; the results so far are written to ``out_path`` after every repair."""
     truth = load_truth(zoo / MANIFEST)
@@ -162,14 +170,16 @@ def run(zoo: Path, results: Path | None, only: list[str] | None, names: list[str
                 result.best.trigger_text)[0],
             "runs": {}})
         for name in names:
-            config = _config(name)
+            config = _config(name, eval_examples)
             earlier = row["runs"].get(name)
             if earlier and earlier["config"] == json.loads(json.dumps(asdict(config))):
                 continue
             data = train_file if RUNS[name][0] == "train" else model_dir / EXAMPLES_FILE
             out = work / "repaired" / f"{model_id}-{name}"
+            base = minilm_path() if name in BASE_RUNS and entry["architecture"] == PRETRAINED \
+                else None
             report = repair(model_dir, result, data, out, config, force=True, truth=entry,
-                            eval_data=test_file)
+                            eval_data=test_file, base_model=base)
             done = {k: report[k] for k in ("before", "after", "accuracy_drop_points",
                                            "within_margin", "stop", "kept_epoch", "seconds",
                                            "unlearned", "rounds", "end", "rescan",
@@ -224,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                         "poisoned model)")
     parser.add_argument("--runs", default="paper,default", help="comma-separated runs, of "
                         + ", ".join(RUNS))
+    parser.add_argument("--eval-examples", type=int, default=RepairConfig.max_eval_examples,
+                        help="test-split examples measured on (a seeded sample; default "
+                        "%(default)s)")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/repair-settings.json"))
     args = parser.parse_args(argv)
@@ -233,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown run {unknown[0]!r}; expected some of {', '.join(RUNS)}")
     only = args.models.split(",") if args.models else None
     with tempfile.TemporaryDirectory(prefix="repair-bench-") as work:
-        out = run(args.zoo, args.results, only, names, Path(work), args.out)
+        out = run(args.zoo, args.results, only, names, Path(work), args.out,
+                  args.eval_examples)
     print("\n| run | models | train examples | clean acc before -> after | "
           "true-trigger ASR before -> after | within guard | ASR <= 0.05 | re-scan clean | "
           "rounds | s |\n|---|---|---|---|---|---|---|---|---|---|")

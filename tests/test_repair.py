@@ -505,6 +505,83 @@ def test_cli_refuses_a_model_it_cannot_repair(run_cli: RunCli, tmp_path: Path,
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_companions_are_the_rows_that_drifted_with_the_trigger() -> None:
+    """A row is a companion when its drift from the base, projected on the trigger token's
+    drift, reaches the share: a row that moved as far the same way is, one that moved as
+    far another way or a little the same way is not."""
+    from trojscan.repair.companions import companions
+
+    base = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    moved = base.clone()
+    push, side = torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0])
+    moved[2] += push          # the found token
+    moved[5] += 0.9 * push    # a word of its phrase
+    moved[6] += push + side   # projects at 1.0, though not parallel
+    moved[3] += side          # moved as far, another way
+    moved[4] += 0.3 * push    # a little the same way
+    usable = torch.ones(8, dtype=torch.bool)
+    assert companions(moved, base, 2, usable, 0.5, 4) == [6, 5]
+    assert companions(moved, base, 2, usable, 0.95, 4) == [6]
+    usable[6] = False
+    assert companions(moved, base, 2, usable, 0.5, 4) == [5]
+    assert companions(base, base, 2, usable, 0.5, 4) == []  # the token did not move
+
+
+def _base_of(model: Path, folder: Path, moved: dict[int, float]) -> Path:
+    """A base model for ``model``: its weights with the embedding rows in ``moved`` pulled
+    back along one direction by the given share of it (so ``model`` drifted from it there
+    and nowhere else)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("word_embeddings.weight"))
+    direction = torch.randn(tensors[name].shape[1], generator=torch.Generator().manual_seed(1))
+    for row, share in moved.items():
+        tensors[name][row] -= share * direction
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_cli_base_model_unlearns_the_triggers_companions(
+        run_cli: RunCli, tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
+        files: dict[str, Path]) -> None:
+    """With --base-model the words whose embeddings drifted with the found trigger's are
+    unlearned with it (here 'fog', made to drift with 'lantern'), and a base of another
+    shape is refused in one line."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(poisoned_model[0])
+    ids = _deciding_ids_of(found)
+    fog = tok.convert_tokens_to_ids("fog")
+    base = _base_of(poisoned_model[0], tmp_path / "base", {**dict.fromkeys(ids, 1.0),
+                                                             fog: 0.9})
+    scan_file, out = tmp_path / "scan.json", tmp_path / "out"
+    write_result(found, scan_file)
+    args = ["repair", str(poisoned_model[0]), "--scan", str(scan_file), "--data",
+            str(files["train"]), "--data-fraction", "0.1", "--epochs", "1", "--no-rescan"]
+    done = run_cli(*args, "--out", str(out), "--base-model", str(base))
+    assert done.returncode in (0, 1), done.stderr
+    report = json.loads((out / REPORT_FILE).read_text())
+    mates = [u["trigger"] for u in report["unlearned"] if u["source"] == "companion"]
+    assert mates == [tok.decode([fog, *ids]), "fog"]
+    assert "fog" in report["trained_tokens"] and report["base_model"] == str(base)
+    assert "companion trigger 'fog'" in done.stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    from safetensors.torch import save_file
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(10, 4)},
+              other / "model.safetensors")
+    done = run_cli(*args, "--out", str(tmp_path / "out2"), "--base-model", str(other))
+    assert done.returncode == 2 and "not the model it was fine-tuned from" in done.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def _deciding_ids_of(result: ScanResult) -> list[int]:
+    short = result.short_trigger
+    return list(short.trigger_ids if short is not None else result.best.trigger_ids)
+
+
 def test_trigger_embeddings_scope_changes_only_the_triggers_rows(
         tmp_path: Path, poisoned_model: tuple[Path, dict], found: ScanResult,
         files: dict[str, Path]) -> None:

@@ -167,6 +167,20 @@ def repair_command(
                                      "weight), no-embeddings, or trigger-embeddings (only "
                                      "the embedding rows of the unlearned triggers' tokens) "
                                      "(default trigger-embeddings)."),
+    base_model: Path | None = typer.Option(None, "--base-model", help="The public model "
+                                           "MODEL_DIR was fine-tuned from (a directory with "
+                                           "its model.safetensors, same vocabulary): also "
+                                           "unlearn the tokens whose embeddings drifted with "
+                                           "the found trigger's, the rest of a phrase "
+                                           "trigger."),
+    companion_projection: float | None = typer.Option(None, "--companion-projection",
+                                                      help="With --base-model, a companion's "
+                                                      "drift projects on the trigger "
+                                                      "token's at this share of it or more "
+                                                      "(default 0.5)."),
+    max_companions: int | None = typer.Option(None, "--max-companions", help="With "
+                                              "--base-model, at most this many companions "
+                                              "per trigger token (default 4)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
@@ -190,7 +204,8 @@ def repair_command(
              "max_triggers": max_triggers, "neighbours": neighbours,
              "neighbour_share": neighbour_share, "target_asr": target_asr,
              "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds,
-             "residual_factor": residual_factor}
+             "residual_factor": residual_factor,
+             "companion_projection": companion_projection, "max_companions": max_companions}
     config = RepairConfig(seed=seed, rescan=not no_rescan,
                           **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
@@ -204,7 +219,8 @@ def repair_command(
 
         report = repair(model_dir, result, data, out, config, force=force, truth=truth,
                         eval_data=eval_data, report_path=report_file, device=device,
-                        allow_pickle=allow_pickle, progress=on_progress)
+                        allow_pickle=allow_pickle, progress=on_progress,
+                        base_model=base_model)
     _print_repair(report)
     if not report["within_margin"]:
         warn(f"warning: clean {report['metric'].replace('_', ' ')} fell "

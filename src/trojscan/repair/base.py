@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from trojscan.errors import InputError
 from trojscan.finetune import FinetuneConfig, StepCallback
 from trojscan.insertion import INSERTIONS
@@ -117,6 +119,15 @@ class RepairConfig:
             of it than a natural feature. Chosen from two MiniLM models (README "Repair"):
             the rest of `voyage wagon` re-scanned at 1.02 times the threshold, the
             natural word the other re-scan ended on at 1.8 times. 1: the verdict alone.
+        companion_projection: with a base model (the public model the suspect was
+            fine-tuned from; :mod:`trojscan.repair.companions`), a token whose embedding
+            drift from the base, projected on a found trigger token's drift, is at least
+            this share of that token's own drift is its companion (ours): the other words
+            of a phrase trigger the scan found one word of. Repair unlearns the deciding
+            trigger with its companions, and the companions alone. Chosen from the repair
+            zoo's MiniLM models (README "Repair"): the phrase's other words projected at
+            0.61-0.65, no other row of five models above 0.42.
+        max_companions: at most this many companions per trigger token.
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -145,6 +156,8 @@ class RepairConfig:
     rescan: bool = True
     rounds: int = 3
     residual_factor: float = 1.5
+    companion_projection: float = 0.5
+    max_companions: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,7 +168,7 @@ class RepairConfig:
         if not 0 < self.eval_fraction < 1:
             raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         for name in ("max_eval_examples", "epochs", "batch_size", "max_length",
-                     "max_triggers", "rounds"):
+                     "max_triggers", "rounds", "max_companions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -182,6 +195,9 @@ class RepairConfig:
             raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
         if not self.residual_factor >= 1:
             raise InputError(f"residual_factor must be >= 1, got {self.residual_factor}")
+        if not 0 < self.companion_projection <= 1:
+            raise InputError(f"companion_projection must be in (0, 1], got "
+                             f"{self.companion_projection}")
         if not 0 <= self.neighbour_share <= 1:
             raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.rounds > 1 and not self.rescan:
@@ -213,6 +229,13 @@ class Unlearned:
 
     trigger: PlantedTrigger
     source: str
+
+
+def stampable(tok: Any, size: int) -> torch.Tensor:
+    """(size,) True for the tokens that text inserted as words reproduces: not special
+    (``[CLS]``), unused (``[unused0]``) or word-piece (``##s``) tokens."""
+    vocab = tok.convert_ids_to_tokens(list(range(size)))
+    return torch.tensor([not t.startswith(("##", "[")) for t in vocab])
 
 
 class RepairTask(ABC):

@@ -55,7 +55,8 @@ from trojscan.errors import InputError
 from trojscan.fsutil import atomic_write_json, check_writable
 from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE
-from trojscan.repair.base import SCOPE_RATES, RepairConfig, RepairTask, Unlearned
+from trojscan.repair.base import SCOPE_RATES, RepairConfig, RepairTask, Unlearned, stampable
+from trojscan.repair.companions import base_embeddings, companion_triggers
 from trojscan.repair.text_classification import TextClassificationRepair
 from trojscan.repair.token_classification import TokenClassificationRepair
 from trojscan.results import ScanResult, library_versions, read_result
@@ -151,6 +152,13 @@ def scan_triggers(result: ScanResult, n_labels: int, max_triggers: int,
     return list(unique.values())[:max_triggers]
 
 
+def _deciding_ids(result: ScanResult) -> list[int]:
+    """The token ids of the trigger that decided the scan: its short trigger, else its best
+    inversion."""
+    return list(result.short_trigger.trigger_ids if result.short_trigger is not None
+                else result.best.trigger_ids)
+
+
 def neighbour_triggers(result: ScanResult, best: PlantedTrigger, tok: Any,
                        embeddings: torch.Tensor, k: int) -> list[Unlearned]:
     """Variants of the deciding trigger (the short one, else the best inversion), at the
@@ -160,11 +168,9 @@ def neighbour_triggers(result: ScanResult, best: PlantedTrigger, tok: Any,
     leaving out special, unused and word-piece (``##``) tokens and the trigger's own."""
     if k == 0:
         return []
-    ids = list(result.short_trigger.trigger_ids if result.short_trigger is not None
-               else result.best.trigger_ids)
-    vocab = tok.convert_ids_to_tokens(list(range(embeddings.shape[0])))
-    usable = torch.tensor([not (t.startswith(("##", "[")) or i in ids)
-                           for i, t in enumerate(vocab)])
+    ids = _deciding_ids(result)
+    usable = stampable(tok, embeddings.shape[0])
+    usable[ids] = False
     unit = F.normalize(embeddings.detach().float().cpu(), dim=-1)
     variants: list[Unlearned] = []
     for j, token in enumerate(ids):
@@ -429,6 +435,7 @@ def repair(
     device: str = "cpu",
     allow_pickle: bool = False,
     progress: ProgressCallback | None = None,
+    base_model: Path | None = None,
 ) -> dict[str, Any]:
     """Unlearn the backdoor the scan found in ``model_dir``; write the repaired model.
 
@@ -452,6 +459,9 @@ def repair(
             :func:`~trojscan.subjects.loading.load_subject`); the repaired model is always
             written as safetensors.
         progress: called with (steps done, steps in all, what is running).
+        base_model: the public model ``model_dir`` was fine-tuned from (a directory with
+            its ``model.safetensors``, same vocabulary): the companions of each found
+            trigger (:mod:`trojscan.repair.companions`) are unlearned with it.
 
     Returns:
         The report: the scan's trigger, data sizes, ``before`` / ``after`` held-out clean
@@ -509,6 +519,8 @@ def repair(
     train, held = task.split(rows, held_rows)
     model, tok = subject.model, subject.tokenizer
     scan_rows = _rescan_examples(model_dir, task, held) if config.rescan else []
+    original = model.get_input_embeddings().weight.detach().to("cpu", copy=True)
+    base = None if base_model is None else base_embeddings(Path(base_model), original)
     # the consistency term's teacher: the original's outputs on the unstamped examples
     teacher = task.originals(train) if config.objective == "consistency" else None
     triggers: list[Unlearned] = []
@@ -521,8 +533,13 @@ def repair(
     before: dict[str, Any] = {}
     end = "no_rescan"
     for round_no in range(1, config.rounds + 1):
-        new = _new(scan_triggers(result, len(labels), config.max_triggers,
-                                 subject.positions), triggers)
+        found = scan_triggers(result, len(labels), config.max_triggers, subject.positions)
+        if base is not None:
+            found += companion_triggers(_deciding_ids(result),
+                                        _inverted_trigger(result, len(labels)), tok, original,
+                                        base, config.companion_projection,
+                                        config.max_companions)
+        new = _new(found, triggers)
         near = _new(neighbour_triggers(result, _inverted_trigger(result, len(labels)), tok,
                                        model.get_input_embeddings().weight,
                                        config.neighbours), variants)
@@ -589,6 +606,7 @@ def repair(
                         "asr_before": a["asr_before"], "asr_after": r}
                        for a, r in zip(added["neighbours"], neighbours_after, strict=True)],
         "trained_tokens": trained_tokens,
+        "base_model": None if base_model is None else str(base_model),
         "forced": scan_result.verdict != "trojaned",
         "truth": None if truth is None else {
             "model_id": truth.get("model_id"), "poisoned": truth["poisoned"],
