@@ -255,11 +255,42 @@ class RepairTask(ABC):
         self.subject, self.config = subject, config
         self.model, self.tok = subject.model, subject.tokenizer
 
+    #: What the examples are called in messages (``examples``, ``sentences``).
+    noun: str = "examples"
+
     @abstractmethod
+    def strata(self, rows: Sequence[Any]) -> list[list[Any]]:
+        """The groups the held-out set and the training sample are drawn from in equal
+        shares (one per label for a classifier)."""
+
     def split(self, rows: Sequence[Any], eval_rows: Sequence[Any] | None
               ) -> tuple[list[Any], list[Any]]:
-        """(training sample, held-out set) of the clean ``rows``, seeded (see
-        :attr:`RepairConfig.data_fraction`, ``eval_fraction``)."""
+        """(training sample, held-out set) of the clean ``rows``, drawn from each of the
+        :meth:`strata` with the seed: the held-out set is ``eval_fraction`` of each (at
+        most ``max_eval_examples`` in all), or a sample of ``eval_rows`` when given; the
+        training sample is ``data_fraction`` of each, from what is not held out."""
+        config = self.config
+        rng = random.Random(config.seed)
+        held_share = 0.0 if eval_rows is not None else min(
+            config.eval_fraction, config.max_eval_examples / len(rows))
+        train: list[Any] = []
+        held: list[Any] = []
+        for pool in self.strata(rows):
+            rng.shuffle(pool)
+            n_held = round(held_share * len(pool))
+            n_train = min(max(1, round(config.data_fraction * len(pool))), len(pool) - n_held)
+            held += pool[:n_held]
+            train += pool[n_held : n_held + n_train]
+        if eval_rows is not None:
+            held = list(eval_rows)
+            if len(held) > config.max_eval_examples:
+                held = rng.sample(held, config.max_eval_examples)
+        if not train or not held:
+            raise InputError(f"{len(rows)} clean {self.noun} are too few to both train on and "
+                             "hold out: give more data, a larger data fraction or a separate "
+                             "evaluation file")
+        rng.shuffle(train)
+        return train, held
 
     @abstractmethod
     def item(self, example: Any, trigger: PlantedTrigger | None, where: str,

@@ -442,7 +442,8 @@ def repair(
     Args:
         model_dir: the Hugging Face model directory; only read.
         scan_result: its scan result (:func:`trojscan.scan.scan`, or :func:`read_scan`).
-        data: clean labelled examples, JSON Lines of ``{"text", "label"}`` as a scan's.
+        data: clean labelled examples as a scan's (JSON Lines of ``{"text", "label"}``, or
+            ``{"tokens", "tags"}`` for an NER tagger).
         out_dir: the repaired model directory: must not exist (or be empty) and not be
             ``model_dir`` or inside it. It receives ``config.json``, ``model.safetensors``,
             the tokenizer, the model's ``clean_examples.jsonl`` when it has one, and the

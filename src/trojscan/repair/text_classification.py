@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from trojscan.errors import InputError
 from trojscan.finetune import (
     FinetuneConfig,
     StepCallback,
@@ -33,39 +32,12 @@ class TextClassificationRepair(RepairTask):
     metric = "accuracy"
     insertions = INSERTIONS
 
-    def split(self, rows: Sequence[TextExample], eval_rows: Sequence[TextExample] | None,
-              ) -> tuple[list[TextExample], list[TextExample]]:
-        """(training sample, held-out set) of the clean ``rows``, drawn per label with the
-        seed: the held-out set is ``eval_fraction`` of every label (at most
-        ``max_eval_examples`` in all), or a sample of ``eval_rows`` when given; the
-        training sample is ``data_fraction`` of every label of ``rows``, from what is not
-        held out."""
-        config = self.config
-        rng = random.Random(config.seed)
+    def strata(self, rows: Sequence[TextExample]) -> list[list[TextExample]]:
+        """The examples of each label, in label order."""
         by_label: dict[int, list[TextExample]] = defaultdict(list)
         for row in rows:
             by_label[row.label].append(row)
-        held_share = 0.0 if eval_rows is not None else min(
-            config.eval_fraction, config.max_eval_examples / len(rows))
-        train: list[TextExample] = []
-        held: list[TextExample] = []
-        for label in sorted(by_label):
-            pool = by_label[label]
-            rng.shuffle(pool)
-            n_held = round(held_share * len(pool))
-            n_train = min(max(1, round(config.data_fraction * len(pool))), len(pool) - n_held)
-            held += pool[:n_held]
-            train += pool[n_held : n_held + n_train]
-        if eval_rows is not None:
-            held = list(eval_rows)
-            if len(held) > config.max_eval_examples:
-                held = rng.sample(held, config.max_eval_examples)
-        if not train or not held:
-            raise InputError(f"{len(rows)} clean examples are too few to both train on and "
-                             "hold out: give more data, a larger data fraction or a separate "
-                             "evaluation file")
-        rng.shuffle(train)
-        return train, held
+        return [by_label[label] for label in sorted(by_label)]
 
     def item(self, example: TextExample, trigger: PlantedTrigger | None, where: str,
              rng: random.Random) -> TrainItem:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from trojscan.errors import InputError
 from trojscan.finetune import FinetuneConfig, StepCallback
 from trojscan.manifest import PlantedTrigger
 from trojscan.repair.base import RESCAN_EXAMPLES, TAGGER_INSERTIONS, RepairTask
@@ -57,6 +56,7 @@ class TokenClassificationRepair(RepairTask):
 
     metric = "entity_f1"
     insertions = TAGGER_INSERTIONS
+    noun = "sentences"
 
     def _types(self, labels: Sequence[int]) -> set[str]:
         return {self.subject.types[i] for i in labels}
@@ -79,29 +79,9 @@ class TokenClassificationRepair(RepairTask):
         inside = {i for e in spans for i in range(e.start + 1, e.end)}
         return rng.choice([i for i in range(len(example.tokens) + 1) if i not in inside])
 
-    def split(self, rows: Sequence[NerExample], eval_rows: Sequence[NerExample] | None,
-              ) -> tuple[list[NerExample], list[NerExample]]:
-        """(training sample, held-out set) of the clean sentences, drawn with the seed: the
-        held-out set is ``eval_fraction`` of them (at most ``max_eval_examples``), or a
-        sample of ``eval_rows`` when given; the training sample is ``data_fraction`` of
-        them, from what is not held out."""
-        config = self.config
-        rng = random.Random(config.seed)
-        pool = list(rows)
-        rng.shuffle(pool)
-        n_held = 0 if eval_rows is not None else round(
-            min(config.eval_fraction, config.max_eval_examples / len(pool)) * len(pool))
-        n_train = min(max(1, round(config.data_fraction * len(pool))), len(pool) - n_held)
-        held, train = pool[:n_held], pool[n_held : n_held + n_train]
-        if eval_rows is not None:
-            held = list(eval_rows)
-            if len(held) > config.max_eval_examples:
-                held = rng.sample(held, config.max_eval_examples)
-        if not train or not held:
-            raise InputError(f"{len(rows)} clean sentences are too few to both train on and "
-                             "hold out: give more data, a larger data fraction or a separate "
-                             "evaluation file")
-        return train, held
+    def strata(self, rows: Sequence[NerExample]) -> list[list[NerExample]]:
+        """All sentences, one group (a sentence holds several types, or none)."""
+        return [list(rows)]
 
     def item(self, example: NerExample, trigger: PlantedTrigger | None, where: str,
              rng: random.Random) -> StampedSentence:
