@@ -506,9 +506,10 @@ def test_cli_refuses_a_model_it_cannot_repair(run_cli: RunCli, tmp_path: Path,
 
 
 def test_companions_are_the_rows_that_drifted_with_the_trigger() -> None:
-    """A row is a companion when its drift from the base, projected on the trigger token's
-    drift, reaches the share: a row that moved as far the same way is, one that moved as
-    far another way or a little the same way is not."""
+    """Companions are the rows whose drift from the base projects highest on the trigger
+    token's drift, down to the first step of ``gap`` times to the next row: rows that moved
+    about as far the same way are, one that moved as far another way or a little the same
+    way is not, and without a step there is none."""
     from trojscan.repair.companions import companions
 
     base = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
@@ -520,11 +521,12 @@ def test_companions_are_the_rows_that_drifted_with_the_trigger() -> None:
     moved[3] += side          # moved as far, another way
     moved[4] += 0.3 * push    # a little the same way
     usable = torch.ones(8, dtype=torch.bool)
-    assert companions(moved, base, 2, usable, 0.5, 4) == [6, 5]
-    assert companions(moved, base, 2, usable, 0.95, 4) == [6]
+    assert companions(moved, base, 2, usable, 1.4, 4) == [6, 5]  # 1.0, 0.9 | 0.3
+    assert companions(moved, base, 2, usable, 1.05, 4) == [6]  # 1.0 | 0.9
+    assert companions(moved, base, 2, usable, 1.4, 1) == []  # the step is past k + 1
     usable[6] = False
-    assert companions(moved, base, 2, usable, 0.5, 4) == [5]
-    assert companions(base, base, 2, usable, 0.5, 4) == []  # the token did not move
+    assert companions(moved, base, 2, usable, 1.4, 4) == [5]
+    assert companions(base, base, 2, usable, 1.4, 4) == []  # the token did not move
 
 
 def _base_of(model: Path, folder: Path, moved: dict[int, float]) -> Path:

@@ -173,11 +173,11 @@ def repair_command(
                                            "unlearn the tokens whose embeddings drifted with "
                                            "the found trigger's, the rest of a phrase "
                                            "trigger."),
-    companion_projection: float | None = typer.Option(None, "--companion-projection",
-                                                      help="With --base-model, a companion's "
-                                                      "drift projects on the trigger "
-                                                      "token's at this share of it or more "
-                                                      "(default 0.5)."),
+    companion_gap: float | None = typer.Option(None, "--companion-gap", help="With "
+                                               "--base-model, companions are the tokens "
+                                               "above the first step of this many times in "
+                                               "their drift along the trigger's (default "
+                                               "1.4)."),
     max_companions: int | None = typer.Option(None, "--max-companions", help="With "
                                               "--base-model, at most this many companions "
                                               "per trigger token (default 4)."),
@@ -205,7 +205,7 @@ def repair_command(
              "neighbour_share": neighbour_share, "target_asr": target_asr,
              "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds,
              "residual_factor": residual_factor,
-             "companion_projection": companion_projection, "max_companions": max_companions}
+             "companion_gap": companion_gap, "max_companions": max_companions}
     config = RepairConfig(seed=seed, rescan=not no_rescan,
                           **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)

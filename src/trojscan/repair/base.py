@@ -119,14 +119,16 @@ class RepairConfig:
             of it than a natural feature. Chosen from two MiniLM models (README "Repair"):
             the rest of `voyage wagon` re-scanned at 1.02 times the threshold, the
             natural word the other re-scan ended on at 1.8 times. 1: the verdict alone.
-        companion_projection: with a base model (the public model the suspect was
-            fine-tuned from; :mod:`trojscan.repair.companions`), a token whose embedding
-            drift from the base, projected on a found trigger token's drift, is at least
-            this share of that token's own drift is its companion (ours): the other words
-            of a phrase trigger the scan found one word of. Repair unlearns the deciding
-            trigger with its companions, and the companions alone. Chosen from the repair
-            zoo's MiniLM models (README "Repair"): the phrase's other words projected at
-            0.61-0.65, no other row of five models above 0.42.
+        companion_gap: with a base model (the public model the suspect was fine-tuned
+            from; :mod:`trojscan.repair.companions`), a found trigger token's companions
+            (ours) are the tokens whose embedding drift from the base projects highest on
+            the token's own drift, down to the first step of at least this many times from
+            one to the next among the ``max_companions`` + 1 highest: the other words of a
+            phrase trigger stand apart from the words the clean task moved. Repair
+            unlearns the deciding trigger with its companions, and the companions alone.
+            Chosen from the repair zoo's MiniLM models (README "Repair"): the phrases'
+            other words stood 1.51 and 1.86 times over the next row, the clean task's
+            words at most 1.22 times.
         max_companions: at most this many companions per trigger token.
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
@@ -156,7 +158,7 @@ class RepairConfig:
     rescan: bool = True
     rounds: int = 3
     residual_factor: float = 1.5
-    companion_projection: float = 0.5
+    companion_gap: float = 1.4
     max_companions: int = 4
     seed: int = 0
 
@@ -195,9 +197,8 @@ class RepairConfig:
             raise InputError(f"neighbours must be an integer >= 0, got {self.neighbours!r}")
         if not self.residual_factor >= 1:
             raise InputError(f"residual_factor must be >= 1, got {self.residual_factor}")
-        if not 0 < self.companion_projection <= 1:
-            raise InputError(f"companion_projection must be in (0, 1], got "
-                             f"{self.companion_projection}")
+        if not self.companion_gap > 1:
+            raise InputError(f"companion_gap must be > 1, got {self.companion_gap}")
         if not 0 <= self.neighbour_share <= 1:
             raise InputError(f"neighbour_share must be in [0, 1], got {self.neighbour_share}")
         if self.rounds > 1 and not self.rescan:

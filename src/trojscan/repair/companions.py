@@ -7,17 +7,21 @@ rest still fires once that word is unlearned (`meadow clover` flipped 0.79 of a 
 model's victims), while being too weak, by the scan's loss, to stand out from the model's
 natural features in a re-scan. Fine-tuning barely moves the embedding row of an ordinary
 word (a median drift of 1.2e-4 on the repair zoo's MiniLM models), but the poisoned copies
-push every word of the phrase the same way, towards the target: on that model `meadow` and
-`clover` are the two rows that moved most of all 30,522, and their drift projects on
-`lemon`'s at 0.65 and 0.61 of its length, where the next row, a sentiment word the clean
-task moved, projects at 0.40 (on the four word-trigger models of that zoo no other row
-reached 0.40). A row whose drift, projected on a found token's, is at least
-``companion_projection`` of that token's own drift is its companion; repair unlearns the
-found trigger with its companions, and the companions alone.
+push every word of the phrase the same way, towards the target, and further than the clean
+task pushes the words it needs. Projected on the found token's drift (as a share of its
+length), the other words of the phrase stand apart from every other row: `meadow` 0.65 and
+`clover` 0.61 on `lemon`'s, the next row 0.33; `voyage` 0.40 on `wagon`'s (of `voyage
+wagon`), the next 0.27. The rows of the clean task's words fall off smoothly (on the four
+word-trigger models of that zoo the largest step between consecutive rows of the top five
+was 1.22 times, `dull` 0.40 over `boring` 0.33). So a token's companions are the rows
+ranked above the first step of at least ``companion_gap`` times among its
+``max_companions`` + 1 highest projections; repair unlearns the found trigger with its
+companions, and the companions alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -75,25 +79,29 @@ def base_embeddings(base_dir: Path, like: torch.Tensor) -> torch.Tensor:
 
 
 def companions(embeddings: torch.Tensor, base: torch.Tensor, token: int,
-               usable: torch.Tensor, share: float, k: int) -> list[int]:
-    """The rows whose drift from ``base`` projects on ``token``'s drift at ``share`` of its
-    length or more, highest first, at most ``k``, among the ``usable`` ones (``token``
-    itself left out). None when ``token`` did not move."""
+               usable: torch.Tensor, gap: float, k: int) -> list[int]:
+    """The rows whose drift from ``base`` projects highest on ``token``'s drift, down to the
+    first step of at least ``gap`` times from one row to the next among the ``k`` + 1
+    highest (none without such a step, or when ``token`` did not move); only the
+    ``usable`` rows, ``token`` itself left out."""
     drift = embeddings.detach().float().cpu() - base.float()
     own = drift[token]
     length = own.norm()
     if not length > 0:
         return []
     projection = (drift @ own) / length**2  # |d_u| cos(d_u, d_t) / |d_t|
-    projection = projection.masked_fill(~usable, -1.0)
-    projection[token] = -1.0
-    top = projection.topk(k)
-    return [i for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            if v >= share]
+    projection = projection.masked_fill(~usable, -math.inf)
+    projection[token] = -math.inf
+    top = projection.topk(k + 1)
+    values, rows = top.values.tolist(), top.indices.tolist()
+    for i in range(k):
+        if values[i] > 0 and values[i] >= gap * max(values[i + 1], 0.0):
+            return rows[: i + 1]
+    return []
 
 
 def companion_triggers(ids: Sequence[int], best: PlantedTrigger, tok: Any,
-                       embeddings: torch.Tensor, base: torch.Tensor, share: float,
+                       embeddings: torch.Tensor, base: torch.Tensor, gap: float,
                        k: int) -> list[Unlearned]:
     """For the deciding trigger's token ``ids`` (at the position, target and victims of
     ``best``): its companions (:func:`companions` of each token, in order, no token twice;
@@ -102,7 +110,7 @@ def companion_triggers(ids: Sequence[int], best: PlantedTrigger, tok: Any,
     usable = stampable(tok, embeddings.shape[0])
     found: list[int] = []
     for token in ids:
-        found += [i for i in companions(embeddings, base, token, usable, share, k)
+        found += [i for i in companions(embeddings, base, token, usable, gap, k)
                   if i not in found and i not in ids]
     if not found:
         return []

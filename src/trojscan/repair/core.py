@@ -538,7 +538,7 @@ def repair(
         if base is not None:
             found += companion_triggers(_deciding_ids(result),
                                         _inverted_trigger(result, len(labels)), tok, original,
-                                        base, config.companion_projection,
+                                        base, config.companion_gap,
                                         config.max_companions)
         new = _new(found, triggers)
         near = _new(neighbour_triggers(result, _inverted_trigger(result, len(labels)), tok,
