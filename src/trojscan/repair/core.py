@@ -534,14 +534,13 @@ def repair(
     before: dict[str, Any] = {}
     end = "no_rescan"
     for round_no in range(1, config.rounds + 1):
+        deciding = _inverted_trigger(result, len(labels))
         found = scan_triggers(result, len(labels), config.max_triggers, subject.positions)
         if base is not None:
-            found += companion_triggers(_deciding_ids(result),
-                                        _inverted_trigger(result, len(labels)), tok, original,
-                                        base, config.companion_gap,
-                                        config.max_companions)
+            found += companion_triggers(_deciding_ids(result), deciding, tok, original, base,
+                                        config.companion_gap, config.max_companions)
         new = _new(found, triggers)
-        near = _new(neighbour_triggers(result, _inverted_trigger(result, len(labels)), tok,
+        near = _new(neighbour_triggers(result, deciding, tok,
                                        model.get_input_embeddings().weight,
                                        config.neighbours), variants)
         triggers, variants = [*triggers, *new], [*variants, *near]
