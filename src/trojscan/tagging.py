@@ -84,12 +84,11 @@ def _words(tok: PreTrainedTokenizerBase, sentences: Sequence[Tagged],
     return ids, firsts
 
 
-def encode(tok: PreTrainedTokenizerBase, sentences: Sequence[Tagged], tags: Sequence[str],
-           max_length: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(token ids, aligned labels) of every sentence: the index in ``tags`` of a word's tag
-    at its first sub-token, :data:`IGNORE` elsewhere; truncated to ``max_length`` tokens."""
+def _labels(sentences: Sequence[Tagged], tags: Sequence[str], ids: Sequence[list[int]],
+            firsts: Sequence[list[int]]) -> list[list[int]]:
+    """The labels aligned with ``ids``: the index in ``tags`` of a word's tag at its first
+    sub-token (``firsts``, from :func:`_words`), :data:`IGNORE` elsewhere."""
     index = {tag: i for i, tag in enumerate(tags)}
-    ids, firsts = _words(tok, sentences, max_length)
     labels = []
     for row, (sentence, first) in enumerate(zip(sentences, firsts, strict=True)):
         aligned = [IGNORE] * len(ids[row])
@@ -97,7 +96,7 @@ def encode(tok: PreTrainedTokenizerBase, sentences: Sequence[Tagged], tags: Sequ
             if position >= 0:
                 aligned[position] = index[sentence.tags[word]]
         labels.append(aligned)
-    return ids, labels
+    return labels
 
 
 def _pad(rows: Sequence[list[int]], value: int) -> torch.Tensor:
@@ -123,10 +122,10 @@ def train_tagger(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
     adds ``consistency`` times the mean KL divergence, over the words with a teacher row,
     from the softmax of that row to the model's output at the word.
     """
-    ids, labels = encode(tok, sentences, tags, config.max_length)
+    ids, firsts = _words(tok, sentences, config.max_length)
+    labels = _labels(sentences, tags, ids, firsts)
     goal_soft: list[torch.Tensor] = []
     if teachers is not None and consistency:
-        _, firsts = _words(tok, sentences, config.max_length)
         for row, (teacher, first) in enumerate(zip(teachers, firsts, strict=True)):
             if teacher.shape != (len(first), len(tags)):
                 raise ValueError(f"teacher {row} must be ({len(first)}, {len(tags)}), got "
