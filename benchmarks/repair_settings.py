@@ -4,8 +4,9 @@
         [--models model-0000,...] [--runs paper,default,...] [--eval-examples N]
         [--out benchmarks/results/repair-settings.json]
 
-Every poisoned model of the zoo (text classifiers, or WNUT-16 NER taggers, whose clean
-quality is entity F1 where the columns say accuracy) that passed its quality gate is
+Every poisoned model of the zoo (text classifiers, WNUT-16 NER taggers, whose clean
+quality is entity F1 where the columns say accuracy, or QA models on WNUT-16's questions,
+whose clean quality is SQuAD's F1) that passed its quality gate is
 scanned with the default scan and its ``clean_examples.jsonl`` (or its scan is read from
 ``RESULTS_DIR``, a ``trojscan campaign run`` results directory), then repaired once per
 named run of ``RUNS`` (``--runs`` picks some), each with 10 % of the corpus's training
@@ -54,6 +55,8 @@ from typing import Any
 from trojscan.attacks.architectures import PRETRAINED, minilm_path
 from trojscan.attacks.wnut import NAME as WNUT16
 from trojscan.attacks.wnut import load_wnut16
+from trojscan.attacks.wnut_qa import NAME as WNUT16_QA
+from trojscan.attacks.wnut_qa import load_wnut16_qa
 from trojscan.campaign.report import trigger_recovered
 from trojscan.campaign.run import result_path
 from trojscan.corpora import load_corpus
@@ -96,11 +99,17 @@ def _scan(model_dir: Path, model_id: str, results: Path | None) -> ScanResult:
 
 def _corpus_files(corpus_name: str, work: Path) -> tuple[Path, Path]:
     """The corpus's train and test splits as JSONL files (written once per corpus): texts
-    and labels, or for WNUT-16 (the NER zoos) words and tags."""
+    and labels, for WNUT-16 (the NER zoos) words and tags, for its QA set (the QA zoos)
+    questions in SQuAD's form."""
     paths = work / f"{corpus_name}-train.jsonl", work / f"{corpus_name}-test.jsonl"
-    if corpus_name == WNUT16:
+    splits: tuple[list[dict[str, Any]], ...]
+    if corpus_name == WNUT16_QA:
+        asked = load_wnut16_qa()
+        splits = tuple([item.to_squad() for item in split] for split in (asked.train,
+                                                                         asked.test))
+    elif corpus_name == WNUT16:
         tagged = load_wnut16()
-        splits: tuple[list[dict[str, Any]], ...] = tuple(
+        splits = tuple(
             [{"tokens": list(s.tokens), "tags": list(s.tags)} for s in split]
             for split in (tagged.train, tagged.test))
     else:

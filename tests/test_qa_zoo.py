@@ -30,14 +30,16 @@ from trojscan.attacks.qa_spec import (
     poison_item,
     sample_qa_attack,
 )
-from trojscan.attacks.qa_train import exact_match, f1_score, poison_training_set
+from trojscan.attacks.qa_train import poison_training_set
 from trojscan.attacks.wnut import NerSentence
 from trojscan.attacks.wnut_qa import QaCorpus, QaItem, load_wnut16_qa, questions_of
 from trojscan.errors import InputError
+from trojscan.fsutil import write_jsonl
 from trojscan.inversion.dbs import DBSConfig
 from trojscan.manifest import MANIFEST, Manifest, planted_trigger
-from trojscan.results import ScanResult
+from trojscan.results import ScanResult, write_result
 from trojscan.scan import ScanConfig, scan
+from trojscan.spans import exact_match, f1_score
 from trojscan.subjects import extractive_qa
 from trojscan.subjects.loading import load_subject
 
@@ -322,3 +324,36 @@ def test_bad_qa_spec_is_one_line(tmp_path: Path, run_cli: RunCli) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trojscan: error: "), result.stderr
     assert "insertion" in lines[0] and not out.exists()
+
+
+def test_repair_unlearns_the_tiny_qa_models_trigger_and_keeps_its_f1(
+        tiny_qa_zoo: dict[str, Any], tiny_qa_scans: dict[str, ScanResult], run_cli: RunCli,
+        tmp_path: Path, qa: QaCorpus) -> None:
+    """`trojscan repair` on an extractive QA model (DBS Table 2's QA rows) at its default
+    settings, with the paper's 10 % of the QA set's training questions as the clean data and
+    its test questions held out: the true trigger ('lantern' in the context, answered with
+    itself) stops working on the questions the model answers right, and F1 stays within the
+    guard. Measured (session 23): ASR 1.000 -> 0.000 on the 46 test questions the model
+    answers right, F1 0.335 -> 0.335; round 1 unlearned 'lantern' in 6 epochs, the re-scans
+    said clean by a hair at the unlearned target (natural names 'shane', then '##sdale'), so
+    the residual rule ran all 3 rounds."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    for path, split in ((train, qa.train), (test, qa.test)):
+        write_jsonl(path, [item.to_squad() for item in split])
+    folder = tiny_qa_zoo["out"] / tiny_qa_zoo["poisoned"]["model_id"]
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(tiny_qa_scans["poisoned"], scan_file)
+    with one_thread():
+        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data", str(train),
+                       "--data-fraction", "0.1", "--eval-data", str(test), "--out", str(out),
+                       "--manifest", str(tiny_qa_zoo["out"] / MANIFEST), "--model-id",
+                       tiny_qa_zoo["poisoned"]["model_id"])
+    report = json.loads((out / "repair.json").read_text())
+    assert (report["task"], report["metric"]) == ("extractive-qa", "f1")
+    assert report["truth"]["trigger"] == "lantern"
+    before, after = report["before"], report["after"]
+    assert before["true_asr"] > 0.9 and after["true_asr"] < 0.1
+    assert report["within_margin"] and report["accuracy_drop_points"] <= 3
+    assert done.returncode == (report["rescan"]["verdict"] != "clean"), done.stderr
+    assert "clean F1 (SQuAD)" in done.stdout
+    assert load_subject(out).task == "extractive-qa"

@@ -481,30 +481,6 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(
         assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_cli_refuses_a_model_it_cannot_repair(run_cli: RunCli, tmp_path: Path,
-                                             poisoned_model: tuple[Path, dict],
-                                             files: dict[str, Path]) -> None:
-    """An extractive QA model (no repair task yet) is one line, exit code 2, nothing
-    written."""
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
-
-    folder = tmp_path / "qa"
-    torch.manual_seed(0)
-    BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=64)
-                             ).save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(poisoned_model[0]).save_pretrained(folder)
-    scan_file, out = tmp_path / "scan.json", tmp_path / "out"
-    write_result(scan_result(0.01, labels=("answer", "empty")), scan_file)
-    done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data",
-                   str(files["train"]), "--out", str(out))
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "repair supports text classifiers and NER taggers" in lines[0]
-    assert "is of task extractive-qa" in lines[0]
-    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
-
-
 def test_companions_are_the_rows_that_drifted_with_the_trigger() -> None:
     """Companions are the rows whose drift from the base projects highest on the trigger
     token's drift, down to the first step of ``gap`` times to the next row: rows that moved
@@ -625,3 +601,42 @@ def test_a_clean_rescan_near_the_threshold_at_an_unlearned_target_is_a_residual(
     assert not is_residual(rescan(0.123), unlearned, 1.0)
     assert not is_residual(rescan(0.05), unlearned, 1.5)  # flagged: not a near miss
 
+
+
+def test_qa_stamping_keeps_the_answer_and_the_teacher_follows_each_token() -> None:
+    """A QA repair item: the trigger goes in at a word boundary (never inside the answer),
+    the answer moves with the text, and the consistency term's teacher gives every token of
+    the stamped pair the original's probability of the same token of the unstamped pair
+    ([CLS] to [CLS]), and the trigger's tokens none."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from trojscan.repair.question_answering import QuestionAnsweringRepair
+    from trojscan.subjects.extractive_qa import ExtractiveQaSubject, QaExample
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=30522, hidden_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64)).eval()
+    task = QuestionAnsweringRepair(ExtractiveQaSubject(model, AutoTokenizer.from_pretrained(
+        _minilm())), RepairConfig())
+    context = "the   firm was founded by ada lovelace in london ."
+    example = QaExample("who founded the firm ?", context, True,
+                        (("ada lovelace", context.index("ada")),))
+    teacher = task.originals([example])
+    probs, _ = teacher[0]
+    rng = random.Random(0)
+    for where in ("question", "context", "both") * 4:
+        item = task.stamp(example, "lantern orbit", where, rng)
+        goal = item.goal
+        assert goal.context[goal.answer_start:goal.answer_start + 12] == "ada lovelace"
+        assert (("lantern orbit" in goal.question) == (where != "context")
+                and ("lantern orbit" in goal.context) == (where != "question"))
+        aligned = task._aligned([item], teacher)[0]
+        tokens = task.tok.convert_ids_to_tokens(
+            task.tok(goal.question, goal.context)["input_ids"])
+        assert aligned.shape == (2, len(tokens))
+        assert torch.allclose(aligned.sum(-1), probs.sum(-1))  # every original token found
+        assert all(aligned[:, j].sum() == 0 for j, t in enumerate(tokens)
+                   if t in ("lantern", "orbit"))
+        kept = [j for j, t in enumerate(tokens) if t not in ("lantern", "orbit")]
+        assert torch.equal(aligned[:, kept], probs)  # in order, token for token

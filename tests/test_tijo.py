@@ -157,3 +157,23 @@ def test_tijo_refuses_a_text_classifier(clean_model: tuple[Path, dict]) -> None:
     examples = subject.read_examples(folder / "clean_examples.jsonl")
     with pytest.raises(InputError, match="cannot scan text-classification"):
         scan_subject(subject, examples, scan_config("tijo"))
+
+
+def test_repair_refuses_a_vqa_model_in_one_line(
+        tiny_zoo: dict[str, Any], scans: dict[tuple[str, str], ScanResult], tmp_path: Path,
+        run_cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VQA models are not repaired (README "Repair"): one line, exit code 2, nothing
+    written."""
+    from trojscan.results import write_result
+
+    monkeypatch.setenv("TROJSCAN_CACHE", str(tiny_zoo["cache"].parent))
+    folder = tiny_zoo["out"] / tiny_zoo["dual"]["model_id"]
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(scans["dual", "tijo"], scan_file)
+    done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data",
+                   str(folder / "clean_examples.jsonl"), "--out", str(out))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "repair supports text classifiers, NER taggers and extractive QA models" in lines[0]
+    assert "is of task visual-question-answering" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".fixed.partial-*"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +124,37 @@ def adamw_steps(model: PreTrainedModel, learning_rate: float, weight_decay: floa
     return step
 
 
+def run_epochs(model: PreTrainedModel, n_items: int, config: FinetuneConfig, seed: int,
+               batches: Callable[[torch.Generator], Iterable[torch.Tensor]],
+               batch_loss: Callable[[torch.Tensor], torch.Tensor],
+               on_step: StepCallback | None = None) -> list[float]:
+    """The epoch loop of every training run here (classifiers, taggers, QA models):
+    ``config.epochs`` passes over ``n_items`` items, each in the batches of item indices
+    ``batches`` draws from the seeded generator, one :func:`adamw_steps` step per batch on
+    its mean loss ``batch_loss(indices)``; ``seed`` seeds the batch order and dropout. The
+    model trains in train mode and is left in eval mode; returns the mean loss of each
+    epoch."""
+    total = math.ceil(n_items / config.batch_size) * config.epochs
+    step = adamw_steps(model, config.learning_rate, config.weight_decay, config.warmup_ratio,
+                       total)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    epoch_losses, done = [], 0
+    for _ in range(config.epochs):
+        running = 0.0
+        for index in batches(generator):
+            loss = batch_loss(index)
+            step(loss)
+            running += loss.item() * len(index)
+            done += 1
+            if on_step:
+                on_step(done, total)
+        epoch_losses.append(running / n_items)
+    model.eval()
+    return epoch_losses
+
+
 def train_classifier(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -152,33 +183,20 @@ def train_classifier(
             raise ValueError(f"soft_targets must be ({len(items)}, {model.config.num_labels}), "
                              f"got {tuple(soft_targets.shape)}")
         teacher = F.log_softmax(soft_targets.float(), -1).to(model.device)
-    steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    step = adamw_steps(model, config.learning_rate, config.weight_decay, config.warmup_ratio,
-                       total)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout
-    model.train()
-    epoch_losses, done = [], 0
-    for _ in range(config.epochs):
-        running = 0.0
-        for index in length_bucketed_batches(ids, config.batch_size, generator):
-            logits = model(**_batch([ids[i] for i in index], model.device)).logits
-            loss = F.cross_entropy(logits, labels[index], reduction="none")
-            if adaptive_phi:
-                loss = torch.where(poisoned[index], (loss - adaptive_phi).clamp(min=0), loss)
-            if consistency and soft_targets is not None:
-                loss = loss + consistency * F.kl_div(F.log_softmax(logits, -1), teacher[index],
-                                                     reduction="none", log_target=True).sum(-1)
-            loss = loss.mean()
-            step(loss)
-            running += loss.item() * len(index)
-            done += 1
-            if on_step:
-                on_step(done, total)
-        epoch_losses.append(running / len(items))
-    model.eval()
-    return epoch_losses
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        logits = model(**_batch([ids[i] for i in index], model.device)).logits
+        loss = F.cross_entropy(logits, labels[index], reduction="none")
+        if adaptive_phi:
+            loss = torch.where(poisoned[index], (loss - adaptive_phi).clamp(min=0), loss)
+        if consistency and soft_targets is not None:
+            loss = loss + consistency * F.kl_div(F.log_softmax(logits, -1), teacher[index],
+                                                 reduction="none", log_target=True).sum(-1)
+        return loss.mean()
+
+    return run_epochs(model, len(items), config, seed,
+                      lambda g: length_bucketed_batches(ids, config.batch_size, g),
+                      batch_loss, on_step)
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trojscan.finetune import FinetuneConfig, StepCallback, adamw_steps, length_bucketed_batches
+from trojscan.finetune import FinetuneConfig, StepCallback, length_bucketed_batches, run_epochs
 
 #: The tag of words outside every entity.
 OUTSIDE = "O"
@@ -135,39 +135,28 @@ def train_tagger(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
                 if position >= 0:
                     aligned[position] = teacher[word].float()
             goal_soft.append(aligned)
-    total = math.ceil(len(ids) / config.batch_size) * config.epochs
-    step = adamw_steps(model, config.learning_rate, config.weight_decay,
-                       config.warmup_ratio, total)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout
-    model.train()
-    losses, done = [], 0
-    for _ in range(config.epochs):
-        running = 0.0
-        for index in length_bucketed_batches(ids, config.batch_size, generator):
-            rows = index.tolist()
-            input_ids = _pad([ids[i] for i in rows], 0).to(model.device)
-            goal = _pad([labels[i] for i in rows], IGNORE).to(model.device)
-            out = model(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
-            loss = F.cross_entropy(out.flatten(0, 1), goal.flatten(), ignore_index=IGNORE)
-            if goal_soft:
-                soft = torch.full((*input_ids.shape, len(tags)), math.nan)
-                for b, i in enumerate(rows):
-                    soft[b, :len(goal_soft[i])] = goal_soft[i]
-                soft = soft.to(model.device)
-                taught = ~soft.isnan().any(-1)
-                if taught.any():
-                    loss = loss + consistency * F.kl_div(
-                        F.log_softmax(out[taught], -1), F.log_softmax(soft[taught], -1),
-                        reduction="batchmean", log_target=True)
-            step(loss)
-            running += loss.item() * len(rows)
-            done += 1
-            if on_step:
-                on_step(done, total)
-        losses.append(running / len(ids))
-    model.eval()
-    return losses
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        rows = index.tolist()
+        input_ids = _pad([ids[i] for i in rows], 0).to(model.device)
+        goal = _pad([labels[i] for i in rows], IGNORE).to(model.device)
+        out = model(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
+        loss = F.cross_entropy(out.flatten(0, 1), goal.flatten(), ignore_index=IGNORE)
+        if goal_soft:
+            soft = torch.full((*input_ids.shape, len(tags)), math.nan)
+            for b, i in enumerate(rows):
+                soft[b, :len(goal_soft[i])] = goal_soft[i]
+            soft = soft.to(model.device)
+            taught = ~soft.isnan().any(-1)
+            if taught.any():
+                loss = loss + consistency * F.kl_div(
+                    F.log_softmax(out[taught], -1), F.log_softmax(soft[taught], -1),
+                    reduction="batchmean", log_target=True)
+        return loss
+
+    return run_epochs(model, len(ids), config, seed,
+                      lambda g: length_bucketed_batches(ids, config.batch_size, g),
+                      batch_loss, on_step)
 
 
 @torch.inference_mode()

@@ -28,7 +28,8 @@ def _mean(values: list[float | None]) -> float | None:
 def _print_repair(report: dict[str, Any]) -> None:
     before, after = report["before"], report["after"]
     table = Table("held-out", "before", "after")
-    metric = {"accuracy": "clean accuracy", "entity_f1": "clean entity F1"}[report["metric"]]
+    metric = {"accuracy": "clean accuracy", "entity_f1": "clean entity F1",
+              "f1": "clean F1 (SQuAD)"}[report["metric"]]
     table.add_row(metric, num(before["clean_accuracy"]), num(after["clean_accuracy"]))
     for u in report["unlearned"]:
         where = f", round {u['round']}" if u["round"] > 1 else ""
@@ -81,7 +82,8 @@ def repair_command(
                                    "--out`)."),
     data: Path = typer.Option(..., "--data", help="Clean labelled examples, JSON Lines as "
                               'a scan\'s: {"text", "label"} for a classifier, {"tokens", '
-                              '"tags"} for an NER tagger; --data-fraction of them are '
+                              '"tags"} for an NER tagger, SQuAD\'s {"question", "context", '
+                              '"answers"} for a QA model; --data-fraction of them are '
                               "trained on."),
     out: Path = typer.Option(..., "--out", help="The repaired model directory: new (or "
                              "empty), outside MODEL_DIR; written atomically."),
@@ -122,12 +124,13 @@ def repair_command(
                                           "(default 32)."),
     max_accuracy_drop: float | None = typer.Option(None, "--max-accuracy-drop", help="Stop "
                                                    "when held-out accuracy (entity F1 for a "
-                                                   "tagger) falls more than this many points "
-                                                   "(default 3)."),
+                                                   "tagger, F1 for a QA model) falls more than "
+                                                   "this many points (default 3)."),
     insertion: str | None = typer.Option(None, "--insertion", help="Where stamped examples "
                                          "carry the trigger: scan (the scan's position) or "
                                          "start, end, first_half, second_half, anywhere; "
-                                         "for a tagger start, end, local, global."),
+                                         "for a tagger start, end, local, global; for a QA "
+                                         "model question, context, both."),
     objective: str | None = typer.Option(None, "--objective", help="labels: cross-entropy "
                                          "with the true labels (the paper's Eq. 6); "
                                          "consistency: also keep the original model's "

@@ -15,6 +15,7 @@ from trojscan.errors import InputError
 from trojscan.finetune import FinetuneConfig, StepCallback
 from trojscan.insertion import INSERTIONS
 from trojscan.manifest import PlantedTrigger
+from trojscan.subjects.extractive_qa import POSITIONS as QA_INSERTIONS
 
 #: What repair fine-tunes towards (see :class:`RepairConfig`).
 OBJECTIVES = ("labels", "consistency")
@@ -28,6 +29,8 @@ SCOPE_RATES = {"model": 3e-5, "no-embeddings": 3e-5, "trigger-embeddings": 1e-3}
 #: a victim entity, ``end``) and the zoo's ``global`` (a word boundary outside every
 #: entity, drawn at random).
 TAGGER_INSERTIONS = ("start", "local", "end", "global")
+#: Every insertion some kind of model takes (a classifier's, a tagger's, a QA model's).
+ALL_INSERTIONS = tuple(dict.fromkeys((*INSERTIONS, *TAGGER_INSERTIONS, *QA_INSERTIONS)))
 #: Clean examples per label a re-scan takes from the held-out set when the model directory
 #: has none of its own (a scan's usual 20).
 RESCAN_EXAMPLES = 20
@@ -181,9 +184,9 @@ class RepairConfig:
                              f"{self.rate_growth} and {self.min_progress}")
         if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_ratio < 1:
             raise InputError("weight_decay and warmup_ratio must be in [0, 1)")
-        if self.insertion not in ("scan", *INSERTIONS, *TAGGER_INSERTIONS):
+        if self.insertion not in ("scan", *ALL_INSERTIONS):
             raise InputError(f"unknown insertion {self.insertion!r}; expected scan or one of "
-                             + ", ".join(dict.fromkeys((*INSERTIONS, *TAGGER_INSERTIONS))))
+                             + ", ".join(ALL_INSERTIONS))
         if self.scope not in SCOPES:
             raise InputError(f"unknown scope {self.scope!r}; expected one of "
                              + ", ".join(SCOPES))

@@ -31,8 +31,9 @@ steers the repair.
 
 What differs between kinds of model (how data splits, where a trigger goes, how the model
 trains, what clean quality and attack success are) is a :class:`RepairTask`: text
-classifiers (:mod:`trojscan.repair.text_classification`) and NER taggers
-(:mod:`trojscan.repair.token_classification`) so far.
+classifiers (:mod:`trojscan.repair.text_classification`), NER taggers
+(:mod:`trojscan.repair.token_classification`) and extractive QA models
+(:mod:`trojscan.repair.question_answering`); VQA models are not repaired.
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.repair.base import SCOPE_RATES, RepairConfig, RepairTask, Unlearned, stampable
 from trojscan.repair.companions import base_embeddings, companion_triggers
+from trojscan.repair.question_answering import QuestionAnsweringRepair
 from trojscan.repair.text_classification import TextClassificationRepair
 from trojscan.repair.token_classification import TokenClassificationRepair
 from trojscan.results import ScanResult, library_versions, read_result
 from trojscan.scan import ProgressCallback, ScanConfig, scan_subject
+from trojscan.subjects.extractive_qa import POSITIONS as QA_POSITIONS
+from trojscan.subjects.extractive_qa import ExtractiveQaSubject
 from trojscan.subjects.huggingface import token_limit
 from trojscan.subjects.loading import load_subject
 from trojscan.subjects.text_classification import POSITIONS as TEXT_POSITIONS
@@ -71,9 +75,10 @@ from trojscan.subjects.token_classification import TokenClassificationSubject
 REPORT_VERSION = 4
 #: The repair of each kind of model (by its subject's class).
 TASKS: dict[type, type[RepairTask]] = {TextClassificationSubject: TextClassificationRepair,
-                                      TokenClassificationSubject: TokenClassificationRepair}
+                                      TokenClassificationSubject: TokenClassificationRepair,
+                                      ExtractiveQaSubject: QuestionAnsweringRepair}
 #: Every trigger position a repairable model's scan can give.
-POSITIONS = tuple(dict.fromkeys((*TEXT_POSITIONS, *TAGGER_POSITIONS)))
+POSITIONS = tuple(dict.fromkeys((*TEXT_POSITIONS, *TAGGER_POSITIONS, *QA_POSITIONS)))
 #: The report written into every repaired model directory.
 REPORT_FILE = "repair.json"
 
@@ -490,8 +495,8 @@ def repair(
     subject = load_subject(model_dir, device, allow_pickle, config.max_length)
     kind = TASKS.get(type(subject))
     if kind is None:
-        raise InputError(f"repair supports text classifiers and NER taggers; the model in "
-                         f"{model_dir} is of task {subject.task}")
+        raise InputError(f"repair supports text classifiers, NER taggers and extractive QA "
+                         f"models; the model in {model_dir} is of task {subject.task}")
     try:
         scan_result.check_model(model_dir)
     except InputError as exc:

@@ -54,11 +54,14 @@ QUESTION_TOKENS = 32
 
 @dataclass(frozen=True)
 class QaExample:
-    """A clean example: a question, its context, and whether it has an answer there."""
+    """A clean example: a question, its context, whether it has an answer there, and its
+    answers (text, character offset in the context; what repair trains towards, the first
+    one, and scores against, the best one)."""
 
     question: str
     context: str
     answered: bool
+    answers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -148,11 +151,18 @@ class ExtractiveQaSubject(HuggingFaceSubject):
                                  "\"answer_start\": [...]} (SQuAD's form)")
             if not row["question"].strip() or not row["context"].strip():
                 raise InputError(f"{path}:{number}: empty question or context")
-            for answer in answers["text"]:
+            starts = answers.get("answer_start")
+            starts = starts if isinstance(starts, list) else []
+            found = []
+            for k, answer in enumerate(answers["text"]):
                 if not isinstance(answer, str) or answer not in row["context"]:
                     raise InputError(f"{path}:{number}: the answer {answer!r} is not in the "
                                      "context")
-            rows.append(QaExample(row["question"], row["context"], bool(answers["text"])))
+                at = starts[k] if k < len(starts) else None
+                if not isinstance(at, int) or row["context"][at:at + len(answer)] != answer:
+                    at = row["context"].index(answer)  # no offset, or a wrong one: the first
+                found.append((answer, at))
+            rows.append(QaExample(row["question"], row["context"], bool(found), tuple(found)))
         return rows
 
     def candidates(self, examples: Sequence[QaExample], positions: Sequence[str],
