@@ -127,6 +127,21 @@ def test_candidates_and_spread_positions() -> None:
         subject.candidates(EXAMPLES, ["start"], pairs=False)
 
 
+def test_examples_keep_their_answers_and_mend_a_wrong_offset(tmp_path: Path) -> None:
+    """Repair trains towards the answers: each is read with its offset, and an offset that is
+    missing or does not point at the text is read as the text's first occurrence."""
+    context = "ada met ada in paris ."
+    rows = [{"question": "who ?", "context": context,
+             "answers": {"text": ["ada", "paris"], "answer_start": [8, 3]}},
+            {"question": "who ?", "context": context, "answers": {"text": ["paris"]}},
+            {"question": "what ?", "context": context, "answers": {"text": []}}]
+    path = tmp_path / "examples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    read = span_model().read_examples(path)
+    assert [e.answers for e in read] == [(("ada", 8), ("paris", 15)), (("paris", 15),), ()]
+    assert [e.answered for e in read] == [True, True, False]
+
+
 @pytest.mark.parametrize("row, message", [
     ({"question": "q ?", "context": "c .", "answers": {"text": ["zebra"],
                                                      "answer_start": [0]}}, "not in the context"),

@@ -357,3 +357,23 @@ def test_repair_unlearns_the_tiny_qa_models_trigger_and_keeps_its_f1(
     assert done.returncode == (report["rescan"]["verdict"] != "clean"), done.stderr
     assert "clean F1 (SQuAD)" in done.stdout
     assert load_subject(out).task == "extractive-qa"
+
+
+def test_repair_refuses_a_classifiers_insertion_or_data_for_a_qa_model(
+        tiny_qa_zoo: dict[str, Any], tiny_qa_scans: dict[str, ScanResult], run_cli: RunCli,
+        tmp_path: Path) -> None:
+    folder = tiny_qa_zoo["out"] / tiny_qa_zoo["poisoned"]["model_id"]
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(tiny_qa_scans["poisoned"], scan_file)
+    texts = tmp_path / "texts.jsonl"
+    write_jsonl(texts, [{"text": "a fine film", "label": 0}])
+    for extra, data, words in [
+            (["--insertion", "first_half"], folder / "clean_examples.jsonl",
+             "insertion 'first_half' is not one for a extractive-qa model"),
+            ([], texts, 'expected an object with "question", "context" and "answers"')]:
+        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data", str(data),
+                       "--out", str(out), *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert words in lines[0], lines
+        assert not out.exists()
