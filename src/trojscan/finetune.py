@@ -1,9 +1,10 @@
 """Fine-tuning and measuring Hugging Face sequence classifiers.
 
-The one training loop of trojscan: the zoo builder fine-tunes (poisoned) classifiers with it
-and repair unlearns a backdoor with it, so both train exactly the same way. Also the
-measurements both take: logits, predictions, accuracy, and the effect of a text trigger
-(attack success rate and loss).
+The one epoch loop of trojscan (:func:`run_epochs`; NER taggers, :mod:`trojscan.tagging`,
+and QA models, :mod:`trojscan.spans`, train on it too) and the classifier training on it:
+the zoo builder fine-tunes (poisoned) classifiers with it and repair unlearns a backdoor
+with it, so both train exactly the same way. Also the measurements both take: logits,
+predictions, accuracy, and the effect of a text trigger (attack success rate and loss).
 """
 
 from __future__ import annotations
