@@ -27,7 +27,9 @@ DBS Table 2:
   ``examples`` (only the model's own 20-per-label clean examples);
 * ``companions``: the defaults and, for a MiniLM model, the public MiniLM it was fine-tuned
   from as the base model (``--base-model``): the companions of the found trigger are
-  unlearned too (a model of another family is repaired without one).
+  unlearned too (a model of another family is repaired without one);
+* ``composites``: ``companions`` and ``--composites``: the composites of what the scans
+  found are unlearned too (:mod:`trojscan.repair.composites`).
 
 ASR is the repair report's: of the test examples of the victim label(s) the model classifies
 right without the trigger, the share the trigger flips. The true trigger comes from the
@@ -83,10 +85,11 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "no-embeddings": ("train", {"scope": "no-embeddings"}),
     "one-round": ("train", {"rounds": 1}),
     "companions": ("train", {}),
+    "composites": ("train", {"composites": True}),
     "examples": ("examples", {}),
 }
 #: The runs that pass the public model a MiniLM model was fine-tuned from (``--base-model``).
-BASE_RUNS = {"companions"}
+BASE_RUNS = {"companions", "composites"}
 #: The share of the training split a ``train`` run repairs with (the paper's).
 TRAIN_SHARE = 0.1
 

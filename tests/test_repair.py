@@ -640,3 +640,28 @@ def test_qa_stamping_keeps_the_answer_and_the_teacher_follows_each_token() -> No
                    if t in ("lantern", "orbit"))
         kept = [j for j, t in enumerate(tokens) if t not in ("lantern", "orbit")]
         assert torch.equal(aligned[:, kept], probs)  # in order, token for token
+
+
+def test_composites_grow_the_found_part_and_join_the_rounds_parts() -> None:
+    """`--composites`: the deciding trigger grown by one token of its inversion on either
+    side, and joined with an earlier round's deciding trigger at the same target (both
+    orders); never with a word piece, and not across targets."""
+    from trojscan.repair.base import stampable
+    from trojscan.repair.composites import compounds, extensions
+
+    tok = AutoTokenizer.from_pretrained(_minilm())
+    usable = stampable(tok, tok.vocab_size)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("^", "}", "$", "%", "nitrogen", "##s")}
+    best = PlantedTrigger("^", "end", 0, (1,))
+    grown = extensions([ids["^"]], [ids["}"], ids["^"], ids["nitrogen"]], best, tok, usable)
+    assert [(u.trigger.trigger, u.source) for u in grown] == [("} ^", "extension"),
+                                                              ("^ nitrogen", "extension")]
+    assert extensions([ids["^"]], [ids["^"], ids["##s"]], best, tok, usable) == []
+    assert extensions([ids["$"]], [ids["^"], ids["}"]], best, tok, usable) == []
+    pct = replace(best, trigger="%")
+    joined = compounds([ids["%"]], [([ids["$"]], 0), ([ids["}"]], 1)], pct, tok, usable)
+    assert [(u.trigger.trigger, u.source) for u in joined] == [("$ %", "compound"),
+                                                               ("% $", "compound")]
+    assert all(u.trigger.insertion == "end" and u.trigger.target == 0 for u in joined)
+    assert compounds([ids["%"]], [([ids["##s"]], 0)], pct, tok, usable) == []
+    assert compounds([ids["%"]], [([ids["%"]], 0)], pct, tok, usable) == []

@@ -184,13 +184,20 @@ def repair_command(
     max_companions: int | None = typer.Option(None, "--max-companions", help="With "
                                               "--base-model, at most this many companions "
                                               "per trigger token (default 4)."),
+    composites: bool = typer.Option(False, "--composites", help="Also unlearn composites "
+                                    "of what the scans found: the deciding trigger grown by "
+                                    "one token of its inversion, and joined with an earlier "
+                                    "round's at the same target (a trigger of two parts of "
+                                    "which the scan found one; off by default until "
+                                    "measured on every model)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
 ) -> None:
-    """Remove the backdoor a scan found in a text classifier or an NER tagger: fine-tune on
-    clean data, part of it stamped with the inverted trigger and its true labels (DBS Eq.
-    6); print clean accuracy (entity F1) and ASR before and after; then re-scan the
+    """Remove the backdoor a scan found in a text classifier, an NER tagger or an extractive
+    QA model: fine-tune on clean data, part of it stamped with the inverted trigger and its
+    true labels (DBS Eq. 6); print clean accuracy (entity F1, SQuAD F1) and ASR before and
+    after; then re-scan the
     repaired model and, while the re-scan finds a backdoor, unlearn that too (--rounds).
     Exit code 1 when no epoch kept accuracy within the margin (the model with the smallest
     drop is written and the report says so) or the last re-scan still finds a backdoor."""
@@ -209,7 +216,7 @@ def repair_command(
              "scope": scope, "rounds": 1 if no_rescan and rounds is None else rounds,
              "residual_factor": residual_factor,
              "companion_gap": companion_gap, "max_companions": max_companions}
-    config = RepairConfig(seed=seed, rescan=not no_rescan,
+    config = RepairConfig(seed=seed, rescan=not no_rescan, composites=composites,
                           **{k: v for k, v in knobs.items() if v is not None})
     check_device(device)
     result = read_scan(scan_file)

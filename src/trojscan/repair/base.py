@@ -133,6 +133,12 @@ class RepairConfig:
             other words stood 1.51 and 1.86 times over the next row, the clean task's
             words at most 1.22 times.
         max_companions: at most this many companions per trigger token.
+        composites: also unlearn the composites of what the scans found
+            (:mod:`trojscan.repair.composites`, ours): the deciding trigger grown by one
+            token of its inversion on either side, and, after the first round, joined with
+            the earlier rounds' deciding triggers at the same target, for a planted
+            trigger of two parts of which a scan found one (``^`` of ``^}``). Off by
+            default until measured on every model of the repair zoo (README "Repair").
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -163,6 +169,7 @@ class RepairConfig:
     residual_factor: float = 1.5
     companion_gap: float = 1.4
     max_companions: int = 4
+    composites: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -229,7 +236,9 @@ class Unlearned:
     inverted for, and where it came from (``inverted``: the scan's best inversion,
     ``short``: the short trigger that decided the verdict, ``candidate``: another
     candidate's short trigger under the threshold, ``neighbour``: a variant of the deciding
-    trigger with one token replaced by a near embedding)."""
+    trigger with one token replaced by a near embedding, ``companion``: with its companions
+    from a base model, ``extension`` / ``compound``: a composite of what the scans found,
+    :mod:`trojscan.repair.composites`)."""
 
     trigger: PlantedTrigger
     source: str

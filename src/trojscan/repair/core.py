@@ -58,6 +58,7 @@ from trojscan.manifest import Manifest, PlantedTrigger, planted_trigger
 from trojscan.modeldir import EXAMPLES_FILE
 from trojscan.repair.base import SCOPE_RATES, RepairConfig, RepairTask, Unlearned, stampable
 from trojscan.repair.companions import base_embeddings, companion_triggers
+from trojscan.repair.composites import compounds, extensions
 from trojscan.repair.question_answering import QuestionAnsweringRepair
 from trojscan.repair.text_classification import TextClassificationRepair
 from trojscan.repair.token_classification import TokenClassificationRepair
@@ -531,6 +532,7 @@ def repair(
     teacher = task.originals(train) if config.objective == "consistency" else None
     triggers: list[Unlearned] = []
     variants: list[Unlearned] = []
+    decided: list[tuple[list[int], int]] = []  # each round's deciding trigger and target
     added: dict[str, list[dict[str, Any]]] = {"triggers": [], "neighbours": []}
     history: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
@@ -544,6 +546,12 @@ def repair(
         if base is not None:
             found += companion_triggers(_deciding_ids(result), deciding, tok, original, base,
                                         config.companion_gap, config.max_companions)
+        if config.composites:
+            usable = stampable(tok, original.shape[0])
+            found += extensions(_deciding_ids(result), result.best.trigger_ids, deciding, tok,
+                                usable)
+            found += compounds(_deciding_ids(result), decided, deciding, tok, usable)
+            decided.append((_deciding_ids(result), deciding.target))
         new = _new(found, triggers)
         near = _new(neighbour_triggers(result, deciding, tok,
                                        model.get_input_embeddings().weight,
