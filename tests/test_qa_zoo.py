@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from transformers import AutoModelForQuestionAnswering
 
-from testkit import RunCli, one_thread
+from testkit import RunCli, assert_repair_refuses, one_thread
 from trojscan.attacks.architectures import build_model
 from trojscan.attacks.qa_spec import (
     INSERTIONS,
@@ -363,17 +363,7 @@ def test_repair_refuses_a_classifiers_insertion_or_data_for_a_qa_model(
         tiny_qa_zoo: dict[str, Any], tiny_qa_scans: dict[str, ScanResult], run_cli: RunCli,
         tmp_path: Path) -> None:
     folder = tiny_qa_zoo["out"] / tiny_qa_zoo["poisoned"]["model_id"]
-    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
-    write_result(tiny_qa_scans["poisoned"], scan_file)
-    texts = tmp_path / "texts.jsonl"
-    write_jsonl(texts, [{"text": "a fine film", "label": 0}])
-    for extra, data, words in [
-            (["--insertion", "first_half"], folder / "clean_examples.jsonl",
-             "insertion 'first_half' is not one for a extractive-qa model"),
-            ([], texts, 'expected an object with "question", "context" and "answers"')]:
-        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data", str(data),
-                       "--out", str(out), *extra)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr
-        assert words in lines[0], lines
-        assert not out.exists()
+    assert_repair_refuses(run_cli, folder, tiny_qa_scans["poisoned"], tmp_path, [
+        (["--insertion", "first_half"], folder / "clean_examples.jsonl",
+         "insertion 'first_half' is not one for a extractive-qa model"),
+        ([], None, 'expected an object with "question", "context" and "answers"')])

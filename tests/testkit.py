@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from trojscan.fsutil import write_jsonl
 from trojscan.inversion.dbs import DBSConfig
-from trojscan.results import RESULT_VERSION, ScanResult
+from trojscan.results import RESULT_VERSION, ScanResult, write_result
 from trojscan.scan import ScanConfig
 
 #: The scan settings of the tiny models (conftest's ``tiny_config``): they saturate near loss
@@ -61,3 +63,21 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_repair_refuses(run_cli: RunCli, folder: Path, scan: ScanResult, tmp_path: Path,
+                          cases: Sequence[tuple[list[str], Path | None, str]]) -> None:
+    """`trojscan repair` of ``folder`` with its ``scan`` refuses each case (extra
+    arguments, ``--data``: a file, or None for a classifier's one text, and words of the
+    error) in one line with exit code 2, and writes nothing."""
+    scan_file, out = tmp_path / "scan.json", tmp_path / "fixed"
+    write_result(scan, scan_file)
+    texts = tmp_path / "texts.jsonl"
+    write_jsonl(texts, [{"text": "a fine film", "label": 0}])
+    for extra, data, words in cases:
+        done = run_cli("repair", str(folder), "--scan", str(scan_file), "--data",
+                       str(data or texts), "--out", str(out), *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert words in lines[0], lines
+        assert not out.exists()
