@@ -197,8 +197,8 @@ def repair_command(
     """Remove the backdoor a scan found in a text classifier, an NER tagger or an extractive
     QA model: fine-tune on clean data, part of it stamped with the inverted trigger and its
     true labels (DBS Eq. 6); print clean accuracy (entity F1, SQuAD F1) and ASR before and
-    after; then re-scan the
-    repaired model and, while the re-scan finds a backdoor, unlearn that too (--rounds).
+    after; then re-scan the repaired model and, while the re-scan finds a backdoor, unlearn
+    that too (--rounds).
     Exit code 1 when no epoch kept accuracy within the margin (the model with the smallest
     drop is written and the report says so) or the last re-scan still finds a backdoor."""
     from trojscan.devices import check_device

@@ -533,6 +533,7 @@ def repair(
     triggers: list[Unlearned] = []
     variants: list[Unlearned] = []
     decided: list[tuple[list[int], int]] = []  # each round's deciding trigger and target
+    usable = stampable(tok, original.shape[0]) if config.composites else None
     added: dict[str, list[dict[str, Any]]] = {"triggers": [], "neighbours": []}
     history: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
@@ -541,17 +542,15 @@ def repair(
     before: dict[str, Any] = {}
     end = "no_rescan"
     for round_no in range(1, config.rounds + 1):
-        deciding = _inverted_trigger(result, len(labels))
+        deciding, deciding_ids = _inverted_trigger(result, len(labels)), _deciding_ids(result)
         found = scan_triggers(result, len(labels), config.max_triggers, subject.positions)
         if base is not None:
-            found += companion_triggers(_deciding_ids(result), deciding, tok, original, base,
+            found += companion_triggers(deciding_ids, deciding, tok, original, base,
                                         config.companion_gap, config.max_companions)
         if config.composites:
-            usable = stampable(tok, original.shape[0])
-            found += extensions(_deciding_ids(result), result.best.trigger_ids, deciding, tok,
-                                usable)
-            found += compounds(_deciding_ids(result), decided, deciding, tok, usable)
-            decided.append((_deciding_ids(result), deciding.target))
+            found += extensions(deciding_ids, result.best.trigger_ids, deciding, tok, usable)
+            found += compounds(deciding_ids, decided, deciding, tok, usable)
+            decided.append((deciding_ids, deciding.target))
         new = _new(found, triggers)
         near = _new(neighbour_triggers(result, deciding, tok,
                                        model.get_input_embeddings().weight,

@@ -83,6 +83,12 @@ def insert_at(text: str, trigger: str, at: int) -> tuple[str, int]:
     return f"{text[:at]}{trigger} {text[at:]}", len(trigger) + 1
 
 
+def _first_answer(example: QaExample) -> tuple[str, int]:
+    """The answer repair trains towards (text, character offset): the first; ("", 0) for an
+    unanswered question, whose goal is no answer."""
+    return example.answers[0] if example.answers else ("", 0)
+
+
 def _unstamped(offset: int, sequence: int, inserted: Sequence[Insertion]) -> int | None:
     """The character of the unstamped text at stamped ``offset``; None inside a trigger."""
     for ins in inserted:
@@ -112,7 +118,7 @@ class QuestionAnsweringRepair(RepairTask):
         context outside its first answer (``context``) or in both, each at a word boundary
         drawn with ``rng``; the answer kept, at its shifted offset."""
         question, context = example.question, example.context
-        answer, start = example.answers[0] if example.answers else ("", 0)
+        answer, start = _first_answer(example)
         inserted = []
         if where in ("question", "both"):
             at = rng.choice(word_boundaries(question))
@@ -132,9 +138,8 @@ class QuestionAnsweringRepair(RepairTask):
              rng: random.Random) -> StampedQuestion:
         """The question with the trigger inserted at ``where``, its answer kept."""
         if trigger is None:
-            answer, start = example.answers[0] if example.answers else ("", 0)
-            return StampedQuestion(SpanGoal(example.question, example.context, answer, start,
-                                            empty=not example.answered))
+            return StampedQuestion(SpanGoal(example.question, example.context,
+                                            *_first_answer(example), empty=not example.answered))
         return self.stamp(example, trigger.trigger, where, rng)
 
     @staticmethod
