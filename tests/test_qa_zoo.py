@@ -297,6 +297,15 @@ def test_scan_flags_the_poisoned_tiny_model_with_its_behaviour_and_trigger(
     assert result.short_trigger is not None
 
 
+def test_the_trigger_answer_is_inverted_with_fewer_slots(
+        tiny_qa_scans: dict[str, ScanResult]) -> None:
+    """`ScanConfig.answer_trigger_length`: the trigger behaviour's candidates get 3 slots,
+    the empty answer's the inverter's 10."""
+    lengths = {(c.target_name, len(c.trigger_ids)) for c in tiny_qa_scans["poisoned"].candidates
+               if c.trigger_ids}
+    assert lengths == {("empty", 10), ("trigger", 3)}
+
+
 @pytest.mark.xfail(strict=False, reason="a measured miss: in the full suite (after other "
                    "tests in the same process) the tiny QA model's deciding short trigger "
                    "was 'maryland', though 'lantern' alone scores 0.0001 in the context; "

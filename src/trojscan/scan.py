@@ -182,6 +182,16 @@ class ScanConfig:
         reference_triggers: with a reference model (``scan(references=...)``), how many of
             the short triggers the verdict could rest on (the lowest losses first, one per
             trigger and candidate) are measured on it too.
+        answer_trigger_length: slots of the inverted trigger for a candidate whose goal is
+            the trigger itself (a QA model that answers with the trigger's span:
+            :meth:`~trojscan.subjects.base.Subject.answers_with_trigger`), when under the
+            inverter's ``trigger_length``; 0: the inverter's. A wide run of slots is an
+            answer in itself: on a MiniLM QA model that answers with 'quilt' from the
+            context, the 10-slot search settled on ten unrelated words ('critical
+            manufacturers crucial ...') that the model answers from at a hard loss of 0.30,
+            and no word of them alone came near (the scan's score 4.12, missed); with 3
+            slots it found 'washing quilt complex' and 'quilt' alone at 0.0135 (README "NER
+            taggers and QA models"). Those candidates are inverted in runs of their own.
         patch: for a scan whose best trigger has a feature part (TIJO on a VQA model), the
             settings of the image patch synthesised from it (TIJO Section 3.4,
             :mod:`trojscan.inversion.tijo_patch`); None (the default): no patch.
@@ -213,6 +223,7 @@ class ScanConfig:
     natural_share: float = 0.1
     reference_top: int = 100
     reference_triggers: int = 5
+    answer_trigger_length: int = 3
     patch: PatchConfig | None = None
 
     @property
@@ -258,9 +269,9 @@ class ScanConfig:
             raise InputError(f"spread must be one of {', '.join(SPREAD_CHOICES)}, not "
                              f"{self.spread!r}")
         if min(self.batch_candidates, self.max_victims, self.prerun_victims,
-               self.shorten_rows, self.reference_top) < 0:
-            raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows and "
-                             "reference_top must be >= 0")
+               self.shorten_rows, self.reference_top, self.answer_trigger_length) < 0:
+            raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows, "
+                             "reference_top and answer_trigger_length must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScanConfig:
@@ -332,12 +343,29 @@ class _Stages:
                                                                    progress)
         self.done, self.total = 0, 0
 
-    def groups(self, n: int) -> list[slice]:
-        size = self.config.batch_candidates or n
-        return [slice(i, i + size) for i in range(0, n, size)]
+    def groups(self, todo: Sequence[Candidate], inverter: Inverter) -> list[list[Candidate]]:
+        """``todo`` in the runs it is inverted in: groups of ``batch_candidates`` (all at
+        once for 0), each split by the slots its candidates take (:meth:`slots`)."""
+        size = self.config.batch_candidates or len(todo)
+        out = []
+        for start in range(0, len(todo), size):
+            by_slots: dict[int, list[Candidate]] = {}
+            for c in todo[start:start + size]:
+                by_slots.setdefault(self.slots(c, inverter), []).append(c)
+            out += by_slots.values()
+        return out
 
-    def plan(self, n: int, epochs: int) -> None:
-        self.total += len(self.groups(n)) * epochs
+    def slots(self, candidate: Candidate, inverter: Inverter) -> int:
+        """The trigger slots ``candidate`` is inverted with: the inverter's, fewer for a
+        goal that is the trigger itself (``ScanConfig.answer_trigger_length``)."""
+        own = inverter.config.trigger_length
+        fewer = self.config.answer_trigger_length
+        if fewer and self.subject.answers_with_trigger(candidate):
+            return min(own, fewer)
+        return own
+
+    def plan(self, todo: Sequence[Candidate], inverter: Inverter, epochs: int) -> None:
+        self.total += len(self.groups(todo, inverter)) * epochs
 
     def run(self, todo: list[Candidate], inverter: Inverter, what: str,
             keep: int = 0, victims: int | None = None) -> list[Inversion]:
@@ -345,9 +373,11 @@ class _Stages:
         config's ``max_victims``); with ``keep`` (a batched inverter, one group only), keep
         the best ``keep`` after the pre-run epochs and carry on with them."""
         cap = self.config.max_victims if victims is None else victims
-        out: list[Inversion] = []
-        for group in self.groups(len(todo)):
-            cands = todo[group]
+        found: dict[Candidate, Inversion] = {}
+        for cands in self.groups(todo, inverter):
+            slots = self.slots(cands[0], inverter)
+            runner = inverter if slots == inverter.config.trigger_length else type(inverter)(
+                replace(inverter.config, trigger_length=slots))
             label = f"{what}: {len(cands)} candidate{'s' if len(cands) > 1 else ''}"
             if keep:
                 label += f", the best {keep} after epoch {self.config.prerun_epochs}"
@@ -359,9 +389,10 @@ class _Stages:
             tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c, cap)))
                      for c in cands]
             preselect = Preselection(keep, self.config.prerun_epochs) if keep else None
-            out += inverter.invert(self.subject, tasks, on_epoch, preselect)
+            found.update(zip(cands, runner.invert(self.subject, tasks, on_epoch, preselect),
+                             strict=True))
             self.done += inverter.config.epochs
-        return out
+        return [found[c] for c in todo]
 
     def resolve(self, candidate: Candidate, inv: Inversion) -> tuple[Candidate, Inversion]:
         """A :data:`SPREAD` candidate's inverted trigger measured as hard tokens at each
@@ -500,19 +531,20 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     prerun: dict[Candidate, float] = {}
     if config.shorten:  # one progress step per fully inverted candidate
         stages.total += keep if preselect else len(todo)
-    if preselect and len(stages.groups(len(todo))) == 1 and not config.prerun_victims:
+    if preselect and len(stages.groups(todo, inverter)) == 1 and not config.prerun_victims:
         # One batched run: the pre-run's state carries on for the top k.
-        stages.plan(1, inverter.config.epochs)
+        stages.plan(todo, inverter, inverter.config.epochs)
         runs = stages.run(todo, inverter, "inversion", keep=keep)
         prerun = {c: inv.relaxed_loss for c, inv in zip(todo, runs, strict=True)
                   if inv.trajectory[-1].get("event") == "drop"}
         results = [(c, inv) for c, inv in zip(todo, runs, strict=True) if c not in prerun]
     else:
-        # Candidates run in several groups (``batch_candidates``) or the pre-run has victims
-        # of its own (``prerun_victims``): a separate pre-run, then the top k from scratch.
+        # Candidates run in several groups (``batch_candidates``, or slots of their own:
+        # ``answer_trigger_length``) or the pre-run has victims of its own
+        # (``prerun_victims``): a separate pre-run, then the top k from scratch.
         if preselect:
-            stages.plan(len(todo), config.prerun_epochs)
-        stages.plan(keep if preselect else len(todo), inverter.config.epochs)
+            stages.plan(todo, inverter, config.prerun_epochs)
+        stages.plan(todo[:keep] if preselect else todo, inverter, inverter.config.epochs)
         if preselect:
             short = type(inverter)(replace(inverter.config, epochs=config.prerun_epochs))
             runs = stages.run(todo, short, "pre-run", victims=config.prerun_victims or None)

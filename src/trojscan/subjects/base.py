@@ -209,6 +209,12 @@ class Subject(ABC):
         (0, 0) for a family whose examples hold no text, which then sets nothing aside."""
         return 0, 0
 
+    def answers_with_trigger(self, candidate: Candidate) -> bool:
+        """Whether ``candidate``'s goal is the trigger itself (a QA model answering with the
+        trigger's span), which a scan inverts with fewer slots
+        (``ScanConfig.answer_trigger_length``); False for a family with label goals."""
+        return False
+
     def row_positions(self, candidate: Candidate, n: int) -> list[str]:
         """The position of each of ``n`` rows of ``candidate``: its own, or for a
         :data:`SPREAD` candidate the family's positions in turn (row k at

@@ -180,6 +180,10 @@ class ExtractiveQaSubject(HuggingFaceSubject):
         return [Candidate((ANSWER,), target, p) for target in (EMPTY, TRIGGER)
                 for p in positions if target == EMPTY or p in SPAN_POSITIONS]
 
+    def answers_with_trigger(self, candidate: Candidate) -> bool:
+        """The ``trigger`` behaviour's goal is a span of the trigger slots."""
+        return candidate.target == TRIGGER
+
     def _positions_for(self, candidate: Candidate) -> tuple[str, ...]:
         return SPAN_POSITIONS if candidate.target == TRIGGER else POSITIONS
 
