@@ -300,10 +300,13 @@ def test_scan_flags_the_poisoned_tiny_model_with_its_behaviour_and_trigger(
 def test_the_trigger_answer_is_inverted_with_fewer_slots(
         tiny_qa_scans: dict[str, ScanResult]) -> None:
     """`ScanConfig.answer_trigger_length`: the trigger behaviour's candidates get 3 slots,
-    the empty answer's the inverter's 10."""
-    lengths = {(c.target_name, len(c.trigger_ids)) for c in tiny_qa_scans["poisoned"].candidates
-               if c.trigger_ids}
-    assert lengths == {("empty", 10), ("trigger", 3)}
+    the empty answer's the inverter's 10; the trigger answer is inverted at each of its
+    positions, never spread over them."""
+    rows = [c for c in tiny_qa_scans["poisoned"].candidates if c.trigger_ids]
+    assert {(c.target_name, len(c.trigger_ids)) for c in rows} == {("empty", 10),
+                                                                   ("trigger", 3)}
+    assert sorted(c.position for c in rows if c.target_name == "trigger") == ["both",
+                                                                             "context"]
 
 
 @pytest.mark.xfail(strict=False, reason="a measured miss: in the full suite (after other "

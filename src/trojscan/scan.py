@@ -157,7 +157,11 @@ class ScanConfig:
             trigger found is then measured as hard tokens at each position and the candidate
             reported at the best one (shortening and the screen measure at real positions).
             A planted trigger fires at positions it was not trained at (MiniLM, README
-            "Scan"), so one search finds it at a quarter of the candidates.
+            "Scan"), so one search finds it at a quarter of the candidates. A goal that is
+            the trigger itself (``answer_trigger_length``) is never spread: on the QA model
+            answering 'quilt' from the context, its rows spread over the context and both
+            places found no word of it at seeds 0 and 1 (5.87, 3.20), the context alone
+            'quilt' at 0.0135.
         screen_selects: when the screen ran (and the family has one), the ``top_k``
             candidates whose screened token has the lowest loss are the ones DBS fully
             inverts, instead of a K-Arm pre-run picking them: on the BBC models measured the
@@ -303,14 +307,16 @@ class ScanConfig:
 SPREAD_CHOICES = ("none", "pairs", "all")
 
 
-def _spread_candidates(candidates: list[Candidate], n_labels: int,
+def _spread_candidates(subject: Subject, candidates: list[Candidate],
                        spread: str) -> list[Candidate]:
     """``candidates`` with every (victims, target) that ``spread`` names ("pairs": the
-    label-specific ones; "all") made one :data:`SPREAD` candidate in place of its positions."""
+    label-specific ones; "all") made one :data:`SPREAD` candidate in place of its positions,
+    but for a goal that is the trigger itself (:meth:`Subject.answers_with_trigger`)."""
     out: list[Candidate] = []
     for c in candidates:
-        specific = len(c.victims) < n_labels - 1
-        if spread == "all" or (spread == "pairs" and specific):
+        specific = len(c.victims) < len(subject.labels) - 1
+        named = spread == "all" or (spread == "pairs" and specific)
+        if named and not subject.answers_with_trigger(c):
             c = Candidate(c.victims, c.target, SPREAD)
         if c not in out:
             out.append(c)
@@ -514,7 +520,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         else config.pairs
     everything = subject.candidates(examples, positions, pairs)
     if set(positions) == set(subject.positions) and len(positions) > 1:
-        everything = _spread_candidates(everything, len(labels), config.spread)
+        everything = _spread_candidates(subject, everything, config.spread)
     stages = _Stages(subject, examples, config, progress)
     stages.total += config.screen is not None
     found_by_screen = stages.screen(everything, config.screen) if config.screen else []
