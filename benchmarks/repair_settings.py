@@ -25,11 +25,12 @@ DBS Table 2:
   the embeddings, instead of the triggers' embedding rows), ``one-round`` (one round of
   unlearning, then the re-scan's verdict, no further round),
   ``examples`` (only the model's own 20-per-label clean examples);
-* ``companions``: the defaults and, for a MiniLM model, the public MiniLM it was fine-tuned
-  from as the base model (``--base-model``): the companions of the found trigger are
-  unlearned too (a model of another family is repaired without one);
-* ``composites``: ``companions`` and ``--composites``: the composites of what the scans
-  found are unlearned too (:mod:`trojscan.repair.composites`).
+* ``companions``: the defaults without composites and, for a MiniLM model, the public
+  MiniLM it was fine-tuned from as the base model (``--base-model``): the companions of the
+  found trigger are unlearned too (a model of another family is repaired without one);
+* ``composites``: ``companions`` with composites (the default since session 24): the
+  composites of what the scans found are unlearned too
+  (:mod:`trojscan.repair.composites`).
 
 ASR is the repair report's: of the test examples of the victim label(s) the model classifies
 right without the trigger, the share the trigger flips. The true trigger comes from the
@@ -84,7 +85,7 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("train", {"scope": "model"}),
     "no-embeddings": ("train", {"scope": "no-embeddings"}),
     "one-round": ("train", {"rounds": 1}),
-    "companions": ("train", {}),
+    "companions": ("train", {"composites": False}),
     "composites": ("train", {"composites": True}),
     "examples": ("examples", {}),
 }

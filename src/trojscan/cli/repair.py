@@ -184,12 +184,11 @@ def repair_command(
     max_companions: int | None = typer.Option(None, "--max-companions", help="With "
                                               "--base-model, at most this many companions "
                                               "per trigger token (default 4)."),
-    composites: bool = typer.Option(False, "--composites", help="Also unlearn composites "
-                                    "of what the scans found: the deciding trigger grown by "
-                                    "one token of its inversion, and joined with an earlier "
-                                    "round's at the same target (a trigger of two parts of "
-                                    "which the scan found one; off by default until "
-                                    "measured on every model)."),
+    composites: bool = typer.Option(True, "--composites/--no-composites", help="Also "
+                                    "unlearn composites of what the scans found: the "
+                                    "deciding trigger grown by one token of its inversion, "
+                                    "and joined with an earlier round's at the same target "
+                                    "(a trigger of two parts of which the scan found one)."),
     seed: int = SEED_OPTION,
     device: str = DEVICE_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,

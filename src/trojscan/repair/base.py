@@ -137,8 +137,10 @@ class RepairConfig:
             (:mod:`trojscan.repair.composites`, ours): the deciding trigger grown by one
             token of its inversion on either side, and, after the first round, joined with
             the earlier rounds' deciding triggers at the same target, for a planted
-            trigger of two parts of which a scan found one (``^`` of ``^}``). Off by
-            default until measured on every model of the repair zoo (README "Repair").
+            trigger of two parts of which a scan found one (``^`` of ``^}``). On by
+            default: on the 9 MiniLM models of the repair zoo it took the two character
+            triggers of two parts from 0.324 and 0.312 to 0.000 and 0.036, the mean true
+            ASR from 0.084 to 0.012, at 0.14 points of accuracy (README "Repair").
         seed: seeds the data split, the stamped sample, trigger insertion, shuffling and
             dropout.
     """
@@ -169,7 +171,7 @@ class RepairConfig:
     residual_factor: float = 1.5
     companion_gap: float = 1.4
     max_companions: int = 4
-    composites: bool = False
+    composites: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
