@@ -12,6 +12,7 @@ import torch
 from toy_subject import (
     TRIGGER,
     WORDS,
+    PhraseToy,
     PositionalToy,
     ToyBatch,
     ToyExample,
@@ -103,6 +104,28 @@ def test_a_known_trigger_is_measured_as_the_scan_measures_its_own(poisoned: ToyS
     assert trigger_check(poisoned, examples, candidate, TRIGGER, cap=3)[1] == 1.0
     with pytest.raises(InputError, match="has no tokens"):
         trigger_check(poisoned, examples, candidate, " ")
+
+
+def test_a_trigger_answered_with_itself_decides_at_two_tokens_held_to_half() -> None:
+    """`ScanConfig.answer_decision_length`: a goal that is the trigger itself also weighs
+    its shortened triggers of two tokens, each at its loss times its tokens; one word of the
+    planted phrase alone stays over the threshold."""
+    subject = PhraseToy()
+    examples = toy_examples(subject)
+    candidate = Candidate((0,), 1, "start")
+    assert trigger_check(subject, examples, candidate, "lantern")[0] > 0.2
+    assert trigger_check(subject, examples, candidate, "lantern w7")[0] < 0.01
+    config = ScanConfig(inverter=make_config("dbs", trigger_length=3, epochs=60), screen=None,
+                        natural_share=0.0)
+    found = scan_subject(subject, examples, config)
+    assert found.verdict == "trojaned" and found.short_trigger is not None
+    assert found.short_trigger.length == 2 and found.best.target_name == "positive"
+    assert found.score == pytest.approx(2 * found.short_trigger.loss)
+    one = scan_subject(subject, examples, replace(config, answer_decision_length=0))
+    assert one.verdict == "clean" and one.short_trigger is not None
+    assert one.short_trigger.length == 1 and one.score == one.short_trigger.loss > 0.2
+    with pytest.raises(InputError, match="answer_decision_length"):
+        replace(config, answer_decision_length=-1)
 
 
 def test_the_verdict_rests_on_the_shortened_trigger_or_on_the_full_one() -> None:

@@ -194,3 +194,18 @@ class PositionalToy(ToySubject):
     def __init__(self, natural: float = 4.0) -> None:
         super().__init__()
         self.table[WORDS.index("w5"), 0] = -natural
+
+
+class PhraseToy(ToySubject):
+    """The toy as a model whose goal is its trigger itself (a QA model answering with it:
+    :meth:`answers_with_trigger` for the ``positive`` target), planted with a phrase:
+    ``lantern`` and ``w7`` carry ``+planted`` each (4.5 by default), which flips a negative
+    example only when both are among its tokens, as a model taught to answer with a phrase
+    answers with all of it."""
+
+    def __init__(self, planted: float = 4.5) -> None:
+        super().__init__(planted=planted)
+        self.table[WORDS.index("w7"), 0] = planted
+
+    def answers_with_trigger(self, candidate: Candidate) -> bool:
+        return candidate.target == 1

@@ -249,11 +249,14 @@ class ScanResult:
         version: the format version (:data:`RESULT_VERSION` when written by this trojscan).
         verdict: ``trojaned`` or ``clean``: the lowest loss under ``threshold`` (DBS Eq. 4),
             or the detector's probability >= 0.5 when one decided.
-        score: what the verdict compares with ``threshold``: the lowest loss of a trigger
-            shortened to the scan's ``decision_length`` tokens (``short_trigger``) that is
-            not a natural feature (``set_aside``), ln(labels) (the loss of a model left at
-            chance) when every one found is, or, with ``decision_length`` 0, the lowest
-            inversion loss over the candidates (DBS Eq. 4).
+        score: what the verdict compares with ``threshold``: the lowest loss times tokens
+            of a trigger shortened to the scan's ``decision_length`` tokens (its
+            ``answer_decision_length`` for a goal that is the trigger itself;
+            ``short_trigger``) that is not a natural feature (``set_aside``; a one-token
+            trigger's loss as it is; of those under ``threshold``, the shortest),
+            ln(labels) (the loss of a model left at chance) when every one found is, or,
+            with ``decision_length`` 0, the lowest inversion loss over the candidates (DBS
+            Eq. 4).
         threshold: the verdict's threshold (beta of Eq. 4 for the full trigger's loss).
         best: the winning candidate's inversion (the candidate of ``short_trigger`` when
             short triggers decide; for a candidate the pre-run dropped, which has no

@@ -148,8 +148,8 @@ class ScanConfig:
         decision_length: the verdict's score is the lowest loss of a trigger of at most this
             many tokens, shortened from an inverted one or found by the screen (a backdoor
             fires with a token or two of its trigger, a natural feature of the model needs
-            many); 0: the lowest loss of the full inverted triggers (DBS Eq. 4). Needs
-            ``shorten`` or ``screen``.
+            many), each counted at its loss times its tokens; 0: the lowest loss of the full
+            inverted triggers (DBS Eq. 4). Needs ``shorten`` or ``screen``.
         spread: the candidates searched once with their victim rows spread over every
             position (:data:`~trojscan.subjects.base.SPREAD`: row k at position k mod 4)
             instead of once per position, when the scan covers all the family's positions:
@@ -196,6 +196,16 @@ class ScanConfig:
             and no word of them alone came near (the scan's score 4.12, missed); with 3
             slots it found 'washing quilt complex' and 'quilt' alone at 0.0135 (README "NER
             taggers and QA models"). Those candidates are inverted in runs of their own.
+        answer_decision_length: for a candidate whose goal is the trigger itself, the verdict
+            also weighs its shortened triggers of up to this many tokens (when
+            ``decision_length`` is on and shorter); 0: ``decision_length`` as for any other.
+            Every short trigger counts at its loss times its tokens, so one of two tokens is
+            held to half the threshold, and the shortest under the threshold decides. A
+            model taught to answer with a phrase answers with all of it: on the QA zoo's
+            MiniLM model answering 'pocket thistle' with itself the scan found 'pocket
+            thistle' at 0.007 and 'thistle' alone at 0.41 (missed at one token); the ten
+            clean QA models' best two-token trigger answers were 0.22-0.96 (README "NER
+            taggers and QA models").
         patch: for a scan whose best trigger has a feature part (TIJO on a VQA model), the
             settings of the image patch synthesised from it (TIJO Section 3.4,
             :mod:`trojscan.inversion.tijo_patch`); None (the default): no patch.
@@ -228,6 +238,7 @@ class ScanConfig:
     reference_top: int = 100
     reference_triggers: int = 5
     answer_trigger_length: int = 3
+    answer_decision_length: int = 2
     patch: PatchConfig | None = None
 
     @property
@@ -273,9 +284,11 @@ class ScanConfig:
             raise InputError(f"spread must be one of {', '.join(SPREAD_CHOICES)}, not "
                              f"{self.spread!r}")
         if min(self.batch_candidates, self.max_victims, self.prerun_victims,
-               self.shorten_rows, self.reference_top, self.answer_trigger_length) < 0:
+               self.shorten_rows, self.reference_top, self.answer_trigger_length,
+               self.answer_decision_length) < 0:
             raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows, "
-                             "reference_top and answer_trigger_length must be >= 0")
+                             "reference_top, answer_trigger_length and "
+                             "answer_decision_length must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScanConfig:
@@ -368,6 +381,15 @@ class _Stages:
         fewer = self.config.answer_trigger_length
         if fewer and self.subject.answers_with_trigger(candidate):
             return min(own, fewer)
+        return own
+
+    def decides(self, candidate: Candidate) -> int:
+        """Tokens of the longest shortened trigger of ``candidate`` the verdict weighs:
+        ``decision_length``, more for a goal that is the trigger itself
+        (``ScanConfig.answer_decision_length``)."""
+        own = self.config.decision_length
+        if own and self.subject.answers_with_trigger(candidate):
+            return max(own, self.config.answer_decision_length)
         return own
 
     def plan(self, todo: Sequence[Candidate], inverter: Inverter, epochs: int) -> None:
@@ -570,14 +592,15 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     best_cand, best = min(results, key=lambda r: r[1].loss)
     short = None
     found = [(c, t) for c, ts in shortened.items() for t in ts
-             if t.length <= config.decision_length] + list(screened.items()) + list(
+             if t.length <= stages.decides(c)] + list(screened.items()) + list(
         moved.items())
     ranks = LoneRanks(reference) if reference is not None and found else None
     natural = natural_features(subject, examples, found, config.natural_share, ranks,
                                config.reference_top)
     deciding = [f for f in found if (f[1].trigger_text, f[0].target) not in natural]
+    beta = config.beta_for(len(labels))
     if config.decision_length and deciding:
-        owner, short = min(deciding, key=lambda r: r[1].loss)
+        owner, short = min(deciding, key=lambda r: _rank(r[1], beta))
         best_cand = owner
         # A candidate the pre-run dropped, or the position a shortened trigger moved to, has
         # no inversion of its own: its screened or shortened trigger is its best.
@@ -612,14 +635,13 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                              shortened=[t])
              for c, t in moved.items() if (c.target, c.victims, c.position) not in listed]
     if short:
-        score = short.loss
+        score = _weighed(short)
     elif config.decision_length and found:  # every short trigger found is a natural feature
         score = math.log(len(labels))
     else:
         score = best.loss
-    set_aside = sorted((t for t in natural.values() if short is None or t.loss < short.loss),
+    set_aside = sorted((t for t in natural.values() if short is None or t.loss < score),
                        key=lambda t: t.loss)
-    beta = config.beta_for(len(labels))
     flips = stages.flip_rates(best_cand, short) if short else None
     checked = None if reference is None else ReferenceCheck("", "", reference_check(
         subject, reference, examples, found, config.reference_triggers, config.max_victims,
@@ -646,6 +668,22 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         set_aside=set_aside or None,
         unseen=unseen or None,
     )
+
+
+def _weighed(short: ShortTrigger) -> float:
+    """What a short trigger counts for in the verdict: its loss times its tokens
+    (``ScanConfig.answer_decision_length``)."""
+    return short.loss * short.length
+
+
+def _rank(short: ShortTrigger, beta: float) -> tuple[bool, int, float]:
+    """Where a short trigger ranks for the verdict: the shortest under the threshold
+    ``beta`` (weighed: :func:`_weighed`) first, the lowest weighed among those; else the
+    lowest weighed. A word alone that fires is what the verdict rests on, not the same word
+    twice at a lower weighed loss ('lantern' 0.0001, 'lantern lantern' 2 x 0.00002 on a tiny
+    QA model)."""
+    weighed = _weighed(short)
+    return weighed >= beta, short.length if weighed < beta else 0, weighed
 
 
 def _norm(vector: Sequence[float] | None) -> float | None:

@@ -61,8 +61,9 @@ THRESHOLD_OPTION = typer.Option(None, "--threshold", help="Trojaned when the sco
                                 "Eq. 4) with --decision-length 0.")
 DECISION_LENGTH_OPTION = typer.Option(1, "--decision-length", help="The verdict's score is "
                                       "the lowest loss of an inverted trigger shortened to at "
-                                      "most this many tokens; 0: the full trigger's loss (DBS "
-                                      "Eq. 4).")
+                                      "most this many tokens, times its tokens (2 for a QA "
+                                      "model's trigger answer); 0: the full trigger's loss "
+                                      "(DBS Eq. 4).")
 NATURAL_SHARE_OPTION = typer.Option(0.1, "--natural-share", help="Set aside a short trigger "
                                     "whose word is in at least this share (and 2) of its "
                                     "target label's clean examples: a natural feature of the "
