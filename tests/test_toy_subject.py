@@ -128,6 +128,22 @@ def test_a_trigger_answered_with_itself_decides_at_two_tokens_held_to_half() -> 
         replace(config, answer_decision_length=-1)
 
 
+def test_a_trigger_answers_inverted_trigger_is_refined_as_hard_tokens() -> None:
+    """`ScanConfig.answer_refine_epochs`: GCG from where the inversion left the trigger (one
+    DBS epoch: three ordinary words) finds the phrase; the candidate keeps what it replaced."""
+    subject = PhraseToy()
+    config = ScanConfig(inverter=make_config("dbs", trigger_length=3, epochs=1), screen=None,
+                        natural_share=0.0)
+    refined = scan_subject(subject, toy_examples(subject), config)
+    (row,) = [c for c in refined.candidates if c.target == 1]
+    assert row.refined_from is not None and row.refined_from.loss > 1.0
+    assert row.hard_loss is not None and row.hard_loss < 0.01 and row.hard_asr == 1.0
+    assert refined.verdict == "trojaned"
+    plain = scan_subject(subject, toy_examples(subject), replace(config, answer_refine_epochs=0))
+    (row,) = [c for c in plain.candidates if c.target == 1]
+    assert row.refined_from is None and plain.verdict == "clean"
+
+
 def test_the_verdict_rests_on_the_shortened_trigger_or_on_the_full_one() -> None:
     subject = ToySubject()
     config = ScanConfig(threshold=0.1, inverter=make_config("dbs", trigger_length=3, epochs=60),

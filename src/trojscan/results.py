@@ -105,7 +105,9 @@ class CandidateResult:
     false, and so has the position of a spread candidate where one of its short triggers did
     better than where its inverted trigger did best, with that trigger as ``shortened``.
     ``screened`` is the lone-token screen's best one-token trigger, when it ran;
-    ``feature_norm`` the L2 norm of a TIJO scan's feature trigger for the candidate."""
+    ``feature_norm`` the L2 norm of a TIJO scan's feature trigger for the candidate;
+    ``refined_from`` the inverted trigger (with its hard loss) that a hard-token refinement
+    replaced (``ScanConfig.answer_refine_epochs``), when one did."""
 
     target: int
     target_name: str
@@ -124,6 +126,7 @@ class CandidateResult:
     shortened: list[ShortTrigger] | None = None
     screened: ShortTrigger | None = None
     feature_norm: float | None = None
+    refined_from: ShortTrigger | None = None
 
     def short_triggers(self) -> list[ShortTrigger]:
         """Its shortened triggers and its screened one, those it has."""

@@ -37,9 +37,12 @@ from trojscan.inversion.base import (
     Preselection,
     make_config,
     method_of,
+    task_generator,
 )
-from trojscan.inversion.common import Budget, best_position
+from trojscan.inversion.common import Budget, best_position, score_triggers, victim_batch
 from trojscan.inversion.dbs import DBSConfig
+from trojscan.inversion.gcg import GCGConfig
+from trojscan.inversion.gcg import search as gcg_search
 from trojscan.inversion.screen import ScreenConfig, screen
 from trojscan.inversion.shorten import Shortened, shorten
 from trojscan.inversion.tijo_patch import PatchConfig, synthesise_and_measure
@@ -72,6 +75,10 @@ SHORT_THRESHOLD = 0.12
 #: many of the label's clean examples contain it (``ScanConfig.natural_share``): one
 #: occurrence can be chance (a planted 'planet' was in 1 of an IMDB model's 20 examples).
 NATURAL_MIN_EXAMPLES = 2
+
+#: GCG iterations without a better trigger after which a refinement stops
+#: (``ScanConfig.answer_refine_epochs``).
+REFINE_PATIENCE = 10
 
 #: Rows per forward pass when the scan measures triggers itself.
 CHUNK_ROWS = 4096
@@ -206,6 +213,18 @@ class ScanConfig:
             thistle' at 0.007 and 'thistle' alone at 0.41 (missed at one token); the ten
             clean QA models' best two-token trigger answers were 0.22-0.96 (README "NER
             taggers and QA models").
+        answer_refine_epochs: GCG iterations (:mod:`trojscan.inversion.gcg` at its
+            defaults, stopping after :data:`REFINE_PATIENCE` without a better trigger) that
+            refine the inverted trigger of a candidate whose goal is the trigger itself, as
+            hard tokens from where the inverter left it; the refined trigger replaces it when
+            its loss is lower (the candidate's ``refined_from`` keeps the inverted one); 0:
+            no refinement. The relaxed search for a trigger answer settles among words a
+            clean model answers with too (the names and places the questions ask for); the
+            planted phrase is a narrow basin next to them: on the QA zoo's MiniLM model
+            answering 'mb wizard sapphire' with itself, DBS ended at 'kingston cambridge
+            diamonds' (0.12; 'aberdeen tower jewellery' 0.17 at seed 0) and GCG from there
+            found 'mb setup sapphire' (0.012; the planted phrase 0.013) in 19 iterations
+            (README "NER taggers and QA models").
         patch: for a scan whose best trigger has a feature part (TIJO on a VQA model), the
             settings of the image patch synthesised from it (TIJO Section 3.4,
             :mod:`trojscan.inversion.tijo_patch`); None (the default): no patch.
@@ -239,6 +258,7 @@ class ScanConfig:
     reference_triggers: int = 5
     answer_trigger_length: int = 3
     answer_decision_length: int = 2
+    answer_refine_epochs: int = 30
     patch: PatchConfig | None = None
 
     @property
@@ -285,10 +305,10 @@ class ScanConfig:
                              f"{self.spread!r}")
         if min(self.batch_candidates, self.max_victims, self.prerun_victims,
                self.shorten_rows, self.reference_top, self.answer_trigger_length,
-               self.answer_decision_length) < 0:
+               self.answer_decision_length, self.answer_refine_epochs) < 0:
             raise InputError("batch_candidates, max_victims, prerun_victims, shorten_rows, "
-                             "reference_top, answer_trigger_length and "
-                             "answer_decision_length must be >= 0")
+                             "reference_top, answer_trigger_length, answer_decision_length "
+                             "and answer_refine_epochs must be >= 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScanConfig:
@@ -494,6 +514,53 @@ class _Stages:
         return [(c, s.candidate, self._short(s.trigger))
                 for c, s in zip(candidates, found or (), strict=False)]
 
+    def refining(self, results: Sequence[tuple[Candidate, Inversion]]) -> list[Candidate]:
+        """The candidates of ``results`` whose inverted trigger is refined
+        (``ScanConfig.answer_refine_epochs``): those whose goal is the trigger itself."""
+        if not self.config.answer_refine_epochs:
+            return []
+        return [c for c, inv in results if self.subject.answers_with_trigger(c)
+                and inv.trigger_ids]
+
+    def refine(self, results: list[tuple[Candidate, Inversion]],
+               ) -> tuple[list[tuple[Candidate, Inversion]], dict[Candidate, ShortTrigger]]:
+        """``results`` with the inverted triggers of :meth:`refining` refined by GCG from
+        where the inverter left them, where that lowers their hard loss; and the triggers
+        they replaced, by candidate. One progress step each."""
+        chosen = set(self.refining(results))
+        config = GCGConfig(epochs=max(1, self.config.answer_refine_epochs),
+                           patience=REFINE_PATIENCE)
+        out, replaced = [], {}
+        for candidate, inv in results:
+            if candidate not in chosen:
+                out.append((candidate, inv))
+                continue
+            started = time.perf_counter()
+            task = InversionTask(candidate, tuple(self.subject.victims(
+                self.examples, candidate, self.config.max_victims)))
+            start = torch.tensor(inv.trigger_ids, device=self.subject.device)
+            batch = victim_batch(self.subject, task, len(start))
+            best, loss, _ = gcg_search(self.subject, batch, start, replace(
+                config, trigger_length=len(start)), task_generator(config.seed, candidate),
+                Budget(None), lambda _: None)
+            if loss < inv.hard_loss and best.tolist() != inv.trigger_ids:
+                losses, asr = score_triggers(self.subject, batch, best.reshape(1, -1),
+                                             Budget(None), CHUNK_ROWS)
+                replaced[candidate] = ShortTrigger(len(start), inv.trigger_ids,
+                                                   inv.trigger_text, inv.hard_loss,
+                                                   inv.hard_asr)
+                ids = best.tolist()
+                tokens, text = self.subject.describe(ids)
+                inv = replace(inv, trigger_ids=ids, trigger_tokens=tokens, trigger_text=text,
+                              relaxed_loss=losses.item(), hard_loss=losses.item(),
+                              hard_asr=asr.item(), accepted=True,
+                              seconds=inv.seconds + time.perf_counter() - started)
+            out.append((candidate, inv))
+            self.done += 1
+            if self.progress:
+                self.progress(self.done, self.total, "refining the trigger answer (GCG)")
+        return out, replaced
+
     def _short(self, found: Shortened) -> ShortTrigger:
         return ShortTrigger(length=len(found.trigger_ids), trigger_ids=found.trigger_ids,
                             trigger_text=self.subject.describe(found.trigger_ids)[1],
@@ -587,6 +654,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
         if c.position == SPREAD:
             spread_of[resolved[-1][0]] = c
     results = resolved
+    stages.total += len(stages.refining(results))
+    results, refined_from = stages.refine(results)
     shortened = stages.shorten(results) if config.shorten else {}
     moved = stages.reposition(spread_of, shortened) if config.decision_length else {}
     best_cand, best = min(results, key=lambda r: r[1].loss)
@@ -616,7 +685,8 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
                             hard_asr=inv.hard_asr, accepted=inv.accepted,
                             trigger_text=inv.trigger_text, seconds=inv.seconds,
                             trigger_ids=inv.trigger_ids, shortened=shortened.get(c),
-                            screened=screened.get(c), feature_norm=_norm(inv.feature_trigger))
+                            screened=screened.get(c), feature_norm=_norm(inv.feature_trigger),
+                            refined_from=refined_from.get(c))
             for c, inv in results]
     rows += [CandidateResult(target=c.target, target_name=labels[c.target],
                              victims=list(c.victims), position=c.position, prerun_loss=loss,
