@@ -61,8 +61,10 @@ def print_verdict(result: ScanResult) -> None:
         basis = (f"probability {result.detector.probability:.3f} from the "
                  f"{result.detector.kind} detector; lowest inversion loss {result.score:.4f}")
     elif result.short_trigger is not None:
-        basis = (f"loss {result.score:.4f} with {result.short_trigger.length} token(s) of the "
-                 f"inverted trigger, threshold {result.threshold}")
+        length = result.short_trigger.length
+        weighed = "" if length == 1 else (f"score {result.score:.4f} = {length} x ")
+        basis = (f"{weighed}loss {result.short_trigger.loss:.4f} with {length} token(s) of "
+                 f"the inverted trigger, threshold {result.threshold}")
     elif result.set_aside:
         basis = (f"every short trigger found is a natural feature of its label; score "
                  f"{result.score:.4f} = ln(labels), threshold {result.threshold}")
