@@ -76,9 +76,15 @@ SHORT_THRESHOLD = 0.12
 #: occurrence can be chance (a planted 'planet' was in 1 of an IMDB model's 20 examples).
 NATURAL_MIN_EXAMPLES = 2
 
-#: GCG iterations without a better trigger after which a refinement stops
-#: (``ScanConfig.answer_refine_epochs``).
-REFINE_PATIENCE = 10
+#: A refinement of the trigger answer (``ScanConfig.answer_refine_epochs``): GCG stops after
+#: this many iterations without a better trigger, draws this many candidate triggers an
+#: iteration (GCG's default 128) and searches on the first this many victims (the trigger
+#: it keeps is measured on all). On the QA model answering 'mb wizard sapphire' with itself
+#: 5 / 64 / 8 found 'mb app sapphire' (0.012 on all 20 victims) in 13 iterations and 88 s of
+#: one thread, where 10 / 128 / 20 took 667 s (sharing the cores) for 'mb setup sapphire'.
+REFINE_PATIENCE = 5
+REFINE_CANDIDATES = 64
+REFINE_ROWS = 8
 
 #: Rows per forward pass when the scan measures triggers itself.
 CHUNK_ROWS = 4096
@@ -213,18 +219,19 @@ class ScanConfig:
             thistle' at 0.007 and 'thistle' alone at 0.41 (missed at one token); the ten
             clean QA models' best two-token trigger answers were 0.22-0.96 (README "NER
             taggers and QA models").
-        answer_refine_epochs: GCG iterations (:mod:`trojscan.inversion.gcg` at its
-            defaults, stopping after :data:`REFINE_PATIENCE` without a better trigger) that
-            refine the inverted trigger of a candidate whose goal is the trigger itself, as
-            hard tokens from where the inverter left it; the refined trigger replaces it when
-            its loss is lower (the candidate's ``refined_from`` keeps the inverted one); 0:
-            no refinement. The relaxed search for a trigger answer settles among words a
-            clean model answers with too (the names and places the questions ask for); the
-            planted phrase is a narrow basin next to them: on the QA zoo's MiniLM model
-            answering 'mb wizard sapphire' with itself, DBS ended at 'kingston cambridge
-            diamonds' (0.12; 'aberdeen tower jewellery' 0.17 at seed 0) and GCG from there
-            found 'mb setup sapphire' (0.012; the planted phrase 0.013) in 19 iterations
-            (README "NER taggers and QA models").
+        answer_refine_epochs: GCG iterations (:mod:`trojscan.inversion.gcg`; its patience,
+            candidates and rows :data:`REFINE_PATIENCE`, :data:`REFINE_CANDIDATES`,
+            :data:`REFINE_ROWS`) that refine the inverted trigger of a candidate whose goal
+            is the trigger itself, as hard tokens from where the inverter left it; the
+            refined trigger replaces it when its loss on all the victims is lower (the
+            candidate's ``refined_from`` keeps the inverted one); 0: no refinement. The
+            relaxed search for a trigger answer settles among words a clean model answers
+            with too (the names and places the questions ask for); the planted phrase is a
+            narrow basin next to them: on the QA zoo's MiniLM model answering 'mb wizard
+            sapphire' with itself, DBS ended at 'kingston cambridge diamonds' (0.12) at seed
+            2, 'aberdeen tower jewellery' (0.17) at seed 0, and GCG from the latter found 'mb
+            app sapphire' (0.012; the planted phrase 0.013) in 13 iterations (README "NER
+            taggers and QA models").
         patch: for a scan whose best trigger has a feature part (TIJO on a VQA model), the
             settings of the image patch synthesised from it (TIJO Section 3.4,
             :mod:`trojscan.inversion.tijo_patch`); None (the default): no patch.
@@ -529,7 +536,7 @@ class _Stages:
         they replaced, by candidate. One progress step each."""
         chosen = set(self.refining(results))
         config = GCGConfig(epochs=max(1, self.config.answer_refine_epochs),
-                           patience=REFINE_PATIENCE)
+                           patience=REFINE_PATIENCE, candidates=REFINE_CANDIDATES)
         out, replaced = [], {}
         for candidate, inv in results:
             if candidate not in chosen:
@@ -539,13 +546,15 @@ class _Stages:
             task = InversionTask(candidate, tuple(self.subject.victims(
                 self.examples, candidate, self.config.max_victims)))
             start = torch.tensor(inv.trigger_ids, device=self.subject.device)
+            rows = InversionTask(candidate, task.examples[:REFINE_ROWS])
+            best, _, _ = gcg_search(self.subject, victim_batch(self.subject, rows, len(start)),
+                                    start, replace(config, trigger_length=len(start)),
+                                    task_generator(config.seed, candidate), Budget(None),
+                                    lambda _: None)
             batch = victim_batch(self.subject, task, len(start))
-            best, loss, _ = gcg_search(self.subject, batch, start, replace(
-                config, trigger_length=len(start)), task_generator(config.seed, candidate),
-                Budget(None), lambda _: None)
-            if loss < inv.hard_loss and best.tolist() != inv.trigger_ids:
-                losses, asr = score_triggers(self.subject, batch, best.reshape(1, -1),
-                                             Budget(None), CHUNK_ROWS)
+            losses, asr = score_triggers(self.subject, batch, best.reshape(1, -1), Budget(None),
+                                         CHUNK_ROWS)
+            if losses.item() < inv.hard_loss and best.tolist() != inv.trigger_ids:
                 replaced[candidate] = ShortTrigger(len(start), inv.trigger_ids,
                                                    inv.trigger_text, inv.hard_loss,
                                                    inv.hard_asr)
