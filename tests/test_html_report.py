@@ -138,6 +138,16 @@ def test_a_scan_page_names_the_labels_it_could_not_search() -> None:
     assert "Not searched" not in scan_page(scan_result(0.5))
 
 
+def test_a_scan_page_shows_what_a_refinement_replaced() -> None:
+    refined = {"trigger_text": "mb app sapphire", "loss": 0.012, "hard_loss": 0.012,
+               "refined_from": {"length": 3, "trigger_ids": [1, 2, 3],
+                                "trigger_text": "aberdeen tower jewellery", "loss": 0.17,
+                                "asr": 0.9}}
+    html = scan_page(scan_result(0.012, candidates=[refined]))
+    assert "refined as hard tokens from <code>aberdeen tower jewellery</code>" in html
+    assert "refined as" not in scan_page(scan_result(0.5))
+
+
 def test_bad_input_is_one_line_exit_2_and_no_page(run_cli: RunCli, tmp_path: Path,
                                                   results: dict[str, tuple[Path, Path]]
                                                   ) -> None:
