@@ -62,7 +62,7 @@ def print_verdict(result: ScanResult) -> None:
                  f"{result.detector.kind} detector; lowest inversion loss {result.score:.4f}")
     elif result.short_trigger is not None:
         length = result.short_trigger.length
-        weighed = "" if length == 1 else (f"score {result.score:.4f} = {length} x ")
+        weighed = "" if length == 1 else f"score {result.score:.4f} = {length} x "
         basis = (f"{weighed}loss {result.short_trigger.loss:.4f} with {length} token(s) of "
                  f"the inverted trigger, threshold {result.threshold}")
     elif result.set_aside:
