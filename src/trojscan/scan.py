@@ -419,6 +419,13 @@ class _Stages:
             return max(own, self.config.answer_decision_length)
         return own
 
+    def task(self, candidate: Candidate, cap: int | None = None) -> InversionTask:
+        """``candidate`` with its victims among the examples, at most ``cap`` (None: the
+        config's ``max_victims``)."""
+        cap = self.config.max_victims if cap is None else cap
+        return InversionTask(candidate, tuple(self.subject.victims(self.examples, candidate,
+                                                                   cap)))
+
     def plan(self, todo: Sequence[Candidate], inverter: Inverter, epochs: int) -> None:
         self.total += len(self.groups(todo, inverter)) * epochs
 
@@ -427,7 +434,6 @@ class _Stages:
         """Invert ``todo`` group by group on at most ``victims`` victims each (None: the
         config's ``max_victims``); with ``keep`` (a batched inverter, one group only), keep
         the best ``keep`` after the pre-run epochs and carry on with them."""
-        cap = self.config.max_victims if victims is None else victims
         found: dict[Candidate, Inversion] = {}
         for cands in self.groups(todo, inverter):
             slots = self.slots(cands[0], inverter)
@@ -441,8 +447,7 @@ class _Stages:
                 if self.progress:
                     self.progress(self.done + epoch + 1, self.total, label)
 
-            tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c, cap)))
-                     for c in cands]
+            tasks = [self.task(c, victims) for c in cands]
             preselect = Preselection(keep, self.config.prerun_epochs) if keep else None
             found.update(zip(cands, runner.invert(self.subject, tasks, on_epoch, preselect),
                              strict=True))
@@ -455,10 +460,8 @@ class _Stages:
         hard loss and ASR those measured there; any other candidate as it is."""
         if candidate.position != SPREAD:
             return candidate, inv
-        task = InversionTask(candidate, tuple(self.subject.victims(
-            self.examples, candidate, self.config.max_victims)))
-        loss, asr, best = best_position(self.subject, task, inv.trigger_ids, Budget(None),
-                                        CHUNK_ROWS)
+        loss, asr, best = best_position(self.subject, self.task(candidate), inv.trigger_ids,
+                                        Budget(None), CHUNK_ROWS)
         return best, replace(inv, candidate=best, hard_loss=loss, hard_asr=asr)
 
     def reposition(self, spread_of: dict[Candidate, Candidate],
@@ -480,8 +483,7 @@ class _Stages:
         0.19), against 0.0001 in the context alone."""
         out: dict[Candidate, ShortTrigger] = {}
         for candidate, spread in spread_of.items():
-            task = InversionTask(spread, tuple(self.subject.victims(
-                self.examples, spread, self.config.max_victims)))
+            task = self.task(spread)
             for short in shortened.get(candidate, ()):
                 if short.length > self.config.decision_length:
                     continue
@@ -499,10 +501,10 @@ class _Stages:
         labels, rates = self.subject.labels, {}
         for label in (y for y in range(len(labels)) if y != candidate.target):
             alone = Candidate((label,), candidate.target, candidate.position)
-            victims = tuple(self.subject.victims(self.examples, alone, self.config.max_victims))
-            if victims:
-                _, asr, _ = best_position(self.subject, InversionTask(alone, victims),
-                                          short.trigger_ids, Budget(None), CHUNK_ROWS)
+            task = self.task(alone)
+            if task.examples:
+                _, asr, _ = best_position(self.subject, task, short.trigger_ids, Budget(None),
+                                          CHUNK_ROWS)
                 rates[labels[label]] = asr
         return rates
 
@@ -511,9 +513,7 @@ class _Stages:
         """The lone-token screen's best one-token trigger of every candidate as (candidate,
         the candidate at the position where the token did best, trigger); empty when the
         family has no screen. One progress step."""
-        tasks = [InversionTask(c, tuple(self.subject.victims(self.examples, c,
-                                                             self.config.max_victims)))
-                 for c in candidates]
+        tasks = [self.task(c) for c in candidates]
         found = screen(self.subject, tasks, config)
         self.done += 1
         if self.progress:
@@ -543,11 +543,10 @@ class _Stages:
                 out.append((candidate, inv))
                 continue
             started = time.perf_counter()
-            task = InversionTask(candidate, tuple(self.subject.victims(
-                self.examples, candidate, self.config.max_victims)))
             start = torch.tensor(inv.trigger_ids, device=self.subject.device)
-            rows = InversionTask(candidate, task.examples[:REFINE_ROWS])
-            best, _, _ = gcg_search(self.subject, victim_batch(self.subject, rows, len(start)),
+            task = self.task(candidate)
+            few = replace(task, examples=task.examples[:REFINE_ROWS])  # as shortening's rows
+            best, _, _ = gcg_search(self.subject, victim_batch(self.subject, few, len(start)),
                                     start, replace(config, trigger_length=len(start)),
                                     task_generator(config.seed, candidate), Budget(None),
                                     lambda _: None)
@@ -581,9 +580,8 @@ class _Stages:
         one progress step each."""
         out: dict[Candidate, list[ShortTrigger]] = {}
         for candidate, inv in results:
-            task = InversionTask(candidate, tuple(self.subject.victims(
-                self.examples, candidate, self.config.max_victims)))
-            found = shorten(self.subject, task, inv.trigger_ids, self.config.shorten_rows)
+            found = shorten(self.subject, self.task(candidate), inv.trigger_ids,
+                            self.config.shorten_rows)
             out[candidate] = [self._short(t) for _, t in sorted(found.items())]
             self.done += 1
             if self.progress:
