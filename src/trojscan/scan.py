@@ -175,7 +175,8 @@ class ScanConfig:
             answering 'quilt' from the context, its rows spread over the context and both
             places found no word of it at seeds 0 and 1 (5.87, 3.20), the context alone
             'quilt' at 0.0135.
-        screen_selects: when the screen ran (and the family has one), the ``top_k``
+        screen_selects: when the screen ran (and the family has one, and pre-selects:
+            ``Subject.preselects``; a QA model's few candidates are all inverted), the ``top_k``
             candidates whose screened token has the lowest loss are the ones DBS fully
             inverts, instead of a K-Arm pre-run picking them: on the BBC models measured the
             pre-run's relaxed losses after 40 epochs were all 0.07-0.5 and ranked a planted
@@ -625,7 +626,7 @@ def scan_subject(subject: Subject, examples: Sequence[Any], config: ScanConfig |
     keep = min(config.top_k, math.ceil(len(todo) / 2))
     preselect = (subject.preselects and inverter.batched and len(labels) > config.preselect_above
                  and len(todo) > keep)
-    if config.screen_selects and found_by_screen:
+    if config.screen_selects and found_by_screen and subject.preselects:
         # The screen pre-selects: the top k candidates by their screened token's loss.
         ranked = sorted(range(len(found_by_screen)), key=lambda i: found_by_screen[i][2].loss)
         todo = [found_by_screen[i][0] for i in sorted(ranked[:config.top_k])]

@@ -117,6 +117,13 @@ class ExtractiveQaSubject(HuggingFaceSubject):
     #: relaxed losses are not comparable: a pre-run that keeps the lower one dropped every
     #: empty-answer backdoor of the QA zoo once the trigger answer's goal took any slot.
     preselects = False
+    #: A token alone as the whole input has no span to answer with, so the screen ranks
+    #: tokens in context (a first-order ranking on the victims, the best measured on them
+    #: whole). DBS's relaxed search for an empty answer settles on the strongest word of a
+    #: planted phrase: on the QA repair zoo's model answering 'tunnel mb pillow' in the
+    #: question with nothing, 'pillow' (0.022), and after it was unlearned 'cushions',
+    #: never 'tunnel' (0.115 alone), which the ranking from [MASK] put 19th of 30,522.
+    context_screen = True
     describes = "Hugging Face extractive QA models (*ForQuestionAnswering)"
 
     architecture_suffix = "ForQuestionAnswering"
