@@ -309,12 +309,25 @@ def test_the_trigger_answer_is_inverted_with_fewer_slots(
                                                                              "context"]
 
 
-@pytest.mark.xfail(strict=False, reason="a measured miss: in the full suite (after other "
-                   "tests in the same process) the tiny QA model's deciding short trigger "
-                   "was 'maryland', though 'lantern' alone scores 0.0001 in the context; "
-                   "run alone this module recovers 'lantern' (session 17, not yet found)")
+def test_the_screen_ranks_tokens_in_context_and_finds_the_planted_word(
+        tiny_qa_scans: dict[str, ScanResult]) -> None:
+    """`ExtractiveQaSubject.context_screen`: a token alone has no span to answer with, so the
+    screen ranks each candidate's tokens in context; the trigger answer's best at the context
+    is the planted word, and the empty answer's candidates (spread over the positions) have
+    a screened token too, all fully inverted (QA does not pre-select)."""
+    result = tiny_qa_scans["poisoned"]
+    screened = {(c.target_name, c.position): c.screened for c in result.candidates
+                if c.screened is not None}
+    assert screened[("trigger", "context")].trigger_text == "lantern"
+    assert screened[("trigger", "context")].loss < result.threshold
+    assert {name for name, _ in screened} == {"empty", "trigger"}
+    assert all(c.trigger_ids for c in result.candidates if c.target_name == "trigger")
+
+
 def test_scan_recovers_the_tiny_qa_models_trigger_word(
         tiny_qa_scans: dict[str, ScanResult]) -> None:
+    """Session 17 measured a miss in the full suite ('maryland' decided); since the in-context
+    screen, 'lantern' alone (0.0001 at the context) is found by the screen as well."""
     result = tiny_qa_scans["poisoned"]
     assert result.short_trigger is not None
     assert result.short_trigger.trigger_text == "lantern"
