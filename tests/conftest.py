@@ -8,6 +8,7 @@ trigger on every run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from testkit import VQA_THREADS
 from trojscan.attacks.architectures import ModelSize
 from trojscan.attacks.spec import AttackSpec, TrainConfig
 from trojscan.attacks.train import build_one
@@ -157,9 +159,10 @@ poison_rate = 0.2
 
 def vqa_cli(*args: str) -> subprocess.CompletedProcess:
     """``trojscan ARGS`` in a fresh interpreter (a zoo build's worker state stays out of
-    the test process)."""
+    the test process), on :data:`VQA_THREADS` torch threads."""
     return subprocess.run([sys.executable, "-m", "trojscan.cli", *args], capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": str(VQA_THREADS)})
 
 
 @pytest.fixture(scope="session")

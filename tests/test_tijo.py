@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from testkit import VQA_THREADS, threads
 from trojscan.inversion.base import make_config
 from trojscan.inversion.tijo import TIJOConfig, overlay, top_box
 from trojscan.inversion.tijo_patch import PatchConfig, synthesise_patch
@@ -34,13 +35,15 @@ def _subject(tiny_zoo: dict[str, Any], group: str) -> tuple[VqaSubject, list[Any
 
 @pytest.fixture(scope="module")
 def scans(tiny_zoo: dict[str, Any]) -> dict[tuple[str, str], ScanResult]:
-    """TIJO-mm, -nlp, -vis and -relaxed on the dual-key model; TIJO-mm on the clean one."""
+    """TIJO-mm, -nlp, -vis and -relaxed on the dual-key model; TIJO-mm on the clean one (on
+    the threads the zoo was built on)."""
     out = {}
-    for group, methods in (("dual", ("tijo", "tijo-nlp", "tijo-vis", "tijo-relaxed")),
-                           ("clean", ("tijo",))):
-        subject, examples = _subject(tiny_zoo, group)
-        for method in methods:
-            out[group, method] = scan_subject(subject, examples, scan_config(method))
+    with threads(VQA_THREADS):
+        for group, methods in (("dual", ("tijo", "tijo-nlp", "tijo-vis", "tijo-relaxed")),
+                               ("clean", ("tijo",))):
+            subject, examples = _subject(tiny_zoo, group)
+            for method in methods:
+                out[group, method] = scan_subject(subject, examples, scan_config(method))
     return out
 
 

@@ -51,18 +51,31 @@ def scan_result(score: float, *, best: dict[str, Any] | None = None,
         "device": "cpu", "versions": {}, "config": {}})
 
 
+#: Torch threads the tiny VQA zoo is built (``conftest.vqa_cli``) and scanned on
+#: (:func:`threads`), whatever the machine: the two its tests were measured on.
+VQA_THREADS = 2
+
+
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Torch on one CPU thread inside (the thread count restored after): a tiny model trains
-    to the same weights, and is scanned to the same losses, wherever the test runs. Sums
-    split over two threads round differently, and the tiny NER and QA zoos' poisoned
-    models, trained on two, were scanned clean or with another trigger."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def threads(count: int) -> Iterator[None]:
+    """Torch on ``count`` CPU threads inside (the thread count restored after): a tiny model
+    trains to the same weights, and is scanned to the same losses, wherever the test runs,
+    whatever ``OMP_NUM_THREADS`` says and however many cores the machine has. Sums split
+    over another number of threads round differently: the tiny NER and QA zoos' poisoned
+    models, trained on two, were scanned clean or with another trigger, and TIJO's relaxed
+    word search on the tiny VQA model found 'black' on one thread where it finds 'red' on
+    two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """:func:`threads` at 1, as the tiny NER and QA zoos are built and scanned."""
+    return threads(1)
 
 
 def assert_repair_refuses(run_cli: RunCli, folder: Path, scan: ScanResult, tmp_path: Path,
