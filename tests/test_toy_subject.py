@@ -374,3 +374,9 @@ def test_a_family_that_does_not_preselect_inverts_every_candidate() -> None:
     every = scan_subject(subject, toy_examples(subject), config)
     assert all(c.loss is not None for c in every.candidates)
     assert ExtractiveQaSubject.preselects is False and ToySubject.preselects is True
+    # Nor does the screen pick for it (`screen_selects`): its tokens only join the verdict.
+    screened = scan_subject(subject, toy_examples(subject),
+                            replace(config, screen=ScreenConfig(), decision_length=1))
+    assert {(c.target, c.position) for c in screened.candidates if c.trigger_ids} \
+        == {(c.target, c.position) for c in every.candidates}
+    assert any(c.screened is not None for c in screened.candidates)
